@@ -1,0 +1,617 @@
+//! The control API: HTTP + JSON on `api_addr`, the interface `meshctl` drives.
+//!
+//! Handlers are thin: they check input, call [`crate::objects`] or the store on the blocking
+//! pool, and map errors to an [`ErrorBody`] with a status. Uploads stream the request body
+//! through the chunker; downloads stream verified chunks with `Range` support. Every route but
+//! `/health` and `/metrics` requires the bearer token, compared in constant time; a bad or
+//! missing token gets a bare 401.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::TryStreamExt;
+use mesh_proto::api::{
+    ChunkStat, DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, MAX_LIST_LIMIT,
+    PutQuery, PutResponse, StatResponse, StatusResponse,
+};
+use mesh_proto::{ChunkerSpec, ObjectId, Redundancy};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+use tokio_util::io::StreamReader;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::objects::{self, ByteRange, IngestError, PutOptions};
+use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("api_addr", &self.inner.api_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Arc<RocksStore>,
+    metrics: Metrics,
+    config: Config,
+    token: String,
+    node_id: String,
+    api_addr: String,
+    started: Instant,
+    uploads: Semaphore,
+}
+
+impl ApiState {
+    pub fn new(
+        store: Arc<RocksStore>,
+        metrics: Metrics,
+        config: Config,
+        token: String,
+        node_id: String,
+        api_addr: String,
+    ) -> Self {
+        let uploads = Semaphore::new(config.api.max_concurrent_uploads);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                config,
+                token,
+                node_id,
+                api_addr,
+                started: Instant::now(),
+                uploads,
+            }),
+        }
+    }
+}
+
+/// The router with every route, the auth layer and the latency layer.
+pub fn router(state: ApiState) -> Router {
+    let authed = Router::new()
+        .route("/v1/objects", get(list_objects).post(put_object))
+        .route("/v1/objects/{id}", get(get_object).delete(delete_object))
+        .route("/v1/objects/{id}/manifest", get(get_manifest))
+        .route("/v1/objects/{id}/stat", get(stat_object))
+        .route("/v1/status", get(status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_latency,
+        ))
+        .with_state(state)
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    fn not_found(id: &ObjectId) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("object {id} not found"),
+        )
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body.clone())).into_response();
+        // Read by the latency layer, which counts errors by code.
+        response.extensions_mut().insert(self.body.code);
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt { .. } => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Corrupt,
+                e.to_string(),
+            ),
+            StoreError::DiskFull(_) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::DiskFull,
+                e.to_string(),
+            ),
+            StoreError::HashMismatch { .. } => Self::bad_request(e.to_string()),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Store(e) => e.into(),
+            IngestError::Chunk(e @ crate::chunker::ChunkError::RecordTooLarge { .. }) => {
+                Self::bad_request(e.to_string())
+            }
+            IngestError::Chunk(e) => Self::bad_request(format!("upload did not complete: {e}")),
+            IngestError::Manifest(e) => Self::bad_request(e.to_string()),
+            IngestError::WorkerGone => Self::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::internal(format!("store task failed: {e}"))
+    }
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(state.inner.token.as_bytes())) {
+        next.run(request).await
+    } else {
+        state.inner.metrics.api_error("unauthorized");
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "unauthorized",
+        )
+        .into_response();
+        response.extensions_mut().remove::<ErrorCode>();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+async fn record_latency(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| format!("{} {}", request.method(), p.as_str()))
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let metrics = &state.inner.metrics;
+    metrics.request_latency(route, start.elapsed());
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        metrics.api_error(error_code_label(*code));
+    }
+    response
+}
+
+fn error_code_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::NotFound => "not_found",
+        ErrorCode::Corrupt => "corrupt",
+        ErrorCode::DiskFull => "disk_full",
+        ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    raw.parse()
+        .map_err(|e| ApiError::bad_request(format!("bad object id {raw:?}: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+async fn put_object(
+    State(state): State<ApiState>,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Json<PutResponse>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let inner = &state.inner;
+    let redundancy = query.redundancy.unwrap_or(inner.config.redundancy);
+    if let Redundancy::Erasure { .. } = redundancy {
+        return Err(ApiError::bad_request(format!(
+            "{redundancy}: erasure coding is not supported by this version of meshd; use rep:N"
+        )));
+    }
+    let chunker = match &query.chunker {
+        Some(spec) => spec
+            .parse::<ChunkerSpec>()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        None => inner.config.chunker,
+    };
+    let chunker = match (query.records, chunker) {
+        (None, chunker) => chunker,
+        (Some(format), ChunkerSpec::Cdc { min, avg, max }) => ChunkerSpec::Records {
+            format,
+            min,
+            avg,
+            max,
+        },
+        (Some(format), _) => ChunkerSpec::records(format),
+    };
+    if query
+        .name
+        .as_ref()
+        .is_some_and(|n| n.len() > mesh_proto::manifest::MAX_NAME_LEN)
+    {
+        return Err(ApiError::bad_request(
+            "object name is longer than 4096 bytes",
+        ));
+    }
+    let _permit = inner.uploads.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "node is shutting down",
+        )
+    })?;
+    let reader = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let options = PutOptions {
+        name: query.name,
+        redundancy,
+        chunker,
+    };
+    let response = objects::ingest(&inner.store, &inner.metrics, reader, options).await?;
+    info!(object = %response.id, size = response.size, chunks = response.chunks, new_chunks = response.new_chunks, "stored object");
+    Ok(Json(response))
+}
+
+async fn list_objects(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = query.limit.unwrap_or(1000).clamp(1, MAX_LIST_LIMIT);
+    let store = Arc::clone(&state.inner.store);
+    let after = query.after;
+    let objects = blocking(move || store.list_objects(after.as_ref(), limit + 1)).await?;
+    let (objects, next) = if objects.len() > limit {
+        let page = objects[..limit].to_vec();
+        let next = page.last().map(|o| o.id);
+        (page, next)
+    } else {
+        (objects, None)
+    };
+    Ok(Json(ListResponse { objects, next }))
+}
+
+async fn get_manifest(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(path)?;
+    let store = Arc::clone(&state.inner.store);
+    let (_, bytes) = blocking(move || store.manifest(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn get_object(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(path)?;
+    let inner = &state.inner;
+    let store = Arc::clone(&inner.store);
+    let (manifest, _) = blocking(move || store.manifest(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    let size = manifest.size;
+    let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
+        None => None,
+        Some(value) => match parse_range(value, size) {
+            RangeRequest::Satisfiable(r) => Some(r),
+            RangeRequest::Ignore => None,
+            RangeRequest::Unsatisfiable => {
+                let mut response = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    ErrorCode::RangeNotSatisfiable,
+                    format!("range {value:?} is outside the object's {size} bytes"),
+                )
+                .into_response();
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(response);
+            }
+        },
+    };
+    let span = range.clone().unwrap_or(0..size);
+    let plan = objects::read_plan(&manifest, &span);
+    inner.metrics.gets().increment(1);
+    let stream = objects::read_stream(
+        Arc::clone(&inner.store),
+        inner.metrics.clone(),
+        plan,
+        inner.config.api.read_ahead_chunks,
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(span.end - span.start),
+    );
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{id}\"")) {
+        h.insert(header::ETAG, etag);
+    }
+    if let Some(r) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end - 1)) {
+            response.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(response)
+}
+
+/// The outcome of reading a `Range` header against an object of a known size.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeRequest {
+    Satisfiable(ByteRange),
+    /// Not a single byte range we serve (multiple ranges, other units, malformed): RFC 9110
+    /// lets a server answer with the whole representation.
+    Ignore,
+    Unsatisfiable,
+}
+
+/// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n`.
+pub fn parse_range(value: &str, size: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Ignore;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Ignore;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let parse = |s: &str| s.parse::<u64>().ok();
+    let range = match (first.is_empty(), last.is_empty()) {
+        (true, true) => return RangeRequest::Ignore,
+        (true, false) => match parse(last) {
+            Some(0) => return RangeRequest::Unsatisfiable,
+            Some(n) => size.saturating_sub(n)..size,
+            None => return RangeRequest::Ignore,
+        },
+        (false, _) => {
+            let Some(start) = parse(first) else {
+                return RangeRequest::Ignore;
+            };
+            let end = if last.is_empty() {
+                size
+            } else {
+                match parse(last) {
+                    Some(l) if l >= start => l.saturating_add(1).min(size),
+                    _ => return RangeRequest::Ignore,
+                }
+            };
+            start..end
+        }
+    };
+    if range.start >= size || range.is_empty() {
+        RangeRequest::Unsatisfiable
+    } else {
+        RangeRequest::Satisfiable(range)
+    }
+}
+
+async fn stat_object(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<StatResponse>, ApiError> {
+    let id = parse_id(path)?;
+    let store = Arc::clone(&state.inner.store);
+    let node_id = state.inner.node_id.clone();
+    let stat = blocking(move || {
+        let Some((manifest, _)) = store.manifest(&id)? else {
+            return Ok(None);
+        };
+        let Some(object) = store.object(&id)? else {
+            return Ok(None);
+        };
+        let mut chunks = Vec::with_capacity(manifest.chunks.len());
+        for (offset, chunk) in manifest.chunk_offsets() {
+            let holders = if store.has_chunk(&chunk.id)? {
+                vec![node_id.clone()]
+            } else {
+                vec![]
+            };
+            chunks.push(ChunkStat {
+                id: chunk.id,
+                offset,
+                len: chunk.len,
+                holders,
+            });
+        }
+        let target = manifest.redundancy.width();
+        let meets_target = chunks.iter().all(|c| c.holders.len() >= target);
+        Ok(Some(StatResponse {
+            object,
+            chunker: manifest.chunker,
+            chunks,
+            meets_target,
+        }))
+    })
+    .await?;
+    stat.map(Json).ok_or_else(|| ApiError::not_found(&id))
+}
+
+async fn delete_object(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    let id = parse_id(path)?;
+    let store = Arc::clone(&state.inner.store);
+    let freed = blocking(move || store.delete_object(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    state.inner.metrics.deletes().increment(1);
+    info!(object = %id, freed_chunks = freed.chunks, freed_bytes = freed.bytes, "deleted object");
+    Ok(Json(DeleteResponse {
+        id,
+        freed_chunks: freed.chunks,
+        freed_bytes: freed.bytes,
+    }))
+}
+
+async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, ApiError> {
+    let inner = &state.inner;
+    let store = Arc::clone(&inner.store);
+    let data_dir = inner.config.data_dir.clone();
+    let (stats, below_target, free, total) = blocking(move || {
+        let stats = store.stats()?;
+        // One node holds one copy: every object whose policy wants more is below target.
+        let mut below = 0u64;
+        let mut after = None;
+        loop {
+            let page = store.list_objects(after.as_ref(), 4096)?;
+            below += page.iter().filter(|o| o.redundancy.width() > 1).count() as u64;
+            match page.last() {
+                Some(last) => after = Some(last.id),
+                None => break,
+            }
+        }
+        let free = fs4::available_space(&data_dir).unwrap_or(0);
+        let total = fs4::total_space(&data_dir).unwrap_or(0);
+        Ok((stats, below, free, total))
+    })
+    .await?;
+    Ok(Json(StatusResponse {
+        node_id: inner.node_id.clone(),
+        version: mesh_proto::MESH_VERSION.to_owned(),
+        data_dir: inner.config.data_dir.display().to_string(),
+        api_addr: inner.api_addr.clone(),
+        uptime_secs: inner.started.elapsed().as_secs(),
+        objects: stats.objects,
+        chunks: stats.chunks,
+        stored_bytes: stats.bytes,
+        disk_free_bytes: free,
+        disk_total_bytes: total,
+        objects_below_target: below_target,
+        default_redundancy: inner.config.redundancy,
+    }))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let inner = &state.inner;
+    let store = Arc::clone(&inner.store);
+    let data_dir = inner.config.data_dir.clone();
+    match tokio::task::spawn_blocking(move || {
+        (store.stats(), fs4::available_space(&data_dir).unwrap_or(0))
+    })
+    .await
+    {
+        Ok((Ok(stats), free)) => {
+            inner
+                .metrics
+                .set_store_gauges(stats.objects, stats.chunks, stats.bytes, free)
+        }
+        Ok((Err(e), _)) => warn!(error = %e, "reading store counters for metrics failed"),
+        Err(e) => warn!(error = %e, "metrics task failed"),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        inner.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Runs metrics upkeep until `stop` fires.
+pub async fn metrics_upkeep(metrics: Metrics, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => metrics.upkeep(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_per_rfc_9110() {
+        use RangeRequest::*;
+        assert_eq!(parse_range("bytes=0-99", 1000), Satisfiable(0..100));
+        assert_eq!(parse_range("bytes=900-", 1000), Satisfiable(900..1000));
+        assert_eq!(parse_range("bytes=-100", 1000), Satisfiable(900..1000));
+        assert_eq!(parse_range("bytes=-5000", 1000), Satisfiable(0..1000));
+        assert_eq!(parse_range("bytes=990-5000", 1000), Satisfiable(990..1000));
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-1", 1000), Ignore);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ignore);
+        assert_eq!(parse_range("items=0-1", 1000), Ignore);
+        assert_eq!(parse_range("bytes=x-1", 1000), Ignore);
+    }
+}

@@ -1,0 +1,100 @@
+//! meshd: the mesh daemon. Parses flags, loads the configuration and calls `mesh_node::run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use mesh_node::config::{Config, LogFormat};
+use mesh_proto::Redundancy;
+
+/// The mesh daemon: stores content-addressed chunks and serves the control API for meshctl.
+#[derive(Debug, Parser)]
+#[command(name = "meshd", version, about)]
+struct Args {
+    /// TOML configuration file; its keys are those of `meshd.example.toml` in the repository.
+    #[arg(long, env = "MESH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (store, identity.key, api.token) [default: ./mesh-data]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the control API [default: 127.0.0.1:5080]
+    #[arg(long, value_name = "ADDR")]
+    api_addr: Option<SocketAddr>,
+    /// Log format: text or json [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Default redundancy of puts that name none: rep:N or ec:K+M [default: rep:3]
+    #[arg(long, value_name = "POLICY")]
+    redundancy: Option<Redundancy>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = match Config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(addr) = args.api_addr {
+        config.api_addr = addr;
+    }
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
+    if let Some(policy) = args.redundancy {
+        config.redundancy = policy;
+    }
+    if let Err(e) = config.validate() {
+        return fail(&e);
+    }
+    init_logging(config.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match runtime.block_on(mesh_node::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("meshd: error: {error}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("meshd: cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

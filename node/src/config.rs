@@ -1,0 +1,351 @@
+//! Node configuration: typed, validated once at start.
+//!
+//! Layers, each overriding the one before: built-in defaults, the TOML file (`--config`),
+//! environment variables `MESH_<KEY>` (nested keys joined by `__`, e.g.
+//! `MESH_STORE__BLOB_FILES=false`), then command-line flags. Unknown keys are errors, and every
+//! error names the key (and the file line or the variable) and the bad value.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use mesh_proto::{ChunkerSpec, Redundancy};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `MESH_` prefix that are not config keys: `meshctl`'s own,
+/// the config path itself and the log filter.
+const NOT_CONFIG_KEYS: &[&str] = &["MESH_API", "MESH_API_TOKEN", "MESH_CONFIG", "MESH_LOG"];
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Holds the store, `identity.key` and `api.token`.
+    pub data_dir: PathBuf,
+    /// Address of the control API.
+    pub api_addr: SocketAddr,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Policy of puts that name none.
+    pub redundancy: Redundancy,
+    /// Chunker of puts that name none: `cdc` or `fixed:SIZE`.
+    #[serde(with = "as_string")]
+    pub chunker: ChunkerSpec,
+    pub store: crate::store::Config,
+    pub api: ApiConfig,
+}
+
+/// Control-API limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Uploads served at once; more wait.
+    pub max_concurrent_uploads: usize,
+    /// Chunks read ahead of the client on a download.
+    pub read_ahead_chunks: usize,
+    /// How long shutdown waits for requests in flight before it aborts them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_uploads: 32,
+            read_ahead_chunks: 4,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected text or json"
+            )),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./mesh-data"),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 5080)),
+            log_format: LogFormat::Text,
+            redundancy: Redundancy::DEFAULT,
+            chunker: ChunkerSpec::DEFAULT_CDC,
+            store: crate::store::Config::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key and value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid environment variable {var}={value:?}: {message}")]
+    Env {
+        var: String,
+        value: String,
+        message: String,
+    },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// A config for in-process tests: the given data directory, the API on an OS-assigned
+    /// port, small memtables so that many nodes fit in one process.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        let mut config = Self {
+            data_dir,
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Self::default()
+        };
+        config.store.write_buffer_size = bytesize::ByteSize::mib(8);
+        config.store.block_cache_size = bytesize::ByteSize::mib(8);
+        config.api.shutdown_grace = Duration::from_secs(5);
+        config
+    }
+
+    /// Defaults, then the file at `path` (if any), then `MESH_*` variables from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Self::default(),
+        };
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("MESH_") && !NOT_CONFIG_KEYS.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (var, value) in vars {
+            config = config.with_env_override(&var, &value)?;
+        }
+        Ok(config)
+    }
+
+    fn with_env_override(&self, var: &str, value: &str) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError::Env {
+            var: var.to_owned(),
+            value: value.to_owned(),
+            message,
+        };
+        let path: Vec<String> = var["MESH_".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let mut table = toml::Table::try_from(self).map_err(|e| err(e.to_string()))?;
+        // A value is TOML if it parses as one (numbers, booleans), otherwise a plain string.
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+        let (last, parents) = path.split_last().ok_or_else(|| err("empty key".into()))?;
+        let mut node = &mut table;
+        for key in parents {
+            node = node
+                .get_mut(key)
+                .and_then(toml::Value::as_table_mut)
+                .ok_or_else(|| err(format!("{key:?} is not a config section")))?;
+        }
+        if !node.contains_key(last) {
+            return Err(err(format!("{last:?} is not a config key")));
+        }
+        // Strings such as sizes and policies stay strings even when they look numeric.
+        let value = match (&node[last], parsed) {
+            (toml::Value::String(_), toml::Value::Integer(i)) => toml::Value::String(i.to_string()),
+            (_, v) => v,
+        };
+        node.insert(last.clone(), value);
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.message().to_owned()))
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                message: "must not be empty".into(),
+            });
+        }
+        if let ChunkerSpec::Records { .. } = self.chunker {
+            return Err(ConfigError::Invalid {
+                key: "chunker",
+                message: "record chunking is chosen per put (--records), not as the default".into(),
+            });
+        }
+        if self.api.max_concurrent_uploads == 0 {
+            return Err(ConfigError::Invalid {
+                key: "api.max_concurrent_uploads",
+                message: "must be at least 1".into(),
+            });
+        }
+        if !(1..=64).contains(&self.api.read_ahead_chunks) {
+            return Err(ConfigError::Invalid {
+                key: "api.read_ahead_chunks",
+                message: "must be 1 to 64".into(),
+            });
+        }
+        let blob = self.store.min_blob_size.as_u64();
+        if blob > u64::from(mesh_proto::policy::MAX_CHUNK_LEN) {
+            return Err(ConfigError::Invalid {
+                key: "store.min_blob_size",
+                message: format!(
+                    "{} is larger than the largest chunk",
+                    self.store.min_blob_size
+                ),
+            });
+        }
+        if self.store.write_buffer_size.as_u64() < 1 << 20 {
+            return Err(ConfigError::Invalid {
+                key: "store.write_buffer_size",
+                message: "must be at least 1 MiB".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Serde through `Display` / `FromStr`, for types operators write as strings.
+mod as_string {
+    use super::*;
+    use serde::{Deserializer, Serializer, de::Error};
+
+    pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let config = load_str(
+            "data_dir = \"/srv/mesh\"\nredundancy = \"rep:2\"\nchunker = \"fixed:1MiB\"\n[store]\nmin_blob_size = \"128KiB\"\n",
+            &[("MESH_API_ADDR", "127.0.0.1:7000"), ("MESH_STORE__BLOB_FILES", "false"), ("MESH_API_TOKEN", "x")],
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/mesh"));
+        assert_eq!(config.redundancy, Redundancy::Replicas(2));
+        assert_eq!(config.chunker, ChunkerSpec::Fixed { size: 1 << 20 });
+        assert_eq!(config.store.min_blob_size, bytesize::ByteSize::kib(128));
+        assert!(!config.store.blob_files);
+        assert_eq!(config.api_addr, "127.0.0.1:7000".parse().unwrap());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let err = load_str("colour = \"blue\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = load_str("redundancy = \"rep:99\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rep:99") && err.contains("line 1"), "{err}");
+        let err = load_str("[store]\nmin_blob_size = \"big\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("min_blob_size") || err.contains("big"),
+            "{err}"
+        );
+        let err = load_str("", &[("MESH_REDUNDANCY", "ec:0+1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MESH_REDUNDANCY") && err.contains("ec:0+1"),
+            "{err}"
+        );
+        let err = load_str("", &[("MESH_NOPE", "1")]).unwrap_err().to_string();
+        assert!(
+            err.contains("MESH_NOPE") && err.contains("not a config key"),
+            "{err}"
+        );
+        let err = load_str("", &[("MESH_API__SHUTDOWN_GRACE", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MESH_API__SHUTDOWN_GRACE"), "{err}");
+        let err = load_str("[api]\nmax_concurrent_uploads = 0\n", &[])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api.max_concurrent_uploads"), "{err}");
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../meshd.example.toml");
+        assert_eq!(Config::load(Some(&path), []).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_missing_file_is_a_clear_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/meshd.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/meshd.toml"), "{err}");
+    }
+}

@@ -1,0 +1,208 @@
+//! Per-node Prometheus metrics.
+//!
+//! Each node owns its own recorder instead of installing the process-wide one, so that tests can
+//! run several nodes in one process without mixing their figures. Handles to the hot counters
+//! are registered once; labelled series are registered on first use. Gauges that mirror the
+//! store (objects, chunks, bytes) are refreshed when `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+static METADATA: Metadata<'static> = Metadata::new("mesh_node", Level::INFO, Some(module_path!()));
+
+/// Latency buckets (seconds) for request histograms: 1 ms to 2 min.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The node's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub puts: Counter,
+    pub put_bytes: Counter,
+    pub dedup_bytes: Counter,
+    pub gets: Counter,
+    pub get_bytes: Counter,
+    pub deletes: Counter,
+    pub corrupt_chunks: Counter,
+    pub aborted_uploads: Counter,
+    objects: Gauge,
+    chunks: Gauge,
+    stored_bytes: Gauge,
+    disk_free_bytes: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            // The bucket list is a non-empty constant, so the builder accepts it.
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Unit, help: &'static str| {
+            recorder.describe_counter(KeyName::from_const_str(name), Some(unit), help.into());
+        };
+        describe(
+            "mesh_puts_total",
+            Unit::Count,
+            "objects stored through the API",
+        );
+        describe(
+            "mesh_put_bytes_total",
+            Unit::Bytes,
+            "bytes received in puts",
+        );
+        describe(
+            "mesh_dedup_bytes_total",
+            Unit::Bytes,
+            "bytes of put chunks that were already stored",
+        );
+        describe("mesh_gets_total", Unit::Count, "object downloads started");
+        describe(
+            "mesh_get_bytes_total",
+            Unit::Bytes,
+            "bytes sent in downloads",
+        );
+        describe("mesh_deletes_total", Unit::Count, "objects deleted");
+        describe(
+            "mesh_corrupt_chunks_total",
+            Unit::Count,
+            "chunk reads that failed verification",
+        );
+        describe(
+            "mesh_aborted_uploads_total",
+            Unit::Count,
+            "uploads that ended before committing",
+        );
+        describe(
+            "mesh_api_errors_total",
+            Unit::Count,
+            "control-API requests answered with an error, by code",
+        );
+        recorder.describe_histogram(
+            KeyName::from_const_str("mesh_api_request_duration_seconds"),
+            Some(Unit::Seconds),
+            "control-API request latency by route".into(),
+        );
+        for (name, help) in [
+            ("mesh_objects", "objects stored on this node"),
+            ("mesh_chunks", "chunks stored on this node"),
+            ("mesh_stored_bytes", "bytes of chunks stored on this node"),
+            (
+                "mesh_disk_free_bytes",
+                "free space on the data directory's file system",
+            ),
+        ] {
+            recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
+        }
+        let counter =
+            |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let gauge =
+            |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &METADATA);
+        let inner = Inner {
+            puts: counter("mesh_puts_total"),
+            put_bytes: counter("mesh_put_bytes_total"),
+            dedup_bytes: counter("mesh_dedup_bytes_total"),
+            gets: counter("mesh_gets_total"),
+            get_bytes: counter("mesh_get_bytes_total"),
+            deletes: counter("mesh_deletes_total"),
+            corrupt_chunks: counter("mesh_corrupt_chunks_total"),
+            aborted_uploads: counter("mesh_aborted_uploads_total"),
+            objects: gauge("mesh_objects"),
+            chunks: gauge("mesh_chunks"),
+            stored_bytes: gauge("mesh_stored_bytes"),
+            disk_free_bytes: gauge("mesh_disk_free_bytes"),
+            handle,
+            recorder,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn puts(&self) -> &Counter {
+        &self.inner.puts
+    }
+    pub fn put_bytes(&self) -> &Counter {
+        &self.inner.put_bytes
+    }
+    pub fn dedup_bytes(&self) -> &Counter {
+        &self.inner.dedup_bytes
+    }
+    pub fn gets(&self) -> &Counter {
+        &self.inner.gets
+    }
+    pub fn get_bytes(&self) -> &Counter {
+        &self.inner.get_bytes
+    }
+    pub fn deletes(&self) -> &Counter {
+        &self.inner.deletes
+    }
+    pub fn corrupt_chunks(&self) -> &Counter {
+        &self.inner.corrupt_chunks
+    }
+    pub fn aborted_uploads(&self) -> &Counter {
+        &self.inner.aborted_uploads
+    }
+
+    /// Counts an error answer with its code.
+    pub fn api_error(&self, code: &'static str) {
+        let key = Key::from_parts("mesh_api_errors_total", vec![Label::new("code", code)]);
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
+    }
+
+    /// Records one request's latency under its route.
+    pub fn request_latency(&self, route: String, elapsed: Duration) {
+        let key = Key::from_parts(
+            "mesh_api_request_duration_seconds",
+            vec![Label::new("route", route)],
+        );
+        let histogram: Histogram = self.inner.recorder.register_histogram(&key, &METADATA);
+        histogram.record(elapsed.as_secs_f64());
+    }
+
+    /// Sets the gauges that mirror the store.
+    pub fn set_store_gauges(&self, objects: u64, chunks: u64, bytes: u64, disk_free: u64) {
+        self.inner.objects.set(objects as f64);
+        self.inner.chunks.set(chunks as f64);
+        self.inner.stored_bytes.set(bytes as f64);
+        self.inner.disk_free_bytes.set(disk_free as f64);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
+
+    /// Drains histogram buffers; run every few seconds.
+    pub fn upkeep(&self) {
+        self.inner.handle.run_upkeep();
+    }
+}

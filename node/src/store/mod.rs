@@ -1,0 +1,137 @@
+//! Local storage: content-addressed chunks and object metadata, behind two narrow traits.
+//!
+//! - [`ChunkStore`]: chunk bytes keyed by their BLAKE3. Every write checks that the bytes hash
+//!   to the key (or computes the key from them); every read hashes again and returns
+//!   [`StoreError::Corrupt`] rather than bad bytes.
+//! - [`MetaStore`]: manifests, object summaries and per-chunk reference counts. Committing or
+//!   deleting an object is one atomic, synced write batch, so an object is either wholly
+//!   visible or not at all, even after `kill -9`.
+//!
+//! Chunks shared by several objects are stored once. A chunk written by an upload that never
+//! commits (client gone, process killed) is an orphan: it is recorded as a GC candidate in the
+//! same batch that stores it, and swept when no object references it and no upload in progress
+//! holds it. [`rocks::RocksStore`] is the implementation; it uses RocksDB's integrated blob
+//! files for chunk values so that large values bypass compaction.
+
+pub mod rocks;
+
+use bytes::Bytes;
+use mesh_proto::api::ObjectSummary;
+use mesh_proto::{ChunkId, Manifest, ManifestError, ObjectId};
+use serde::{Deserialize, Serialize};
+
+pub use rocks::RocksStore;
+
+/// Tuning of the RocksDB store. Defaults are what the `store` benchmark found fastest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Keep chunk values in blob files instead of the LSM tree.
+    pub blob_files: bool,
+    /// Values at least this long go to blob files.
+    pub min_blob_size: bytesize::ByteSize,
+    /// Memtable size of the chunk column family.
+    pub write_buffer_size: bytesize::ByteSize,
+    /// Block cache shared by the metadata column families.
+    pub block_cache_size: bytesize::ByteSize,
+    /// Sync the WAL on every object commit and delete (power-loss durability).
+    pub sync_commits: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            blob_files: true,
+            min_blob_size: bytesize::ByteSize::kib(64),
+            write_buffer_size: bytesize::ByteSize::mib(64),
+            block_cache_size: bytesize::ByteSize::mib(32),
+            sync_commits: true,
+        }
+    }
+}
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {id} is corrupt: its stored bytes hash to {actual}")]
+    Corrupt { id: ChunkId, actual: ChunkId },
+    #[error("refused chunk {claimed}: its bytes hash to {actual}")]
+    HashMismatch { claimed: ChunkId, actual: ChunkId },
+    #[error("object {object} references chunk {chunk}, which is not stored")]
+    MissingChunk { object: ObjectId, chunk: ChunkId },
+    #[error("stored manifest of {id} is unreadable: {source}")]
+    BadManifest { id: ObjectId, source: ManifestError },
+    #[error("stored record under {key} is unreadable: {reason}")]
+    BadRecord { key: String, reason: String },
+    #[error("the data directory {path} is in use by another process (RocksDB lock held): {detail}")]
+    Locked { path: String, detail: String },
+    #[error("no space left on the device holding the store: {0}")]
+    DiskFull(String),
+    #[error("storage error: {0}")]
+    Db(String),
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        let text = e.into_string();
+        if text.contains("No space left") || text.contains("ENOSPC") {
+            StoreError::DiskFull(text)
+        } else {
+            StoreError::Db(text)
+        }
+    }
+}
+
+/// Result of storing one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    /// False when the chunk was already stored (deduplicated).
+    pub new: bool,
+}
+
+/// What deleting an object gave back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freed {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Counters kept in the store itself, exact across restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub objects: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Content-addressed chunk bytes.
+pub trait ChunkStore: Send + Sync {
+    /// Stores `data` under its BLAKE3, computed here.
+    fn put_chunk(&self, data: &[u8]) -> Result<StoredChunk, StoreError>;
+    /// Stores `data` under `id`, refusing bytes that do not hash to `id`.
+    fn put_chunk_verified(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk, StoreError>;
+    /// Reads and verifies a chunk.
+    fn get_chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, StoreError>;
+    fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError>;
+}
+
+/// Object metadata and reference counts.
+pub trait MetaStore: Send + Sync {
+    /// Records the object and takes a reference on each of its chunks, atomically. Every
+    /// chunk must be stored. Committing the same manifest twice is a no-op.
+    fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError>;
+    /// The decoded manifest and its canonical bytes.
+    fn manifest(&self, id: &ObjectId) -> Result<Option<(Manifest, Vec<u8>)>, StoreError>;
+    fn object(&self, id: &ObjectId) -> Result<Option<ObjectSummary>, StoreError>;
+    /// Up to `limit` objects ordered by id, starting after `after`.
+    fn list_objects(
+        &self,
+        after: Option<&ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<ObjectSummary>, StoreError>;
+    /// Removes the object and releases its references; chunks no object references any more
+    /// (and no upload in progress holds) are deleted. `None` if the object is unknown.
+    fn delete_object(&self, id: &ObjectId) -> Result<Option<Freed>, StoreError>;
+    fn stats(&self) -> Result<Stats, StoreError>;
+}

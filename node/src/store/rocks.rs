@@ -1,0 +1,693 @@
+//! The RocksDB implementation of [`ChunkStore`] and [`MetaStore`].
+//!
+//! Column families:
+//!
+//! | cf          | key                  | value                                              |
+//! |-------------|----------------------|----------------------------------------------------|
+//! | `chunks`    | ChunkId              | the chunk's bytes (blob files)                     |
+//! | `refs`      | ChunkId              | [`RefRecord`]: reference count and chunk length     |
+//! | `manifests` | ObjectId             | canonical manifest bytes (versioned by the manifest)|
+//! | `objects`   | ObjectId             | [`ObjectRecord`]: the summary `ls` shows            |
+//! | `pending`   | kind byte + key      | durable work queue; today GC candidates            |
+//! | `meta`      | name                 | schema version and counters (merge operator `add`) |
+//!
+//! Every stored chunk has a `refs` entry, so "is this chunk stored" is a small point lookup that
+//! never touches the chunk's blob. Mutations of one chunk's existence or count happen under a
+//! striped lock keyed by the chunk id; uploads in progress pin their chunks in memory so that a
+//! concurrent delete of another object sharing them cannot remove them before the commit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mesh_proto::api::ObjectSummary;
+use mesh_proto::{ChunkId, Manifest, ObjectId, Redundancy};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Direction, IteratorMode, MergeOperands, Options, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::{ChunkStore, Config, Freed, MetaStore, Stats, StoreError, StoredChunk};
+
+const CF_CHUNKS: &str = "chunks";
+const CF_REFS: &str = "refs";
+const CF_MANIFESTS: &str = "manifests";
+const CF_OBJECTS: &str = "objects";
+const CF_PENDING: &str = "pending";
+const CF_META: &str = "meta";
+
+/// Layout version of everything this module writes; checked at open.
+const SCHEMA_VERSION: u32 = 1;
+const KEY_SCHEMA: &[u8] = b"schema";
+const KEY_OBJECTS: &[u8] = b"count/objects";
+const KEY_CHUNKS: &[u8] = b"count/chunks";
+const KEY_BYTES: &[u8] = b"count/bytes";
+
+/// Pending-queue kind: a chunk that may have no reference (written by an upload that has not
+/// committed, or released while an upload held it).
+const PENDING_ORPHAN: u8 = 1;
+
+const STRIPES: usize = 64;
+
+/// Reference count of a stored chunk, and its length for the byte counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct RefRecord {
+    version: u8,
+    count: u64,
+    len: u32,
+}
+
+/// What `ls` shows of an object, kept apart from the (possibly large) manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ObjectRecord {
+    version: u8,
+    name: Option<String>,
+    size: u64,
+    chunks: u64,
+    redundancy: Redundancy,
+    created_ms: u64,
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 64 * 1024 }>()
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, codec()).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, codec())
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::BadRecord {
+            key: hex::encode(key),
+            reason: e.to_string(),
+        })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn add_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
+    let mut total = existing.map(read).unwrap_or(0);
+    for op in operands {
+        total = total.wrapping_add(read(op));
+    }
+    Some(total.to_le_bytes().to_vec())
+}
+
+/// The store. Cheap to share behind an `Arc`; all methods block, so async callers run them on
+/// the blocking pool.
+pub struct RocksStore {
+    db: DB,
+    path: PathBuf,
+    config: Config,
+    stripes: Vec<Mutex<()>>,
+    pins: Mutex<HashMap<ChunkId, u32>>,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl RocksStore {
+    /// Opens (or creates) the store at `path`, then sweeps orphans left by a previous run.
+    pub fn open(path: &Path, config: &Config) -> Result<Arc<Self>, StoreError> {
+        let cache = Cache::new_lru_cache(config.block_cache_size.as_u64() as usize);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_max_total_wal_size(512 << 20);
+        db_opts.set_keep_log_file_num(4);
+
+        let meta_opts = |merge: bool| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(DBCompressionType::Lz4);
+            if merge {
+                o.set_merge_operator_associative("add", add_merge);
+            }
+            o
+        };
+        let mut chunk_opts = Options::default();
+        chunk_opts.set_block_based_table_factory(&table);
+        chunk_opts.set_write_buffer_size(config.write_buffer_size.as_u64() as usize);
+        chunk_opts.set_max_write_buffer_number(3);
+        // Chunks are mostly incompressible and already deduplicated; compressing them costs
+        // CPU for nothing.
+        chunk_opts.set_compression_type(DBCompressionType::None);
+        if config.blob_files {
+            chunk_opts.set_enable_blob_files(true);
+            chunk_opts.set_min_blob_size(config.min_blob_size.as_u64());
+            chunk_opts.set_blob_file_size(256 << 20);
+            chunk_opts.set_blob_compression_type(DBCompressionType::None);
+            chunk_opts.set_enable_blob_gc(true);
+            chunk_opts.set_blob_gc_age_cutoff(0.25);
+        }
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
+            ColumnFamilyDescriptor::new(CF_REFS, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_MANIFESTS, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_OBJECTS, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_PENDING, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_META, meta_opts(true)),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            let text = e.into_string();
+            if text.contains("lock") || text.contains("LOCK") {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                    detail: text,
+                }
+            } else if text.contains("No space left") {
+                StoreError::DiskFull(text)
+            } else {
+                StoreError::Db(text)
+            }
+        })?;
+        let store = Arc::new(Self {
+            db,
+            path: path.to_owned(),
+            config: config.clone(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            pins: Mutex::new(HashMap::new()),
+        });
+        store.check_schema()?;
+        let swept = store.sweep_orphans()?;
+        if swept.chunks > 0 {
+            info!(
+                chunks = swept.chunks,
+                bytes = swept.bytes,
+                "removed chunks of uploads that never committed"
+            );
+        }
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every family is created at open; a missing one is an unrecoverable bug.
+        #[allow(clippy::expect_used)]
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, KEY_SCHEMA)? {
+            None => {
+                self.db
+                    .put_cf(meta, KEY_SCHEMA, SCHEMA_VERSION.to_le_bytes())?;
+                Ok(())
+            }
+            Some(v) if v.as_slice() == SCHEMA_VERSION.to_le_bytes() => Ok(()),
+            Some(v) => Err(StoreError::BadRecord {
+                key: "meta/schema".into(),
+                reason: format!(
+                    "store schema {v:?} is not {SCHEMA_VERSION}; this meshd cannot read it"
+                ),
+            }),
+        }
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync && self.config.sync_commits);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    fn stripe(&self, id: &ChunkId) -> usize {
+        usize::from(id.as_bytes()[0]) % STRIPES
+    }
+
+    fn lock_stripes<'a>(
+        &'a self,
+        ids: impl Iterator<Item = &'a ChunkId>,
+    ) -> Vec<MutexGuard<'a, ()>> {
+        let mut wanted = [false; STRIPES];
+        for id in ids {
+            wanted[self.stripe(id)] = true;
+        }
+        // Always in index order, so two multi-stripe lockers cannot deadlock.
+        wanted
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w)
+            .map(|(i, _)| lock(&self.stripes[i]))
+            .collect()
+    }
+
+    fn ref_record(&self, id: &ChunkId) -> Result<Option<RefRecord>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_REFS), id.as_bytes())? {
+            Some(v) => decode(id.as_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn pinned(&self, id: &ChunkId) -> bool {
+        lock(&self.pins).contains_key(id)
+    }
+
+    fn pin(&self, id: &ChunkId) {
+        *lock(&self.pins).entry(*id).or_insert(0) += 1;
+    }
+
+    /// Drops one pin; true when nobody pins the chunk any more.
+    fn unpin(&self, id: &ChunkId) -> bool {
+        let mut pins = lock(&self.pins);
+        match pins.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                pins.remove(id);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn orphan_key(id: &ChunkId) -> [u8; 33] {
+        let mut key = [0u8; 33];
+        key[0] = PENDING_ORPHAN;
+        key[1..].copy_from_slice(id.as_bytes());
+        key
+    }
+
+    /// Writes a chunk whose id is known to match. Caller holds the chunk's stripe.
+    fn insert_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        if self.ref_record(id)?.is_some() {
+            return Ok(false);
+        }
+        let len = u32::try_from(data.len())
+            .map_err(|_| StoreError::Db("chunk longer than 4 GiB".into()))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
+        batch.put_cf(
+            self.cf(CF_REFS),
+            id.as_bytes(),
+            encode(&RefRecord {
+                version: 1,
+                count: 0,
+                len,
+            }),
+        );
+        batch.put_cf(
+            self.cf(CF_PENDING),
+            Self::orphan_key(id),
+            now_ms().to_le_bytes(),
+        );
+        batch.merge_cf(self.cf(CF_META), KEY_CHUNKS, 1i64.to_le_bytes());
+        batch.merge_cf(self.cf(CF_META), KEY_BYTES, i64::from(len).to_le_bytes());
+        // Not synced on its own: the object commit that references it syncs the WAL, which
+        // covers every earlier write.
+        self.write(batch, false)?;
+        Ok(true)
+    }
+
+    /// Deletes `id` if no object references it and no upload pins it. Caller holds the stripe.
+    fn remove_if_unreferenced(
+        &self,
+        id: &ChunkId,
+        batch: &mut WriteBatch,
+        freed: &mut Freed,
+    ) -> Result<(), StoreError> {
+        if self.pinned(id) {
+            // The upload that pins it will commit (taking a reference) or release it; the
+            // candidate entry stays for the sweep in case this process dies first.
+            return Ok(());
+        }
+        match self.ref_record(id)? {
+            Some(rec) if rec.count == 0 => self.delete_chunk(id, rec.len, batch, freed),
+            _ => batch.delete_cf(self.cf(CF_PENDING), Self::orphan_key(id)),
+        }
+        Ok(())
+    }
+
+    fn delete_chunk(&self, id: &ChunkId, len: u32, batch: &mut WriteBatch, freed: &mut Freed) {
+        batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
+        batch.delete_cf(self.cf(CF_REFS), id.as_bytes());
+        batch.delete_cf(self.cf(CF_PENDING), Self::orphan_key(id));
+        batch.merge_cf(self.cf(CF_META), KEY_CHUNKS, (-1i64).to_le_bytes());
+        batch.merge_cf(self.cf(CF_META), KEY_BYTES, (-i64::from(len)).to_le_bytes());
+        freed.chunks += 1;
+        freed.bytes += u64::from(len);
+    }
+
+    /// Deletes every GC candidate that no object references and no upload pins.
+    pub fn sweep_orphans(&self) -> Result<Freed, StoreError> {
+        let mut freed = Freed::default();
+        let pending = self.cf(CF_PENDING);
+        let candidates: Vec<ChunkId> = self
+            .db
+            .prefix_iterator_cf(pending, [PENDING_ORPHAN])
+            .map_while(|item| item.ok())
+            .take_while(|(k, _)| k.first() == Some(&PENDING_ORPHAN))
+            .filter_map(|(k, _)| <[u8; 32]>::try_from(&k[1..]).ok().map(ChunkId::from_bytes))
+            .collect();
+        for batch_ids in candidates.chunks(256) {
+            let _guards = self.lock_stripes(batch_ids.iter());
+            let mut batch = WriteBatch::default();
+            for id in batch_ids {
+                if !self.pinned(id) {
+                    self.remove_if_unreferenced(id, &mut batch, &mut freed)?;
+                }
+            }
+            self.write(batch, false)?;
+        }
+        Ok(freed)
+    }
+
+    /// Starts an upload: chunks it stores stay pinned until it commits or is dropped.
+    pub fn begin_upload(self: &Arc<Self>) -> Upload {
+        Upload {
+            store: Arc::clone(self),
+            pinned: Vec::new(),
+            committed: false,
+        }
+    }
+
+    fn release(&self, ids: &[ChunkId]) -> Result<Freed, StoreError> {
+        let mut freed = Freed::default();
+        for group in ids.chunks(256) {
+            let _guards = self.lock_stripes(group.iter());
+            let mut batch = WriteBatch::default();
+            for id in group {
+                if self.unpin(id) {
+                    self.remove_if_unreferenced(id, &mut batch, &mut freed)?;
+                }
+            }
+            self.write(batch, false)?;
+        }
+        Ok(freed)
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_META), key)?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(i64::from_le_bytes)
+            .unwrap_or(0)
+            .max(0) as u64)
+    }
+
+    /// Flushes memtables so a restart replays no WAL; called at shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        for cf in [
+            CF_CHUNKS,
+            CF_REFS,
+            CF_MANIFESTS,
+            CF_OBJECTS,
+            CF_PENDING,
+            CF_META,
+        ] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    /// Test hook: overwrites a stored chunk's bytes without verification, as disk rot would.
+    #[doc(hidden)]
+    pub fn overwrite_chunk_unchecked(&self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data)?;
+        Ok(())
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl ChunkStore for RocksStore {
+    fn put_chunk(&self, data: &[u8]) -> Result<StoredChunk, StoreError> {
+        let id = ChunkId::of(data);
+        let _guard = lock(&self.stripes[self.stripe(&id)]);
+        let new = self.insert_chunk(&id, data)?;
+        Ok(StoredChunk { id, new })
+    }
+
+    fn put_chunk_verified(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk, StoreError> {
+        let actual = ChunkId::of(data);
+        if &actual != id {
+            return Err(StoreError::HashMismatch {
+                claimed: *id,
+                actual,
+            });
+        }
+        let _guard = lock(&self.stripes[self.stripe(id)]);
+        let new = self.insert_chunk(id, data)?;
+        Ok(StoredChunk { id: *id, new })
+    }
+
+    fn get_chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
+        let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? else {
+            return Ok(None);
+        };
+        let actual = ChunkId::of(&value);
+        if &actual != id {
+            warn!(chunk = %id, %actual, "stored chunk failed verification");
+            return Err(StoreError::Corrupt { id: *id, actual });
+        }
+        Ok(Some(Bytes::copy_from_slice(&value)))
+    }
+
+    fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self.ref_record(id)?.is_some())
+    }
+}
+
+impl MetaStore for RocksStore {
+    fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError> {
+        let bytes = manifest.encode();
+        let id = ObjectId::of(&bytes);
+        let uses = chunk_uses(manifest);
+        let _guards = self.lock_stripes(uses.keys());
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
+            .is_some()
+        {
+            return Ok(id);
+        }
+        let mut batch = WriteBatch::default();
+        let refs = self.cf(CF_REFS);
+        let keys: Vec<&ChunkId> = uses.keys().collect();
+        let current = self
+            .db
+            .multi_get_cf(keys.iter().map(|id| (refs, id.as_bytes())));
+        for (chunk, value) in keys.into_iter().zip(current) {
+            let Some(value) = value? else {
+                return Err(StoreError::MissingChunk {
+                    object: id,
+                    chunk: *chunk,
+                });
+            };
+            let mut rec: RefRecord = decode(chunk.as_bytes(), &value)?;
+            rec.count += uses[chunk];
+            batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
+        }
+        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &bytes);
+        let record = ObjectRecord {
+            version: 1,
+            name: manifest.name.clone(),
+            size: manifest.size,
+            chunks: manifest.chunks.len() as u64,
+            redundancy: manifest.redundancy,
+            created_ms: manifest.created_ms,
+        };
+        batch.put_cf(self.cf(CF_OBJECTS), id.as_bytes(), encode(&record));
+        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, 1i64.to_le_bytes());
+        self.write(batch, true)?;
+        debug!(object = %id, chunks = manifest.chunks.len(), "committed object");
+        Ok(id)
+    }
+
+    fn manifest(&self, id: &ObjectId) -> Result<Option<(Manifest, Vec<u8>)>, StoreError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_MANIFESTS), id.as_bytes())? else {
+            return Ok(None);
+        };
+        let manifest = Manifest::decode_verified(id, &bytes)
+            .map_err(|source| StoreError::BadManifest { id: *id, source })?;
+        Ok(Some((manifest, bytes)))
+    }
+
+    fn object(&self, id: &ObjectId) -> Result<Option<ObjectSummary>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())? {
+            Some(v) => Ok(Some(summary(*id, decode(id.as_bytes(), &v)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn list_objects(
+        &self,
+        after: Option<&ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<ObjectSummary>, StoreError> {
+        let mode = match after {
+            Some(id) => IteratorMode::From(id.as_bytes(), Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_OBJECTS), mode) {
+            let (key, value) = item?;
+            let Ok(bytes) = <[u8; 32]>::try_from(&key[..]) else {
+                continue;
+            };
+            let id = ObjectId::from_bytes(bytes);
+            if Some(&id) == after {
+                continue;
+            }
+            out.push(summary(id, decode(&key, &value)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_object(&self, id: &ObjectId) -> Result<Option<Freed>, StoreError> {
+        let Some((manifest, _)) = self.manifest(id)? else {
+            return Ok(None);
+        };
+        let uses = chunk_uses(&manifest);
+        let _guards = self.lock_stripes(uses.keys());
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let mut batch = WriteBatch::default();
+        let mut freed = Freed::default();
+        let refs = self.cf(CF_REFS);
+        for (chunk, n) in &uses {
+            let Some(mut rec) = self.ref_record(chunk)? else {
+                continue;
+            };
+            rec.count = rec.count.saturating_sub(*n);
+            if rec.count == 0 && !self.pinned(chunk) {
+                self.delete_chunk(chunk, rec.len, &mut batch, &mut freed);
+            } else {
+                batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
+                if rec.count == 0 {
+                    // An upload in progress holds it; it commits a reference or releases it.
+                    batch.put_cf(
+                        self.cf(CF_PENDING),
+                        Self::orphan_key(chunk),
+                        now_ms().to_le_bytes(),
+                    );
+                }
+            }
+        }
+        batch.delete_cf(self.cf(CF_MANIFESTS), id.as_bytes());
+        batch.delete_cf(self.cf(CF_OBJECTS), id.as_bytes());
+        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, (-1i64).to_le_bytes());
+        self.write(batch, true)?;
+        debug!(object = %id, freed_chunks = freed.chunks, "deleted object");
+        Ok(Some(freed))
+    }
+
+    fn stats(&self) -> Result<Stats, StoreError> {
+        Ok(Stats {
+            objects: self.counter(KEY_OBJECTS)?,
+            chunks: self.counter(KEY_CHUNKS)?,
+            bytes: self.counter(KEY_BYTES)?,
+        })
+    }
+}
+
+/// How many times the manifest references each chunk: the amount its commit adds to (and its
+/// delete takes from) each reference count.
+fn chunk_uses(manifest: &Manifest) -> HashMap<ChunkId, u64> {
+    let mut uses = HashMap::new();
+    for chunk in &manifest.chunks {
+        *uses.entry(chunk.id).or_insert(0) += 1;
+    }
+    uses
+}
+
+fn summary(id: ObjectId, rec: ObjectRecord) -> ObjectSummary {
+    ObjectSummary {
+        id,
+        name: rec.name,
+        size: rec.size,
+        chunks: rec.chunks,
+        redundancy: rec.redundancy,
+        created_ms: rec.created_ms,
+    }
+}
+
+/// An upload in progress: the chunks it stored are pinned until [`Upload::commit`]; dropping
+/// it uncommitted deletes those of its chunks that nothing else references.
+#[derive(Debug)]
+pub struct Upload {
+    store: Arc<RocksStore>,
+    pinned: Vec<ChunkId>,
+    committed: bool,
+}
+
+impl Upload {
+    /// Stores a chunk for this upload (computing its id) and pins it.
+    pub fn put(&mut self, data: &[u8]) -> Result<StoredChunk, StoreError> {
+        let id = ChunkId::of(data);
+        let _guard = lock(&self.store.stripes[self.store.stripe(&id)]);
+        self.store.pin(&id);
+        self.pinned.push(id);
+        let new = self.store.insert_chunk(&id, data)?;
+        Ok(StoredChunk { id, new })
+    }
+
+    /// Commits the object and unpins its chunks.
+    pub fn commit(mut self, manifest: &Manifest) -> Result<ObjectId, StoreError> {
+        let id = self.store.commit_object(manifest)?;
+        self.committed = true;
+        for chunk in &self.pinned {
+            self.store.unpin(chunk);
+        }
+        Ok(id)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.committed || self.pinned.is_empty() {
+            return;
+        }
+        match self.store.release(&self.pinned) {
+            Ok(freed) => debug!(
+                chunks = freed.chunks,
+                bytes = freed.bytes,
+                "released chunks of an abandoned upload"
+            ),
+            // The chunks stay listed as GC candidates; the next sweep retries.
+            Err(e) => warn!(error = %e, "releasing an abandoned upload's chunks failed"),
+        }
+    }
+}

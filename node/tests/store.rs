@@ -1,0 +1,248 @@
+//! Conformance suite for the store traits, run against the RocksDB store.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mesh_node::store::{ChunkStore, Config, MetaStore, RocksStore, StoreError};
+use mesh_proto::{ChunkId, ChunkRef, ChunkerSpec, Manifest, ObjectId, Redundancy};
+
+fn open(dir: &std::path::Path) -> Arc<RocksStore> {
+    RocksStore::open(dir, &Config::default()).unwrap()
+}
+
+fn manifest_of(chunks: &[&[u8]], created_ms: u64) -> Manifest {
+    let refs = chunks
+        .iter()
+        .map(|c| ChunkRef {
+            id: ChunkId::of(c),
+            len: c.len() as u32,
+        })
+        .collect();
+    Manifest::new(
+        Some("t".into()),
+        ChunkerSpec::Fixed { size: 1 << 20 },
+        Redundancy::DEFAULT,
+        refs,
+        BTreeMap::new(),
+        created_ms,
+    )
+    .unwrap()
+}
+
+fn put_object<S: ChunkStore + MetaStore>(store: &S, chunks: &[&[u8]], created_ms: u64) -> ObjectId {
+    for c in chunks {
+        store.put_chunk(c).unwrap();
+    }
+    store
+        .commit_object(&manifest_of(chunks, created_ms))
+        .unwrap()
+}
+
+fn chunk_contract<S: ChunkStore>(store: &S) {
+    let data = vec![7u8; 200_000];
+    let stored = store.put_chunk(&data).unwrap();
+    assert!(stored.new);
+    assert_eq!(stored.id, ChunkId::of(&data));
+    assert!(
+        !store.put_chunk(&data).unwrap().new,
+        "a second put deduplicates"
+    );
+    assert_eq!(store.get_chunk(&stored.id).unwrap().unwrap(), data);
+    assert!(store.has_chunk(&stored.id).unwrap());
+
+    let small = b"small chunk".to_vec();
+    let id = ChunkId::of(&small);
+    assert_eq!(store.put_chunk_verified(&id, &small).unwrap().id, id);
+
+    let wrong = ChunkId::of(b"something else");
+    match store.put_chunk_verified(&wrong, b"bytes") {
+        Err(StoreError::HashMismatch { claimed, actual }) => {
+            assert_eq!(claimed, wrong);
+            assert_eq!(actual, ChunkId::of(b"bytes"));
+        }
+        other => panic!("expected a hash mismatch, got {other:?}"),
+    }
+    assert!(!store.has_chunk(&wrong).unwrap());
+    assert!(store.get_chunk(&wrong).unwrap().is_none());
+}
+
+fn meta_contract<S: ChunkStore + MetaStore>(store: &S) {
+    let shared = vec![1u8; 100_000];
+    let only_a = vec![2u8; 70_000];
+    let only_b = vec![3u8; 90_000];
+    let before = store.stats().unwrap();
+    let a = put_object(store, &[&shared, &only_a, &shared], 1);
+    let b = put_object(store, &[&only_b, &shared], 2);
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.objects - before.objects, 2);
+    assert_eq!(
+        stats.chunks - before.chunks,
+        3,
+        "the shared chunk is stored once"
+    );
+    assert_eq!(stats.bytes - before.bytes, 260_000);
+
+    let (m, bytes) = store.manifest(&a).unwrap().unwrap();
+    assert_eq!(ObjectId::of(&bytes), a);
+    assert_eq!(m.size, 270_000);
+    assert_eq!(store.object(&b).unwrap().unwrap().size, 190_000);
+    assert_eq!(
+        store.commit_object(&m).unwrap(),
+        a,
+        "committing twice is a no-op"
+    );
+    assert_eq!(store.stats().unwrap().objects - before.objects, 2);
+
+    let listed: Vec<ObjectId> = store
+        .list_objects(None, 100)
+        .unwrap()
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    assert!(listed.contains(&a) && listed.contains(&b));
+    let first = store.list_objects(None, 1).unwrap();
+    let rest = store.list_objects(Some(&first[0].id), 100).unwrap();
+    assert!(rest.iter().all(|o| o.id > first[0].id));
+
+    let freed = store.delete_object(&a).unwrap().unwrap();
+    assert_eq!(
+        (freed.chunks, freed.bytes),
+        (1, 70_000),
+        "only the unshared chunk goes"
+    );
+    assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
+    assert!(!store.has_chunk(&ChunkId::of(&only_a)).unwrap());
+    assert!(store.manifest(&a).unwrap().is_none());
+    assert!(store.delete_object(&a).unwrap().is_none());
+
+    let freed = store.delete_object(&b).unwrap().unwrap();
+    assert_eq!((freed.chunks, freed.bytes), (2, 190_000));
+    assert_eq!(store.stats().unwrap(), before);
+}
+
+fn missing_chunks_are_refused<S: ChunkStore + MetaStore>(store: &S) {
+    let m = manifest_of(&[b"never stored"], 3);
+    match store.commit_object(&m) {
+        Err(StoreError::MissingChunk { chunk, .. }) => {
+            assert_eq!(chunk, ChunkId::of(b"never stored"))
+        }
+        other => panic!("expected a missing chunk, got {other:?}"),
+    }
+    assert!(store.manifest(&m.object_id()).unwrap().is_none());
+}
+
+#[test]
+fn rocksdb_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    chunk_contract(&*store);
+    meta_contract(&*store);
+    missing_chunks_are_refused(&*store);
+}
+
+#[test]
+fn rocksdb_store_without_blob_files_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        blob_files: false,
+        ..Config::default()
+    };
+    let store = RocksStore::open(dir.path(), &config).unwrap();
+    chunk_contract(&*store);
+    meta_contract(&*store);
+}
+
+#[test]
+fn corrupt_bytes_are_reported_not_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = vec![9u8; 300_000];
+    let id = store.put_chunk(&data).unwrap().id;
+    let mut rotten = data.clone();
+    rotten[12345] ^= 0x40;
+    store.overwrite_chunk_unchecked(&id, &rotten).unwrap();
+    match store.get_chunk(&id) {
+        Err(StoreError::Corrupt { id: bad, actual }) => {
+            assert_eq!(bad, id);
+            assert_eq!(actual, ChunkId::of(&rotten));
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn state_survives_reopen_and_orphans_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = vec![4u8; 80_000];
+    let id;
+    {
+        let store = open(dir.path());
+        id = put_object(&*store, &[&kept], 5);
+        // An upload that never commits: its chunk is an orphan.
+        store.put_chunk(&[5u8; 50_000]).unwrap();
+        assert_eq!(store.stats().unwrap().chunks, 2);
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.stats().unwrap().chunks,
+        1,
+        "the orphan is swept at open"
+    );
+    assert!(!store.has_chunk(&ChunkId::of(&[5u8; 50_000])).unwrap());
+    assert_eq!(store.manifest(&id).unwrap().unwrap().0.size, 80_000);
+    assert_eq!(store.get_chunk(&ChunkId::of(&kept)).unwrap().unwrap(), kept);
+}
+
+#[test]
+fn an_upload_in_progress_keeps_shared_chunks_through_a_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let shared = vec![6u8; 120_000];
+    let old = put_object(&*store, &[&shared], 6);
+
+    let mut upload = store.begin_upload();
+    assert!(
+        !upload.put(&shared).unwrap().new,
+        "deduplicated against the old object"
+    );
+    // Deleting the old object releases its last reference while the upload holds the chunk.
+    let freed = store.delete_object(&old).unwrap().unwrap();
+    assert_eq!(freed.chunks, 0);
+    assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
+    let new = upload.commit(&manifest_of(&[&shared], 7)).unwrap();
+    assert_eq!(
+        store.get_chunk(&ChunkId::of(&shared)).unwrap().unwrap(),
+        shared
+    );
+    store.delete_object(&new).unwrap().unwrap();
+    assert_eq!(store.stats().unwrap().chunks, 0);
+}
+
+#[test]
+fn an_abandoned_upload_releases_only_its_own_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let shared = vec![8u8; 100_000];
+    put_object(&*store, &[&shared], 8);
+    {
+        let mut upload = store.begin_upload();
+        upload.put(&shared).unwrap();
+        upload.put(&[9u8; 100_000]).unwrap();
+        assert_eq!(store.stats().unwrap().chunks, 2);
+    }
+    assert_eq!(store.stats().unwrap().chunks, 1);
+    assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path());
+    match RocksStore::open(dir.path(), &Config::default()) {
+        Err(StoreError::Locked { path, .. }) => {
+            assert!(path.contains(&*dir.path().to_string_lossy()))
+        }
+        other => panic!("expected a lock error, got {other:?}"),
+    }
+}

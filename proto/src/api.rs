@@ -1,0 +1,147 @@
+//! Types of the meshd control API (HTTP + JSON), shared by `meshd` and `meshctl`.
+//!
+//! Routes (all under the node's `--api-addr`; every route but `/health` and `/metrics` needs
+//! `Authorization: Bearer <token>`):
+//!
+//! | method and path                   | request             | response                      |
+//! |-----------------------------------|---------------------|-------------------------------|
+//! | `GET /health`                     |                     | `ok`                          |
+//! | `GET /metrics`                    |                     | Prometheus text               |
+//! | `POST /v1/objects`                | [`PutQuery`], body  | [`PutResponse`]               |
+//! | `GET /v1/objects`                 | [`ListQuery`]       | [`ListResponse`]              |
+//! | `GET /v1/objects/{id}`            | optional `Range`    | the bytes (200 or 206)        |
+//! | `GET /v1/objects/{id}/manifest`   |                     | canonical manifest bytes      |
+//! | `GET /v1/objects/{id}/stat`       |                     | [`StatResponse`]              |
+//! | `DELETE /v1/objects/{id}`         |                     | [`DeleteResponse`]            |
+//! | `GET /v1/status`                  |                     | [`StatusResponse`]            |
+//!
+//! Errors come back as an HTTP status with an [`ErrorBody`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{ChunkId, ObjectId};
+use crate::policy::{ChunkerSpec, RecordFormat, Redundancy};
+
+/// Default address of the control API.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:5080";
+/// Name of the token file inside the data directory.
+pub const TOKEN_FILE: &str = "api.token";
+/// Largest page `GET /v1/objects` returns.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// Query of `POST /v1/objects`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutQuery {
+    pub name: Option<String>,
+    pub redundancy: Option<Redundancy>,
+    /// `cdc`, `cdc:MIN:AVG:MAX` or `fixed:SIZE`.
+    pub chunker: Option<String>,
+    /// Record-aligned chunking; overrides `chunker`'s kind but keeps its sizes for `cdc`.
+    pub records: Option<RecordFormat>,
+}
+
+/// Answer to a completed upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutResponse {
+    pub id: ObjectId,
+    pub size: u64,
+    pub chunks: u64,
+    /// Chunks that were not stored before this upload (the rest deduplicated).
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+}
+
+/// Query of `GET /v1/objects`: a page of objects ordered by id, starting after `after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub after: Option<ObjectId>,
+    pub limit: Option<usize>,
+}
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSummary {
+    pub id: ObjectId,
+    pub name: Option<String>,
+    pub size: u64,
+    pub chunks: u64,
+    pub redundancy: Redundancy,
+    pub created_ms: u64,
+}
+
+/// A page of objects; `next` is the `after` for the following page, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListResponse {
+    pub objects: Vec<ObjectSummary>,
+    pub next: Option<ObjectId>,
+}
+
+/// Where one chunk of an object is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkStat {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+    /// Peer ids of the holders known to this node.
+    pub holders: Vec<String>,
+}
+
+/// Answer of `GET /v1/objects/{id}/stat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatResponse {
+    pub object: ObjectSummary,
+    pub chunker: ChunkerSpec,
+    pub chunks: Vec<ChunkStat>,
+    /// Whether every chunk has as many holders as the policy asks for.
+    pub meets_target: bool,
+}
+
+/// Answer of `DELETE /v1/objects/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    pub id: ObjectId,
+    /// Chunks whose last reference this delete released, and their bytes.
+    pub freed_chunks: u64,
+    pub freed_bytes: u64,
+}
+
+/// Answer of `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub node_id: String,
+    pub version: String,
+    pub data_dir: String,
+    pub api_addr: String,
+    pub uptime_secs: u64,
+    pub objects: u64,
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// Objects with fewer holders per chunk than their policy asks for.
+    pub objects_below_target: u64,
+    pub default_redundancy: Redundancy,
+}
+
+/// Machine-readable error kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    Corrupt,
+    DiskFull,
+    RangeNotSatisfiable,
+    Unavailable,
+    Internal,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}

@@ -1,0 +1,124 @@
+//! mesh-tests: the harness that integration tests share, and the tests that span crates.
+//!
+//! A [`TestNode`] is a real node started through `mesh_node::Node::start` in this process, with
+//! its own temporary data directory and its control API on an OS-assigned port. Tests wait on
+//! conditions with [`wait_until`], never on fixed sleeps.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mesh_node::{Node, config::Config};
+use rand::{RngCore, SeedableRng};
+
+/// A node running in this process on a temporary data directory.
+#[derive(Debug)]
+pub struct TestNode {
+    node: Node,
+    dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Starts a node with default settings, its API on `127.0.0.1:0`.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a node after `configure` adjusts the config (data dir and API address are preset).
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("creating a temporary data directory")?;
+        let mut config = Config::for_tests(dir.path().join("data"));
+        configure(&mut config);
+        let node = Node::start(config).await.context("starting the node")?;
+        Ok(Self { node, dir })
+    }
+
+    /// Restarts the node on the same data directory (new API port).
+    pub async fn restart(self) -> anyhow::Result<Self> {
+        let Self { node, dir } = self;
+        let config = node.config().clone();
+        node.shutdown().await;
+        let mut config = config;
+        config.api_addr = "127.0.0.1:0".parse()?;
+        let node = Node::start(config).await.context("restarting the node")?;
+        Ok(Self { node, dir })
+    }
+
+    /// The node itself.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Base URL of the control API, e.g. `http://127.0.0.1:41234`.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.node.api_addr())
+    }
+
+    /// The bearer token of the control API.
+    pub fn token(&self) -> String {
+        self.node.api_token().to_owned()
+    }
+
+    /// The node's data directory (holds `api.token`).
+    pub fn data_dir(&self) -> &Path {
+        &self.node.config().data_dir
+    }
+
+    /// A scratch directory next to the data directory, removed with the node.
+    pub fn scratch_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the node gracefully.
+    pub async fn stop(self) {
+        self.node.shutdown().await;
+    }
+}
+
+/// Polls `check` until it returns `Ok(true)` or `timeout` passes; fails naming `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Deterministic pseudo-random bytes: the same `seed` and `len` give the same bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0u8; len];
+    rng.fill_bytes(&mut out);
+    out
+}
+
+/// An HTTP client for the control API with the node's token preset.
+pub fn api_client(node: &TestNode) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {}", node.token()).parse()?;
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
+/// Object `seed` of the crash test: a 128 KiB prefix shared by every object (so that chunks
+/// are deduplicated and reference-counted) followed by up to 900 KiB unique to `seed`.
+pub fn prefixed_object(seed: u64) -> Vec<u8> {
+    let mut data = random_bytes(128 * 1024, u64::MAX);
+    let unique = 1 + (seed as usize).wrapping_mul(7919) % (900 * 1024);
+    data.extend(random_bytes(unique, seed));
+    data
+}
