@@ -10,7 +10,7 @@ use mesh_proto::{ChunkerSpec, ObjectId, RecordFormat, Redundancy};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  error
+  1  error (including a put that did not reach its write quorum)
   2  usage error (bad arguments)
   3  object not found
   4  cannot reach meshd
@@ -70,8 +70,10 @@ pub enum Command {
         /// Object id (64 hex characters).
         id: ObjectId,
     },
-    /// Show the node's status.
+    /// Show the node's status: identity, addresses, storage and mesh peers.
     Status,
+    /// List the mesh peers this node knows, nearest (lowest RTT) first.
+    Peers,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +97,11 @@ pub struct PutArgs {
     /// Never split a record: line-delimited jsonl or csv.
     #[arg(long, value_name = "FORMAT")]
     pub records: Option<RecordFormat>,
+
+    /// Holders that must store each chunk before the put succeeds, from 1 to the policy's
+    /// width (default: the node's, a majority of rep:N's copies or K+1 of ec:K+M's shards).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    pub quorum: Option<u8>,
 }
 
 #[derive(Debug, Args)]
@@ -145,5 +152,23 @@ mod tests {
         assert!(err.to_string().contains("fixed chunk size"), "{err}");
         let err = Cli::try_parse_from(["meshctl", "get", "abc"]).unwrap_err();
         assert!(err.to_string().contains("64 hex characters"), "{err}");
+    }
+
+    #[test]
+    fn a_quorum_must_be_at_least_one() {
+        let err = Cli::try_parse_from(["meshctl", "put", "f", "--quorum", "0"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--quorum"), "{err}");
+        assert!(Cli::try_parse_from(["meshctl", "put", "f", "--quorum", "x"]).is_err());
+        let cli = Cli::try_parse_from(["meshctl", "put", "f", "--quorum", "2"]).unwrap();
+        match cli.command {
+            Command::Put(args) => assert_eq!(args.quorum, Some(2)),
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["meshctl", "put", "f"]).unwrap();
+        match cli.command {
+            Command::Put(args) => assert_eq!(args.quorum, None),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mesh_proto::api::{
-    DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, PutQuery, PutResponse,
-    StatResponse, StatusResponse, TOKEN_FILE,
+    DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, PeersResponse, PutQuery,
+    PutResponse, StatResponse, StatusResponse, TOKEN_FILE,
 };
 use mesh_proto::manifest::MAX_MANIFEST_LEN;
 use mesh_proto::{Manifest, ObjectId};
@@ -182,6 +182,13 @@ impl Client {
         self.json(response).await
     }
 
+    /// `GET /v1/peers`.
+    pub async fn peers(&self) -> Result<PeersResponse, Error> {
+        let request = self.http.get(self.url("/v1/peers"));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
     /// Maps a failure to send a request or to read a response body.
     pub fn transport_error(&self, err: reqwest::Error) -> Error {
         if err.is_connect() {
@@ -232,6 +239,9 @@ impl Client {
             },
             (_, Some(ErrorCode::DiskFull)) | (StatusCode::INSUFFICIENT_STORAGE, None) => {
                 Error::ServerDiskFull { message }
+            }
+            (_, Some(ErrorCode::Unavailable)) | (StatusCode::SERVICE_UNAVAILABLE, None) => {
+                Error::ServerUnavailable { message }
             }
             _ => Error::Server { status, message },
         })

@@ -22,6 +22,10 @@ pub mod exit {
 /// A failed meshctl command.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Arguments that parse but do not fit together (clap catches the rest).
+    #[error("{0}")]
+    Usage(String),
+
     #[error("invalid --api URL {url:?}: {reason}")]
     BadApiUrl { url: String, reason: String },
 
@@ -63,6 +67,10 @@ pub enum Error {
 
     #[error("meshd's disk is full: {message}")]
     ServerDiskFull { message: String },
+
+    /// The node could not reach enough of the mesh, e.g. a put below its write quorum.
+    #[error("meshd could not complete the request: {message}")]
+    ServerUnavailable { message: String },
 
     #[error("meshd refused the request ({status}): {message}")]
     Server {
@@ -112,6 +120,7 @@ impl Error {
             Self::ObjectNotFound { .. } | Self::NotFound { .. } => exit::NOT_FOUND,
             Self::Unreachable { .. } => exit::UNREACHABLE,
             Self::Unauthorized { .. } => exit::UNAUTHORIZED,
+            Self::Usage(_) => exit::USAGE,
             _ => exit::ERROR,
         }
     }
@@ -220,6 +229,17 @@ mod tests {
         };
         assert_eq!(refused.exit_code(), 5);
         assert_eq!(Error::Interrupted.exit_code(), 1);
+        let unavailable = Error::ServerUnavailable {
+            message: "chunk x reached 1 of the 2 holders the write quorum needs".into(),
+        };
+        assert_eq!(unavailable.exit_code(), 1);
+        assert_eq!(Error::Usage("u".into()).exit_code(), 2);
+        assert!(
+            unavailable
+                .to_string()
+                .contains("reached 1 of the 2 holders the write quorum needs"),
+            "{unavailable}"
+        );
     }
 
     #[test]

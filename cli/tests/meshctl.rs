@@ -11,7 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mesh_proto::api::{DeleteResponse, ObjectSummary, PutResponse, StatResponse, StatusResponse};
+use mesh_proto::api::{
+    DeleteResponse, ObjectSummary, PeersResponse, PutResponse, StatResponse, StatusResponse,
+};
 use mesh_proto::{ChunkerSpec, ObjectId, RecordFormat};
 use mesh_tests::{TestNode, random_bytes};
 
@@ -581,6 +583,10 @@ async fn ls_stat_rm_and_status_speak_text_and_json() {
         "objects",
         "disk",
         "default redundancy",
+        "zone",
+        "listen addresses",
+        "external addresses",
+        "0 alive of 0 known",
     ] {
         assert!(
             status_text.contains(key),
@@ -593,6 +599,7 @@ async fn ls_stat_rm_and_status_speak_text_and_json() {
         .await
         .json();
     assert_eq!(status.objects, 2);
+    assert_eq!((status.peers, status.peers_alive), (0, 0));
 
     let removed: DeleteResponse = Meshctl::on(&node)
         .args(["--json", "rm", &fixed_id.to_string()])
@@ -617,6 +624,76 @@ async fn ls_stat_rm_and_status_speak_text_and_json() {
 
     let listed: Vec<ObjectSummary> = Meshctl::on(&node).args(["--json", "ls"]).run().await.json();
     assert!(listed.is_empty(), "{listed:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_on_a_lone_node_says_how_to_add_some() {
+    let node = TestNode::start().await.unwrap();
+    let text = Meshctl::on(&node).arg("peers").run().await.ok();
+    assert_eq!(
+        text,
+        "no peers known; start other nodes with --bootstrap <addr>\n"
+    );
+    let peers: PeersResponse = Meshctl::on(&node)
+        .args(["peers", "--json"])
+        .run()
+        .await
+        .json();
+    assert!(peers.peers.is_empty(), "{peers:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_below_its_write_quorum_fails_with_the_nodes_message() {
+    let node = TestNode::start().await.unwrap();
+    let input = node.scratch_dir().join("in.bin");
+    std::fs::write(&input, random_bytes(100_000, 8)).unwrap();
+
+    // A lone node holds one copy; rep:2's default quorum is two.
+    let out = Meshctl::on(&node)
+        .args(["put", "--redundancy", "rep:2"])
+        .arg(&input)
+        .run()
+        .await;
+    out.fails(1, "reached 1 of the 2 holders the write quorum needs");
+    assert!(out.stdout.is_empty(), "{}", out.stdout_text());
+
+    // Bad quorums are usage errors, caught before anything is sent.
+    Meshctl::on(&node)
+        .args(["put", "--quorum", "0"])
+        .arg(&input)
+        .run()
+        .await
+        .fails(2, "--quorum");
+    Meshctl::on(&node)
+        .args(["put", "--redundancy", "rep:2", "--quorum", "3"])
+        .arg(&input)
+        .run()
+        .await
+        .fails(2, "--quorum 3 is more than the 2 holders rep:2");
+
+    // With a quorum of one the put succeeds, below its target.
+    let id = put_file(&node, &input, &["--redundancy", "rep:2", "--quorum", "1"])
+        .await
+        .to_string();
+    let stat: StatResponse = Meshctl::on(&node)
+        .args(["--json", "stat", &id])
+        .run()
+        .await
+        .json();
+    assert!(!stat.meets_target);
+    for chunk in &stat.chunks {
+        assert_eq!(chunk.holders.len(), 1, "{chunk:?}");
+        assert!(
+            chunk.placed.iter().any(|h| h.liveness == "self"),
+            "{chunk:?}"
+        );
+    }
+    let text = Meshctl::on(&node).args(["stat", &id]).run().await.ok();
+    for needle in ["NOT met", "fewer than 2 holders", "1/2", "self"] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
     node.stop().await;
 }
 
@@ -726,10 +803,15 @@ async fn help_documents_the_exit_codes() {
     let out = Meshctl::bare().arg("--help").run().await;
     let text = out.ok();
     for line in [
+        "1  error (including a put that did not reach its write quorum)",
         "3  object not found",
         "4  cannot reach meshd",
         "5  the API token was refused",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
+    let text = Meshctl::bare().args(["put", "--help"]).run().await.ok();
+    assert!(text.contains("--quorum <N>"), "{text}");
+    let text = Meshctl::bare().arg("--help").run().await.ok();
+    assert!(text.contains("peers"), "{text}");
 }

@@ -19,11 +19,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use mesh_proto::api::{
-    ChunkStat, DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, MAX_LIST_LIMIT,
-    PutQuery, PutResponse, StatResponse, StatusResponse,
+    ChunkStat, DeleteResponse, ErrorBody, ErrorCode, HolderStat, ListQuery, ListResponse,
+    MAX_LIST_LIMIT, PeerLoad, PeerSummary, PeersResponse, PutQuery, PutResponse, StatResponse,
+    StatusResponse,
 };
 use mesh_proto::{ChunkerSpec, ObjectId, Redundancy};
 use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
 use tokio_util::io::StreamReader;
 use tracing::{info, warn};
@@ -31,7 +33,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::objects::{self, ByteRange, IngestError, PutOptions};
-use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
+use crate::replicate::{Mesh, MeshError};
+use crate::store::{MetaStore, RocksStore, StoreError};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -49,6 +52,7 @@ impl std::fmt::Debug for ApiState {
 
 struct Inner {
     store: Arc<RocksStore>,
+    mesh: Mesh,
     metrics: Metrics,
     config: Config,
     token: String,
@@ -61,6 +65,7 @@ struct Inner {
 impl ApiState {
     pub fn new(
         store: Arc<RocksStore>,
+        mesh: Mesh,
         metrics: Metrics,
         config: Config,
         token: String,
@@ -71,6 +76,7 @@ impl ApiState {
         Self {
             inner: Arc::new(Inner {
                 store,
+                mesh,
                 metrics,
                 config,
                 token,
@@ -91,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}/manifest", get(get_manifest))
         .route("/v1/objects/{id}/stat", get(stat_object))
         .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
@@ -187,6 +194,21 @@ impl From<IngestError> for ApiError {
     }
 }
 
+impl From<MeshError> for ApiError {
+    fn from(e: MeshError) -> Self {
+        match e {
+            MeshError::NotFound(id) => Self::not_found(&id),
+            MeshError::QuorumFailed { .. } | MeshError::ChunkUnavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ),
+            MeshError::Ingest(e) => e.into(),
+            MeshError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(e: tokio::task::JoinError) -> Self {
         Self::internal(format!("store task failed: {e}"))
@@ -259,10 +281,35 @@ async fn blocking<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(f).await??)
 }
 
+/// How much of a refused upload's body the node still reads, and for how long, so that the
+/// client sees the error response instead of a broken pipe while it is still sending.
+const DRAIN_LIMIT: u64 = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
 async fn put_object(
     State(state): State<ApiState>,
     query: Result<Query<PutQuery>, QueryRejection>,
     body: Body,
+) -> Result<Json<PutResponse>, ApiError> {
+    let mut reader = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let result = put_object_from(&state, query, &mut reader).await;
+    if result.is_err() {
+        // Lingering read: an HTTP/1 client that is still writing the body when the
+        // response arrives would otherwise fail with EPIPE and never read our message.
+        let mut rest = (&mut reader).take(DRAIN_LIMIT);
+        let _ = tokio::time::timeout(
+            DRAIN_TIME,
+            tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+        )
+        .await;
+    }
+    result
+}
+
+async fn put_object_from<R: AsyncRead + Unpin>(
+    state: &ApiState,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    reader: R,
 ) -> Result<Json<PutResponse>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let inner = &state.inner;
@@ -304,13 +351,21 @@ async fn put_object(
             "node is shutting down",
         )
     })?;
-    let reader = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     let options = PutOptions {
         name: query.name,
         redundancy,
         chunker,
     };
-    let response = objects::ingest(&inner.store, &inner.metrics, reader, options).await?;
+    let quorum = query
+        .quorum
+        .map_or_else(|| redundancy.default_write_quorum(), usize::from);
+    if quorum == 0 || quorum > redundancy.width() {
+        return Err(ApiError::bad_request(format!(
+            "quorum {quorum} is outside 1..={} for {redundancy}",
+            redundancy.width()
+        )));
+    }
+    let response = inner.mesh.put(reader, options, quorum).await?;
     info!(object = %response.id, size = response.size, chunks = response.chunks, new_chunks = response.new_chunks, "stored object");
     Ok(Json(response))
 }
@@ -353,10 +408,7 @@ async fn get_object(
 ) -> Result<Response, ApiError> {
     let id = parse_id(path)?;
     let inner = &state.inner;
-    let store = Arc::clone(&inner.store);
-    let (manifest, _) = blocking(move || store.manifest(&id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    let (manifest, record) = inner.mesh.open(id).await?;
     let size = manifest.size;
     let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
         None => None,
@@ -380,12 +432,9 @@ async fn get_object(
     let span = range.clone().unwrap_or(0..size);
     let plan = objects::read_plan(&manifest, &span);
     inner.metrics.gets().increment(1);
-    let stream = objects::read_stream(
-        Arc::clone(&inner.store),
-        inner.metrics.clone(),
-        plan,
-        inner.config.api.read_ahead_chunks,
-    );
+    let stream = inner
+        .mesh
+        .read_stream(record, plan, inner.config.api.read_ahead_chunks);
     let mut response = Response::new(Body::from_stream(stream));
     let h = response.headers_mut();
     h.insert(
@@ -466,40 +515,82 @@ async fn stat_object(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StatResponse>, ApiError> {
     let id = parse_id(path)?;
+    let mesh = &state.inner.mesh;
+    let (manifest, record) = mesh.open(id).await?;
+    let network = mesh.network();
+    let me = network.local_peer_id();
+    let peers = network.peers();
     let store = Arc::clone(&state.inner.store);
-    let node_id = state.inner.node_id.clone();
-    let stat = blocking(move || {
-        let Some((manifest, _)) = store.manifest(&id)? else {
-            return Ok(None);
-        };
-        let Some(object) = store.object(&id)? else {
-            return Ok(None);
-        };
-        let mut chunks = Vec::with_capacity(manifest.chunks.len());
-        for (offset, chunk) in manifest.chunk_offsets() {
-            let holders = if store.has_chunk(&chunk.id)? {
-                vec![node_id.clone()]
-            } else {
-                vec![]
+    let local_summary = blocking(move || store.object(&id)).await?;
+    let object = local_summary.unwrap_or_else(|| mesh_proto::api::ObjectSummary {
+        id,
+        name: manifest.name.clone(),
+        size: manifest.size,
+        chunks: manifest.chunks.len() as u64,
+        redundancy: manifest.redundancy,
+        created_ms: manifest.created_ms,
+    });
+    let describe = |peer: libp2p::PeerId| {
+        if peer == me {
+            return HolderStat {
+                id: peer.to_string(),
+                zone: network.zone().to_owned(),
+                rtt_ms: None,
+                liveness: "self".into(),
             };
-            chunks.push(ChunkStat {
-                id: chunk.id,
-                offset,
-                len: chunk.len,
-                holders,
-            });
         }
-        let target = manifest.redundancy.width();
-        let meets_target = chunks.iter().all(|c| c.holders.len() >= target);
-        Ok(Some(StatResponse {
-            object,
-            chunker: manifest.chunker,
-            chunks,
-            meets_target,
-        }))
-    })
-    .await?;
-    stat.map(Json).ok_or_else(|| ApiError::not_found(&id))
+        match peers.iter().find(|p| p.id == peer) {
+            Some(view) => HolderStat {
+                id: peer.to_string(),
+                zone: view.zone.clone(),
+                rtt_ms: view.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                liveness: match view.liveness {
+                    crate::placement::Liveness::Alive => "alive",
+                    crate::placement::Liveness::Suspect => "suspect",
+                    crate::placement::Liveness::Dead => "dead",
+                }
+                .into(),
+            },
+            None => HolderStat {
+                id: peer.to_string(),
+                zone: String::new(),
+                rtt_ms: None,
+                liveness: "unknown".into(),
+            },
+        }
+    };
+    let mut chunks = Vec::with_capacity(manifest.chunks.len());
+    for (index, (offset, chunk)) in manifest.chunk_offsets().enumerate() {
+        let holder_ids: Vec<libp2p::PeerId> = match &record {
+            Some(record) => record
+                .holders_of(index)
+                .filter_map(|n| libp2p::PeerId::from_bytes(&n.0).ok())
+                .collect(),
+            None => vec![me],
+        };
+        let placed: Vec<HolderStat> = holder_ids.iter().map(|p| describe(*p)).collect();
+        chunks.push(ChunkStat {
+            id: chunk.id,
+            offset,
+            len: chunk.len,
+            holders: holder_ids.iter().map(ToString::to_string).collect(),
+            placed,
+        });
+    }
+    let target = manifest.redundancy.width();
+    let meets_target = chunks.iter().all(|c| {
+        c.placed
+            .iter()
+            .filter(|h| h.liveness == "self" || h.liveness == "alive")
+            .count()
+            >= target
+    });
+    Ok(Json(StatResponse {
+        object,
+        chunker: manifest.chunker,
+        chunks,
+        meets_target,
+    }))
 }
 
 async fn delete_object(
@@ -524,14 +615,44 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
     let inner = &state.inner;
     let store = Arc::clone(&inner.store);
     let data_dir = inner.config.data_dir.clone();
+    let net = inner.mesh.network().status();
+    let peers = inner.mesh.network().peers();
+    let me = inner.mesh.network().local_node_id();
+    let alive: std::collections::HashSet<Vec<u8>> = peers
+        .iter()
+        .filter(|p| p.liveness == crate::placement::Liveness::Alive)
+        .map(|p| p.id.to_bytes())
+        .chain(std::iter::once(me.0.clone()))
+        .collect();
     let (stats, below_target, free, total) = blocking(move || {
         let stats = store.stats()?;
-        // One node holds one copy: every object whose policy wants more is below target.
+        // An object is below target when one of its chunks has fewer live holders (per its
+        // placement record, this node included) than its policy wants.
         let mut below = 0u64;
         let mut after = None;
         loop {
             let page = store.list_objects(after.as_ref(), 4096)?;
-            below += page.iter().filter(|o| o.redundancy.width() > 1).count() as u64;
+            for object in &page {
+                let width = object.redundancy.width();
+                let short = match store.record(&object.id)? {
+                    None => width > 1,
+                    Some(bytes) => match mesh_proto::wire::PlacementRecord::decode(&bytes) {
+                        Err(_) => true,
+                        Ok(record) => record.holders.iter().any(|h| {
+                            h.iter()
+                                .filter(|&&i| {
+                                    record
+                                        .nodes
+                                        .get(usize::from(i))
+                                        .is_some_and(|n| alive.contains(&n.0))
+                                })
+                                .count()
+                                < width
+                        }),
+                    },
+                };
+                below += u64::from(short);
+            }
             match page.last() {
                 Some(last) => after = Some(last.id),
                 None => break,
@@ -555,7 +676,51 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
         disk_total_bytes: total,
         objects_below_target: below_target,
         default_redundancy: inner.config.redundancy,
+        zone: inner.config.net.zone.clone(),
+        listen_addrs: net.listen_addrs.iter().map(ToString::to_string).collect(),
+        external_addrs: net.external_addrs.iter().map(ToString::to_string).collect(),
+        peers: peers.len() as u64,
+        peers_alive: peers
+            .iter()
+            .filter(|p| p.liveness == crate::placement::Liveness::Alive)
+            .count() as u64,
     }))
+}
+
+async fn peers(State(state): State<ApiState>) -> Json<PeersResponse> {
+    let peers = state.inner.mesh.network().peers();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Json(PeersResponse {
+        peers: peers
+            .iter()
+            .map(|p| PeerSummary {
+                id: p.id.to_string(),
+                zone: p.zone.clone(),
+                role: p.role.as_str().to_owned(),
+                addrs: p.addrs.iter().map(ToString::to_string).collect(),
+                rtt_ms: p.rtt.map(ms),
+                last_rtt_ms: p.last_rtt.map(ms),
+                last_seen_secs_ago: p.last_seen_ago.as_secs_f64(),
+                liveness: match p.liveness {
+                    crate::placement::Liveness::Alive => "alive",
+                    crate::placement::Liveness::Suspect => "suspect",
+                    crate::placement::Liveness::Dead => "dead",
+                }
+                .to_owned(),
+                connected: p.connected,
+                load: p.load.as_ref().map(|l| PeerLoad {
+                    cpu: l.cpu,
+                    mem_used: l.mem_used,
+                    mem_total: l.mem_total,
+                    disk_free: l.disk_free,
+                    disk_used: l.disk_used,
+                    chunks: l.chunks,
+                    bytes: l.bytes,
+                    tasks_running: l.tasks_running,
+                }),
+            })
+            .collect(),
+    })
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -35,6 +35,140 @@ pub struct Config {
     pub chunker: ChunkerSpec,
     pub store: crate::store::Config,
     pub api: ApiConfig,
+    pub net: NetConfig,
+}
+
+/// Networking: where to listen, how to join, and the mesh's timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetConfig {
+    /// QUIC listen addresses (multiaddrs).
+    pub listen: Vec<String>,
+    /// Addresses other nodes should dial, when they differ from the listen addresses
+    /// (NAT, cloud public IPs).
+    pub external_addrs: Vec<String>,
+    /// Peers to join through, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+    /// Failure zone, `cloud/region/az` (e.g. `aws/us-east-1/a`); nearer zones share a prefix.
+    pub zone: String,
+    /// File holding the cluster key (64 hex characters); none = open mesh.
+    pub cluster_key_file: Option<PathBuf>,
+    /// A peer not heard from for this long is suspect (gets no new data).
+    #[serde(with = "humantime_serde")]
+    pub suspect_after: Duration,
+    /// A peer not heard from for this long is dead (its data is repaired).
+    #[serde(with = "humantime_serde")]
+    pub dead_after: Duration,
+    /// How often the load report is gossiped.
+    #[serde(with = "humantime_serde")]
+    pub load_interval: Duration,
+    /// How often peers are pinged for RTT.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Timeout of one chunk or control request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub max_connections: u32,
+    /// Concurrent streams per connection and protocol; more are refused.
+    pub max_streams_per_peer: usize,
+    /// Chunks of one put in flight at once.
+    pub write_window: usize,
+    /// A chunk fetch slower than this is also asked of the next holder.
+    #[serde(with = "humantime_serde")]
+    pub hedge_after: Duration,
+    /// Nodes with less free disk than this receive no new chunks.
+    pub min_free_space: bytesize::ByteSize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/udp/4001/quic-v1".into()],
+            external_addrs: Vec::new(),
+            bootstrap: Vec::new(),
+            zone: String::new(),
+            cluster_key_file: None,
+            suspect_after: Duration::from_secs(15),
+            dead_after: Duration::from_secs(60),
+            load_interval: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_streams_per_peer: 64,
+            write_window: 8,
+            hedge_after: Duration::from_millis(250),
+            min_free_space: bytesize::ByteSize::gib(1),
+        }
+    }
+}
+
+impl NetConfig {
+    /// The typed network settings, with errors naming the key at fault.
+    pub fn resolve(&self, role: crate::net::Role) -> Result<crate::net::Config, ConfigError> {
+        let parse = |key: &'static str, list: &[String]| {
+            list.iter()
+                .map(|s| {
+                    s.parse::<libp2p::Multiaddr>()
+                        .map_err(|e| ConfigError::Invalid {
+                            key,
+                            message: format!("{s:?} is not a multiaddr: {e}"),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let listen = parse("net.listen", &self.listen)?;
+        if listen.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "net.listen",
+                message: "needs at least one address".into(),
+            });
+        }
+        let bootstrap = parse("net.bootstrap", &self.bootstrap)?;
+        if let Some(bad) = bootstrap.iter().find(|a| crate::net::peer_of(a).is_none()) {
+            return Err(ConfigError::Invalid {
+                key: "net.bootstrap",
+                message: format!(
+                    "{bad} has no peer id: append /p2p/<peer id> (mesh-bootstrap prints the full address at start)"
+                ),
+            });
+        }
+        if self.zone.len() > mesh_proto::wire::MAX_ZONE_LEN {
+            return Err(ConfigError::Invalid {
+                key: "net.zone",
+                message: "is too long".into(),
+            });
+        }
+        if self.suspect_after >= self.dead_after {
+            return Err(ConfigError::Invalid {
+                key: "net.suspect_after",
+                message: "must be shorter than net.dead_after".into(),
+            });
+        }
+        let cluster_key = match &self.cluster_key_file {
+            None => None,
+            Some(path) => Some(crate::identity::read_cluster_key(path).map_err(|message| {
+                ConfigError::Invalid {
+                    key: "net.cluster_key_file",
+                    message,
+                }
+            })?),
+        };
+        Ok(crate::net::Config {
+            listen,
+            external_addrs: parse("net.external_addrs", &self.external_addrs)?,
+            bootstrap,
+            zone: self.zone.clone(),
+            role,
+            cluster_key,
+            suspect_after: self.suspect_after,
+            dead_after: self.dead_after,
+            load_interval: self.load_interval,
+            ping_interval: self.ping_interval,
+            request_timeout: self.request_timeout,
+            max_connections: self.max_connections.max(1),
+            max_streams_per_peer: self.max_streams_per_peer.max(1),
+        })
+    }
 }
 
 /// Control-API limits.
@@ -92,6 +226,7 @@ impl Default for Config {
             chunker: ChunkerSpec::DEFAULT_CDC,
             store: crate::store::Config::default(),
             api: ApiConfig::default(),
+            net: NetConfig::default(),
         }
     }
 }
@@ -128,6 +263,10 @@ impl Config {
         config.store.write_buffer_size = bytesize::ByteSize::mib(8);
         config.store.block_cache_size = bytesize::ByteSize::mib(8);
         config.api.shutdown_grace = Duration::from_secs(5);
+        config.net.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+        config.net.min_free_space = bytesize::ByteSize::mib(16);
+        // A lone test node stores its objects itself.
+        config.redundancy = Redundancy::Replicas(1);
         config
     }
 
@@ -234,6 +373,13 @@ impl Config {
                 ),
             });
         }
+        if self.net.write_window == 0 || self.net.write_window > 64 {
+            return Err(ConfigError::Invalid {
+                key: "net.write_window",
+                message: "must be 1 to 64".into(),
+            });
+        }
+        self.net.resolve(crate::net::Role::Storage)?;
         if self.store.write_buffer_size.as_u64() < 1 << 20 {
             return Err(ConfigError::Invalid {
                 key: "store.write_buffer_size",

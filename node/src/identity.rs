@@ -14,7 +14,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use libp2p_identity::{Keypair, PeerId};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
 use tracing::{info, warn};
 
 pub const IDENTITY_FILE: &str = "identity.key";
@@ -174,6 +175,35 @@ fn warn_if_readable_by_others(path: &Path) {
     {
         warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "secret file is readable by other users; chmod 600 it");
     }
+}
+
+/// Reads a cluster key file: 64 hex characters (surrounding whitespace ignored).
+pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|e| {
+        format!(
+            "{} must hold 64 hex characters (make one with `meshd init`): {e}",
+            path.display()
+        )
+    })?;
+    Ok(key)
+}
+
+/// Writes a new random cluster key to `path` (mode 0600), refusing to overwrite one.
+pub fn create_cluster_key(path: &Path) -> Result<(), String> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness: {e}"))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    writeln!(file, "{}", hex::encode(key))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]

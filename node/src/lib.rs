@@ -9,19 +9,29 @@
 //! - [`chunker`]: cuts a byte stream into chunks (FastCDC, fixed, record-aligned).
 //! - [`objects`]: ingest (stream -> chunker -> hash + store -> manifest commit) and reads
 //!   (manifest -> verified chunks -> stream).
+//! - [`net`]: libp2p over QUIC; one task owns the swarm (Kademlia, identify, ping, gossiped
+//!   load reports, the chunk/control/membership protocols) and keeps the peer table.
+//! - [`placement`]: the pure function that picks the holders of a chunk.
+//! - [`replicate`]: replicated put and remote get over the network, and the service that
+//!   answers other nodes' chunk and control requests.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
-//! A put streams the request body through the chunker into the store; the object becomes
-//! visible when its manifest commits in one synced write batch. A get streams the manifest's
-//! chunks back, each verified against its BLAKE3. [`Node::start`] brings all of this up and
-//! [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
+//! A put streams the request body through the chunker; each chunk is placed on `rep:N`
+//! holders (this node and its nearest peers, spread over zones) and counts once `W` of them
+//! stored it durably; then every holder commits its part with the placement record and
+//! announces the object in the DHT. A get reads local chunks first, then fetches the rest from
+//! the nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
+//! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
 
 pub mod api;
 pub mod chunker;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod net;
 pub mod objects;
+pub mod placement;
+pub mod replicate;
 pub mod store;
 
 use std::future::Future;
@@ -29,7 +39,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use libp2p_identity::PeerId;
+use libp2p::PeerId;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -47,6 +57,8 @@ pub enum StartError {
     DataDir(#[from] DataDirError),
     #[error("cannot open the store in {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
+    #[error("cannot start networking: {0}")]
+    Net(#[from] net::NetError),
     #[error(
         "cannot listen on {addr} for the control API: {source}; is another meshd running? choose another --api-addr"
     )]
@@ -64,11 +76,14 @@ pub struct Node {
     token: String,
     peer_id: PeerId,
     store: Arc<RocksStore>,
+    mesh: replicate::Mesh,
     stop: CancellationToken,
     /// Cancels `stop` if the node is dropped without [`Node::shutdown`].
     _stop_on_drop: tokio_util::sync::DropGuard,
     server: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    net_task: JoinHandle<()>,
+    serve_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -117,15 +132,33 @@ impl Node {
         })?;
 
         let metrics = metrics::Metrics::new();
+        let stop = CancellationToken::new();
+        let net_config = config.net.resolve(net::Role::Storage)?;
+        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(net::inbound_queue());
+        let load = load_reporter(Arc::clone(&store), config.net.zone.clone());
+        let (network, net_task) =
+            net::start(net_config, keypair, load, Some(inbound_tx), stop.clone()).await?;
+        let mesh = replicate::Mesh::new(
+            Arc::clone(&store),
+            network.clone(),
+            metrics.clone(),
+            replicate::Settings {
+                write_window: config.net.write_window,
+                hedge_after: config.net.hedge_after,
+                min_free_bytes: config.net.min_free_space.as_u64(),
+            },
+        );
+        let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
+        announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
             Arc::clone(&store),
+            mesh.clone(),
             metrics.clone(),
             config.clone(),
             token.clone(),
             peer_id.to_string(),
             api_addr.to_string(),
         );
-        let stop = CancellationToken::new();
         let app = api::router(state);
         let serve_stop = stop.clone();
         let server = tokio::spawn(async move {
@@ -137,7 +170,13 @@ impl Node {
             }
         });
         let upkeep = tokio::spawn(api::metrics_upkeep(metrics, stop.clone()));
-        info!(peer = %peer_id, api = %api_addr, data_dir = %config.data_dir.display(), "meshd started");
+        let listen: Vec<String> = network
+            .status()
+            .listen_addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        info!(peer = %peer_id, api = %api_addr, listen = ?listen, zone = %config.net.zone, data_dir = %config.data_dir.display(), "meshd started");
         let _stop_on_drop = stop.clone().drop_guard();
         Ok(Node {
             config,
@@ -145,10 +184,13 @@ impl Node {
             token,
             peer_id,
             store,
+            mesh,
             stop,
             _stop_on_drop,
             server,
             upkeep,
+            net_task,
+            serve_task,
             _lock: lock,
         })
     }
@@ -172,6 +214,16 @@ impl Node {
         &self.config
     }
 
+    /// The network handle (peer table, addresses).
+    pub fn network(&self) -> &net::Network {
+        self.mesh.network()
+    }
+
+    /// The replicated object service.
+    pub fn mesh(&self) -> &replicate::Mesh {
+        &self.mesh
+    }
+
     /// The local store.
     pub fn store(&self) -> &Arc<RocksStore> {
         &self.store
@@ -185,6 +237,9 @@ impl Node {
         let Node {
             mut server,
             upkeep,
+            net_task,
+            serve_task,
+            mesh,
             store,
             config,
             _lock,
@@ -199,6 +254,11 @@ impl Node {
             let _ = server.await;
         }
         let _ = upkeep.await;
+        // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
+        let _ = net_task.await;
+        // With the swarm gone the inbound queue closes and the service drains.
+        let _ = serve_task.await;
+        drop(mesh);
         let flushed = tokio::task::spawn_blocking(move || {
             let result = store.flush();
             // Closing RocksDB before the lock file is released keeps a restarting node from
@@ -216,6 +276,100 @@ impl Node {
         }
         drop(_lock);
     }
+}
+
+/// Builds the load report gossiped every few seconds.
+fn load_reporter(store: Arc<RocksStore>, zone: String) -> net::LoadFn {
+    use crate::store::MetaStore;
+    let cpu = std::sync::Mutex::new(CpuSampler::default());
+    Arc::new(move || {
+        let stats = store.stats().unwrap_or_default();
+        let (mem_total, mem_used) = memory();
+        let cpu = cpu.lock().map(|mut s| s.sample()).unwrap_or(0.0);
+        mesh_proto::wire::LoadReport {
+            zone: zone.clone(),
+            version: mesh_proto::MESH_VERSION.to_owned(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            cpu,
+            mem_used,
+            mem_total,
+            disk_free: replicate::disk_free(store.path()),
+            disk_used: stats.bytes,
+            chunks: stats.chunks,
+            bytes: stats.bytes,
+            ..Default::default()
+        }
+    })
+}
+
+/// CPU busy fraction between samples, from `/proc/stat` (0 where that is unavailable).
+#[derive(Debug, Default)]
+struct CpuSampler {
+    last: Option<(u64, u64)>,
+}
+
+impl CpuSampler {
+    fn sample(&mut self) -> f32 {
+        let Some((busy, total)) = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
+            let line = text.lines().next()?;
+            let values: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            let total: u64 = values.iter().sum();
+            let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+            Some((total.saturating_sub(idle), total))
+        }) else {
+            return 0.0;
+        };
+        let load = match self.last {
+            Some((b, t)) if total > t => (busy.saturating_sub(b)) as f32 / (total - t) as f32,
+            _ => 0.0,
+        };
+        self.last = Some((busy, total));
+        load.clamp(0.0, 1.0)
+    }
+}
+
+/// (total, used) memory in bytes, from `/proc/meminfo`.
+fn memory() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let total = field("MemTotal:");
+    (total, total.saturating_sub(field("MemAvailable:")))
+}
+
+/// Re-announces every object this node holds (provider records expire, and a restarted
+/// node's were only in memory).
+fn announce_objects(store: Arc<RocksStore>, network: net::Network) {
+    use crate::store::MetaStore;
+    tokio::spawn(async move {
+        let mut after = None;
+        loop {
+            let s = Arc::clone(&store);
+            let page =
+                tokio::task::spawn_blocking(move || s.list_objects(after.as_ref(), 1000)).await;
+            let Ok(Ok(page)) = page else { break };
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for object in &page {
+                network.provide(object.id).await;
+            }
+        }
+    });
 }
 
 /// Runs a node until `shutdown` completes, then stops it gracefully.

@@ -37,6 +37,8 @@ struct Inner {
     pub deletes: Counter,
     pub corrupt_chunks: Counter,
     pub aborted_uploads: Counter,
+    pub bad_peer_data: Counter,
+    pub get_remote_bytes: Counter,
     objects: Gauge,
     chunks: Gauge,
     stored_bytes: Gauge,
@@ -99,6 +101,16 @@ impl Metrics {
             "uploads that ended before committing",
         );
         describe(
+            "mesh_peer_bad_chunks_total",
+            Unit::Count,
+            "chunks, manifests or records from peers that failed verification",
+        );
+        describe(
+            "mesh_get_remote_bytes_total",
+            Unit::Bytes,
+            "chunk bytes fetched from other nodes",
+        );
+        describe(
             "mesh_api_errors_total",
             Unit::Count,
             "control-API requests answered with an error, by code",
@@ -132,6 +144,8 @@ impl Metrics {
             deletes: counter("mesh_deletes_total"),
             corrupt_chunks: counter("mesh_corrupt_chunks_total"),
             aborted_uploads: counter("mesh_aborted_uploads_total"),
+            bad_peer_data: counter("mesh_peer_bad_chunks_total"),
+            get_remote_bytes: counter("mesh_get_remote_bytes_total"),
             objects: gauge("mesh_objects"),
             chunks: gauge("mesh_chunks"),
             stored_bytes: gauge("mesh_stored_bytes"),
@@ -167,6 +181,12 @@ impl Metrics {
     }
     pub fn aborted_uploads(&self) -> &Counter {
         &self.inner.aborted_uploads
+    }
+    pub fn bad_peer_data(&self) -> &Counter {
+        &self.inner.bad_peer_data
+    }
+    pub fn get_remote_bytes(&self) -> &Counter {
+        &self.inner.get_remote_bytes
     }
 
     /// Counts an error answer with its code.

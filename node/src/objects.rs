@@ -141,17 +141,18 @@ pub async fn ingest<R: AsyncRead + Unpin>(
 pub type ByteRange = Range<u64>;
 
 /// The chunks covering `range`, each with the part of it to send.
-pub fn read_plan(manifest: &Manifest, range: &ByteRange) -> Vec<(ChunkId, Range<usize>)> {
+pub fn read_plan(manifest: &Manifest, range: &ByteRange) -> Vec<(usize, ChunkId, Range<usize>)> {
     manifest
         .chunk_offsets()
-        .filter_map(|(offset, chunk)| {
+        .enumerate()
+        .filter_map(|(index, (offset, chunk))| {
             let end = offset + u64::from(chunk.len);
             if end <= range.start || offset >= range.end {
                 return None;
             }
             let from = range.start.saturating_sub(offset) as usize;
             let to = (range.end.min(end) - offset) as usize;
-            Some((chunk.id, from..to))
+            Some((index, chunk.id, from..to))
         })
         .collect()
 }
@@ -162,11 +163,11 @@ pub fn read_plan(manifest: &Manifest, range: &ByteRange) -> Vec<(ChunkId, Range<
 pub fn read_stream(
     store: Arc<RocksStore>,
     metrics: Metrics,
-    plan: Vec<(ChunkId, Range<usize>)>,
+    plan: Vec<(usize, ChunkId, Range<usize>)>,
     read_ahead: usize,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     futures::stream::iter(plan)
-        .map(move |(id, part)| {
+        .map(move |(_, id, part)| {
             let store = Arc::clone(&store);
             let metrics = metrics.clone();
             async move {
@@ -225,15 +226,21 @@ mod tests {
         assert_eq!(
             read_plan(&m, &(0..160))
                 .iter()
-                .map(|(_, r)| r.clone())
+                .map(|(_, _, r)| r.clone())
                 .collect::<Vec<_>>(),
             vec![0..100, 0..50, 0..10]
         );
         assert_eq!(
             read_plan(&m, &(99..101)),
-            vec![(ChunkId::of(b"a"), 99..100), (ChunkId::of(b"b"), 0..1)]
+            vec![
+                (0, ChunkId::of(b"a"), 99..100),
+                (1, ChunkId::of(b"b"), 0..1)
+            ]
         );
-        assert_eq!(read_plan(&m, &(150..160)), vec![(ChunkId::of(b"c"), 0..10)]);
+        assert_eq!(
+            read_plan(&m, &(150..160)),
+            vec![(2, ChunkId::of(b"c"), 0..10)]
+        );
         assert!(read_plan(&m, &(160..160)).is_empty());
     }
 }

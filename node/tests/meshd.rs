@@ -33,6 +33,8 @@ fn start(data_dir: &Path) -> (Child, String) {
             data_dir.to_str().unwrap(),
             "--api-addr",
             "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
             "--log-format",
             "json",
         ])
@@ -113,6 +115,15 @@ fn invalid_config_files_are_refused_with_the_key_and_value() {
     }
     let err = start_error(&["--redundancy", "rep:99"]);
     assert!(err.contains("rep:99"), "{err}");
+    let err = start_error(&["--bootstrap", "/ip4/10.0.0.1/udp/4001/quic-v1"]);
+    assert!(
+        err.contains("net.bootstrap") && err.contains("/p2p/"),
+        "a bootstrap address without a peer id: {err}"
+    );
+    let err = start_error(&["--listen", "not-a-multiaddr"]);
+    assert!(err.contains("net.listen"), "{err}");
+    let err = start_error(&["--cluster-key-file", "/nonexistent/cluster.key"]);
+    assert!(err.contains("/nonexistent/cluster.key"), "{err}");
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub struct PutQuery {
     pub chunker: Option<String>,
     /// Record-aligned chunking; overrides `chunker`'s kind but keeps its sizes for `cdc`.
     pub records: Option<RecordFormat>,
+    /// Holders that must store each chunk before the put succeeds (default: the policy's).
+    pub quorum: Option<u8>,
 }
 
 /// Answer to a completed upload.
@@ -79,17 +81,31 @@ pub struct ListResponse {
 }
 
 /// Where one chunk of an object is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkStat {
     pub id: ChunkId,
     pub offset: u64,
     pub len: u32,
     /// Peer ids of the holders known to this node.
     pub holders: Vec<String>,
+    /// The same holders with their zone, RTT from the answering node and liveness.
+    #[serde(default)]
+    pub placed: Vec<HolderStat>,
+}
+
+/// One holder of a chunk, as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HolderStat {
+    pub id: String,
+    pub zone: String,
+    /// `None` for the answering node itself or a peer not measured yet.
+    pub rtt_ms: Option<f64>,
+    /// `self`, `alive`, `suspect`, `dead` or `unknown`.
+    pub liveness: String,
 }
 
 /// Answer of `GET /v1/objects/{id}/stat`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatResponse {
     pub object: ObjectSummary,
     pub chunker: ChunkerSpec,
@@ -123,6 +139,55 @@ pub struct StatusResponse {
     /// Objects with fewer holders per chunk than their policy asks for.
     pub objects_below_target: u64,
     pub default_redundancy: Redundancy,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub listen_addrs: Vec<String>,
+    #[serde(default)]
+    pub external_addrs: Vec<String>,
+    /// Mesh peers known (any liveness).
+    #[serde(default)]
+    pub peers: u64,
+    /// Of those, alive.
+    #[serde(default)]
+    pub peers_alive: u64,
+}
+
+/// Answer of `GET /v1/peers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersResponse {
+    pub peers: Vec<PeerSummary>,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    pub id: String,
+    pub zone: String,
+    /// `storage` or `bootstrap`.
+    pub role: String,
+    pub addrs: Vec<String>,
+    /// EWMA of RTT samples, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    pub last_rtt_ms: Option<f64>,
+    pub last_seen_secs_ago: f64,
+    /// `alive`, `suspect` or `dead`.
+    pub liveness: String,
+    pub connected: bool,
+    pub load: Option<PeerLoad>,
+}
+
+/// The last load report of a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerLoad {
+    pub cpu: f32,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub disk_free: u64,
+    pub disk_used: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub tasks_running: u32,
 }
 
 /// Machine-readable error kinds.

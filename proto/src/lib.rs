@@ -5,6 +5,8 @@
 //! - [`policy`]: how an object is stored ([`Redundancy`], `rep:N` / `ec:K+M`) and how its bytes
 //!   are cut into chunks ([`ChunkerSpec`]).
 //! - [`manifest`]: the versioned, canonically encoded description of an object.
+//! - [`wire`]: what nodes say to each other: framed chunk, control and membership messages,
+//!   gossiped load reports and placement records, each versioned and bounded.
 //! - [`api`]: request and response types of the meshd control API, so that `meshd` and `meshctl`
 //!   cannot drift apart.
 //!
@@ -16,6 +18,7 @@ pub mod api;
 pub mod id;
 pub mod manifest;
 pub mod policy;
+pub mod wire;
 
 pub use id::{ChunkId, IdParseError, ObjectId};
 pub use manifest::{ChunkRef, Manifest, ManifestError};

@@ -122,3 +122,103 @@ pub fn prefixed_object(seed: u64) -> Vec<u8> {
     data.extend(random_bytes(unique, seed));
     data
 }
+
+/// A bootstrap peer and `n` nodes joined through it, all in this process on loopback.
+#[derive(Debug)]
+pub struct Cluster {
+    pub bootstrap: mesh_bootstrap::Bootstrap,
+    pub nodes: Vec<TestNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the bootstrap peer, then `n` nodes bootstrapping from it; `configure` sees each
+    /// node's index and config. Does not wait for discovery (see [`Cluster::wait_joined`]).
+    pub async fn start(n: usize, configure: impl Fn(usize, &mut Config)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("creating the bootstrap data directory")?;
+        // The bootstrap peer gets the cluster key the nodes are configured with.
+        let mut probe = Config::for_tests(dir.path().join("probe"));
+        configure(usize::MAX, &mut probe);
+        let net = mesh_node::config::NetConfig {
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            cluster_key_file: probe.net.cluster_key_file.clone(),
+            ..Default::default()
+        };
+        let bootstrap = mesh_bootstrap::Bootstrap::start(mesh_bootstrap::Config {
+            data_dir: dir.path().join("bootstrap"),
+            net,
+        })
+        .await
+        .context("starting the bootstrap peer")?;
+        let addr = bootstrap
+            .dial_addrs()
+            .first()
+            .cloned()
+            .context("the bootstrap peer has no address")?
+            .to_string();
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let addr = addr.clone();
+            let node = TestNode::start_with(|config| {
+                config.net.bootstrap = vec![addr];
+                config.redundancy = mesh_proto::Redundancy::Replicas(3);
+                config.net.suspect_after = Duration::from_secs(3);
+                config.net.dead_after = Duration::from_secs(10);
+                config.net.ping_interval = Duration::from_millis(500);
+                config.net.load_interval = Duration::from_secs(1);
+                config.net.request_timeout = Duration::from_secs(10);
+                configure(i, config);
+            })
+            .await
+            .with_context(|| format!("starting node {i}"))?;
+            nodes.push(node);
+        }
+        Ok(Self {
+            bootstrap,
+            nodes,
+            _dir: dir,
+        })
+    }
+
+    /// The `--bootstrap` address of the cluster.
+    pub fn bootstrap_addr(&self) -> String {
+        self.bootstrap
+            .dial_addrs()
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
+    /// Waits until every node sees every other node alive, with an RTT measured.
+    pub async fn wait_joined(&self, timeout: Duration) -> anyhow::Result<()> {
+        let ids: Vec<_> = self.nodes.iter().map(|n| n.node().peer_id()).collect();
+        wait_until(timeout, "every node to see every other node alive", || {
+            let ids = ids.clone();
+            let views: Vec<_> = self
+                .nodes
+                .iter()
+                .map(|n| n.node().network().peers())
+                .collect();
+            async move {
+                Ok(views.iter().zip(&ids).all(|(peers, me)| {
+                    ids.iter().filter(|id| *id != me).all(|id| {
+                        peers.iter().any(|p| {
+                            p.id == *id
+                                && p.rtt.is_some()
+                                && p.connected
+                                && p.liveness == mesh_node::placement::Liveness::Alive
+                        })
+                    })
+                }))
+            }
+        })
+        .await
+    }
+
+    pub async fn stop(self) {
+        for node in self.nodes {
+            node.stop().await;
+        }
+        self.bootstrap.shutdown().await;
+    }
+}

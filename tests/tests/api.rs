@@ -244,7 +244,14 @@ async fn list_stat_delete_and_status() {
     a_bytes.extend(random_bytes(1 << 20, 4));
     let mut b_bytes = shared.clone();
     b_bytes.extend(random_bytes(1 << 20, 5));
-    let a = put(&client, &node, "name=a&chunker=fixed:1MiB", a_bytes).await;
+    // A lone node accepts rep:2 only with a quorum of one; the object is then below target.
+    let a = put(
+        &client,
+        &node,
+        "name=a&chunker=fixed:1MiB&redundancy=rep:2&quorum=1",
+        a_bytes,
+    )
+    .await;
     let b = put(
         &client,
         &node,
@@ -303,7 +310,7 @@ async fn list_stat_delete_and_status() {
         .json()
         .await
         .unwrap();
-    assert!(!stat_a.meets_target, "rep:3 is not met by one node");
+    assert!(!stat_a.meets_target, "rep:2 is not met by one node");
 
     let status: StatusResponse = client
         .get(format!("{}/v1/status", node.api_url()))

@@ -3,6 +3,7 @@
 
 mod get;
 mod objects;
+mod peers;
 mod put;
 mod status;
 
@@ -20,5 +21,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Stat { id } => objects::stat(&client, id, cli.json).await,
         Command::Rm { id } => objects::rm(&client, id, cli.json).await,
         Command::Status => status::run(&client, cli.json).await,
+        Command::Peers => peers::run(&client, cli.json).await,
     }
 }

@@ -4,11 +4,11 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use mesh_proto::ObjectId;
-use mesh_proto::api::ObjectSummary;
+use mesh_proto::api::{ChunkStat, ObjectSummary, StatResponse};
 
 use crate::client::Client;
 use crate::error::Error;
-use crate::output::{self, human_bytes};
+use crate::output::{self, Align, cell, human_bytes, short_peer_id};
 
 /// Lists every object, page by page. Each page is printed as it arrives, so a large catalogue
 /// never sits in memory; with `--json` the pages form one JSON array.
@@ -87,8 +87,15 @@ fn display_name(name: &str) -> String {
 pub async fn stat(client: &Client, id: ObjectId, json: bool) -> Result<(), Error> {
     let stat = client.stat(&id).await?;
     if json {
-        return output::print_json(&stat);
+        output::print_json(&stat)
+    } else {
+        output::print(&render_stat(&stat))
     }
+}
+
+/// The object's details, whether it meets its redundancy target, and a row per chunk followed
+/// by one indented line per holder: short peer id, zone, RTT from the node, liveness.
+fn render_stat(stat: &StatResponse) -> String {
     let object = &stat.object;
     let width = object.redundancy.width();
     let created = UNIX_EPOCH + Duration::from_millis(object.created_ms);
@@ -122,7 +129,7 @@ pub async fn stat(client: &Client, id: ObjectId, json: bool) -> Result<(), Error
         let short = stat
             .chunks
             .iter()
-            .filter(|c| c.holders.len() < width)
+            .filter(|c| holder_count(c) < width)
             .count();
         format!(
             "NOT met: {short} of {} chunks have fewer than {width} holders",
@@ -130,28 +137,64 @@ pub async fn stat(client: &Client, id: ObjectId, json: bool) -> Result<(), Error
         )
     };
     let _ = writeln!(text, "target      {target}");
-    if !stat.chunks.is_empty() {
+    if stat.chunks.is_empty() {
+        return text;
+    }
+    let _ = writeln!(
+        text,
+        "\n{:>6}  {:<8}  {:>14}  {:>10}  HOLDERS",
+        "#", "CHUNK", "OFFSET", "LEN"
+    );
+    // Holder lines are aligned across all chunks, so zones and RTTs form columns.
+    let per_chunk: Vec<Vec<Vec<String>>> = stat.chunks.iter().map(holder_rows).collect();
+    let flat: Vec<Vec<String>> = per_chunk.iter().flatten().cloned().collect();
+    let mut holder_lines = output::align_rows(&HOLDER_ALIGN, &flat).into_iter();
+    for ((index, chunk), rows) in stat.chunks.iter().enumerate().zip(&per_chunk) {
         let _ = writeln!(
             text,
-            "\n{:>6}  {:<8}  {:>14}  {:>10}  HOLDERS",
-            "#", "CHUNK", "OFFSET", "LEN"
+            "{index:>6}  {:<8}  {:>14}  {:>10}  {}/{width}",
+            chunk.id.short(),
+            chunk.offset,
+            human_bytes(u64::from(chunk.len)),
+            holder_count(chunk),
         );
-        for (index, chunk) in stat.chunks.iter().enumerate() {
-            let holders = if chunk.holders.is_empty() {
-                "-".to_owned()
-            } else {
-                chunk.holders.join(",")
-            };
-            let _ = writeln!(
-                text,
-                "{index:>6}  {:<8}  {:>14}  {:>10}  {holders}",
-                chunk.id.short(),
-                chunk.offset,
-                human_bytes(u64::from(chunk.len)),
-            );
+        for line in holder_lines.by_ref().take(rows.len()) {
+            let _ = writeln!(text, "{:8}{line}", "");
         }
     }
-    output::print(&text)
+    text
+}
+
+/// Holder lines: id, zone, RTT (right-aligned), liveness.
+const HOLDER_ALIGN: [Align; 4] = [Align::Left, Align::Left, Align::Right, Align::Left];
+
+/// A chunk's holders as table cells: from `placed` when the node sent it, else just the ids
+/// of `holders` (an older node).
+fn holder_rows(chunk: &ChunkStat) -> Vec<Vec<String>> {
+    if chunk.placed.is_empty() {
+        chunk
+            .holders
+            .iter()
+            .map(|id| vec![short_peer_id(id)])
+            .collect()
+    } else {
+        chunk
+            .placed
+            .iter()
+            .map(|holder| {
+                vec![
+                    short_peer_id(&holder.id),
+                    cell(&holder.zone),
+                    output::rtt(holder.rtt_ms),
+                    cell(&holder.liveness),
+                ]
+            })
+            .collect()
+    }
+}
+
+fn holder_count(chunk: &ChunkStat) -> usize {
+    chunk.holders.len().max(chunk.placed.len())
 }
 
 pub async fn rm(client: &Client, id: ObjectId, json: bool) -> Result<(), Error> {
@@ -169,7 +212,8 @@ pub async fn rm(client: &Client, id: ObjectId, json: bool) -> Result<(), Error> 
 
 #[cfg(test)]
 mod tests {
-    use mesh_proto::Redundancy;
+    use mesh_proto::api::HolderStat;
+    use mesh_proto::{ChunkId, ChunkerSpec, Redundancy};
 
     use super::*;
 
@@ -191,5 +235,86 @@ mod tests {
         );
         assert!(row.contains("ec:4+2"), "{row}");
         assert!(row.ends_with("bad\\u{1b}name\n"), "{row}");
+    }
+
+    fn holder(id: &str, zone: &str, rtt_ms: Option<f64>, liveness: &str) -> HolderStat {
+        HolderStat {
+            id: id.into(),
+            zone: zone.into(),
+            rtt_ms,
+            liveness: liveness.into(),
+        }
+    }
+
+    #[test]
+    fn stat_lists_each_holder_with_zone_rtt_and_liveness() {
+        let node = "12D3KooWselfSSSSSSSSSSSSSSSS";
+        let peer = "12D3KooWpeerPPPPPPPPPPPPPPPP";
+        let stat = StatResponse {
+            object: ObjectSummary {
+                id: ObjectId::of(b"x"),
+                name: Some("x.bin".into()),
+                size: 3 << 20,
+                chunks: 3,
+                redundancy: Redundancy::Replicas(2),
+                created_ms: 0,
+            },
+            chunker: ChunkerSpec::DEFAULT_CDC,
+            chunks: vec![
+                ChunkStat {
+                    id: ChunkId::of(b"a"),
+                    offset: 0,
+                    len: 1 << 20,
+                    holders: vec![node.into(), peer.into()],
+                    placed: vec![
+                        holder(node, "eu-west", None, "self"),
+                        holder(peer, "", Some(12.34), "alive"),
+                    ],
+                },
+                ChunkStat {
+                    id: ChunkId::of(b"b"),
+                    offset: 1 << 20,
+                    len: 1 << 20,
+                    holders: vec![node.into()],
+                    placed: vec![holder(node, "eu-west", None, "self")],
+                },
+                // An older node sends no `placed`.
+                ChunkStat {
+                    id: ChunkId::of(b"c"),
+                    offset: 2 << 20,
+                    len: 1 << 20,
+                    holders: vec![peer.into()],
+                    placed: Vec::new(),
+                },
+            ],
+            meets_target: false,
+        };
+        let text = render_stat(&stat);
+        assert!(
+            text.contains("target      NOT met: 2 of 3 chunks have fewer than 2 holders\n"),
+            "{text}"
+        );
+        assert!(text.contains("HOLDERS\n"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let first = lines.iter().position(|l| l.ends_with("2/2")).unwrap();
+        let second = format!(
+            "     1  {:<8}         1048576     1.0 MiB  1/2",
+            ChunkId::of(b"b").short()
+        );
+        let third = format!(
+            "     2  {:<8}         2097152     1.0 MiB  1/2",
+            ChunkId::of(b"c").short()
+        );
+        assert_eq!(
+            &lines[first + 1..],
+            [
+                "        …SSSSSSSSSS  eu-west        -  self",
+                "        …PPPPPPPPPP  -        12.3 ms  alive",
+                second.as_str(),
+                "        …SSSSSSSSSS  eu-west        -  self",
+                third.as_str(),
+                "        …PPPPPPPPPP",
+            ]
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use mesh_proto::Redundancy;
 use mesh_proto::api::PutQuery;
 use tokio_util::io::ReaderStream;
 
@@ -32,7 +33,9 @@ pub async fn run(client: &Client, args: PutArgs, json: bool) -> Result<(), Error
         redundancy: args.redundancy,
         chunker: args.chunker.map(|spec| spec.to_string()),
         records: args.records,
+        quorum: args.quorum,
     };
+    check_quorum(args.quorum, args.redundancy)?;
 
     let (input, size, source) = if from_stdin {
         (stdin_frames()?, None, PathBuf::from("standard input"))
@@ -153,6 +156,21 @@ fn read_frame(input: &mut impl Read) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
+/// A quorum of at least one is clap's to check; one larger than an explicit policy's width is
+/// caught here, before any byte is read. With the node's default policy, the node checks.
+fn check_quorum(quorum: Option<u8>, redundancy: Option<Redundancy>) -> Result<(), Error> {
+    match (quorum, redundancy) {
+        (Some(0), _) => Err(Error::Usage("--quorum must be at least 1".into())),
+        (Some(quorum), Some(policy)) if usize::from(quorum) > policy.width() => {
+            Err(Error::Usage(format!(
+                "--quorum {quorum} is more than the {} holders {policy} places each chunk on",
+                policy.width()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn base_name(path: &Path) -> Option<String> {
     path.file_name()
         .map(|name| name.to_string_lossy().into_owned())
@@ -171,6 +189,24 @@ mod tests {
         assert_eq!(base_name(Path::new("x.bin")).as_deref(), Some("x.bin"));
         assert_eq!(base_name(Path::new("/")), None);
         assert_eq!(base_name(Path::new("..")), None);
+    }
+
+    #[test]
+    fn a_quorum_fits_the_policy() {
+        let rep2 = Some(Redundancy::Replicas(2));
+        assert!(check_quorum(None, rep2).is_ok());
+        assert!(check_quorum(Some(2), rep2).is_ok());
+        assert!(
+            check_quorum(Some(9), None).is_ok(),
+            "the node checks its default"
+        );
+        let err = check_quorum(Some(3), rep2).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--quorum 3"), "{err}");
+        assert_eq!(check_quorum(Some(0), None).unwrap_err().exit_code(), 2);
+        let ec = Some(Redundancy::Erasure { data: 4, parity: 2 });
+        assert!(check_quorum(Some(6), ec).is_ok());
+        assert!(check_quorum(Some(7), ec).is_err());
     }
 
     #[test]

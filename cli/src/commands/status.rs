@@ -1,4 +1,5 @@
-//! `meshctl status`: the node's identity, storage and health as aligned key/value lines.
+//! `meshctl status`: the node's identity, addresses, storage, health and mesh peers as aligned
+//! key/value lines (a list value continues on the following lines, under its first item).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -52,13 +53,34 @@ fn render(status: &StatusResponse) -> String {
             format!("{} objects", status.objects_below_target),
         ),
         ("default redundancy", status.default_redundancy.to_string()),
+        ("zone", output::cell(&status.zone)),
+        ("listen addresses", list(&status.listen_addrs)),
+        ("external addresses", list(&status.external_addrs)),
+        (
+            "peers",
+            format!("{} alive of {} known", status.peers_alive, status.peers),
+        ),
     ];
     let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
     let mut text = String::new();
     for (key, value) in rows {
-        let _ = writeln!(text, "{key:<width$}  {value}");
+        let mut lines = value.lines();
+        let first = lines.next().unwrap_or("");
+        let _ = writeln!(text, "{key:<width$}  {first}");
+        for line in lines {
+            let _ = writeln!(text, "{:<width$}  {line}", "");
+        }
     }
     text
+}
+
+/// One item per line, or `-` for none.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join("\n")
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +104,14 @@ mod tests {
             disk_total_bytes: 4 << 30,
             objects_below_target: 1,
             default_redundancy: Redundancy::DEFAULT,
+            zone: "eu-west".into(),
+            listen_addrs: vec![
+                "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+                "/ip6/::/udp/4001/quic-v1".into(),
+            ],
+            external_addrs: Vec::new(),
+            peers: 3,
+            peers_alive: 2,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -90,6 +120,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("default redundancy  rep:3\n"), "{text}");
-        assert_eq!(text.lines().count(), 11);
+        assert!(text.contains("zone                eu-west\n"), "{text}");
+        assert!(
+            text.contains(
+                "listen addresses    /ip4/0.0.0.0/udp/4001/quic-v1\n                    \
+                 /ip6/::/udp/4001/quic-v1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("external addresses  -\n"), "{text}");
+        assert!(
+            text.contains("peers               2 alive of 3 known\n"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 16);
     }
 }

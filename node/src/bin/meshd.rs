@@ -8,10 +8,13 @@ use clap::Parser;
 use mesh_node::config::{Config, LogFormat};
 use mesh_proto::Redundancy;
 
-/// The mesh daemon: stores content-addressed chunks and serves the control API for meshctl.
+/// The mesh daemon: stores content-addressed chunks, replicates them over its peers and
+/// serves the control API for meshctl.
 #[derive(Debug, Parser)]
 #[command(name = "meshd", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file; its keys are those of `meshd.example.toml` in the repository.
     #[arg(long, env = "MESH_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -27,10 +30,48 @@ struct Args {
     /// Default redundancy of puts that name none: rep:N or ec:K+M [default: rep:3]
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<Redundancy>,
+    /// QUIC listen address, repeatable [default: /ip4/0.0.0.0/udp/4001/quic-v1]
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Address other nodes should dial (public IP, NAT mapping), repeatable
+    #[arg(long, value_name = "MULTIADDR")]
+    external_addr: Vec<String>,
+    /// Peer to join through, repeatable; must end in /p2p/<peer id>
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Failure zone as cloud/region/az, e.g. aws/us-east-1/a
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
+    /// File holding the cluster key (see `meshd init`); without one the mesh is open
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Create a cluster key file to copy to every node (then pass --cluster-key-file).
+    Init {
+        /// Where to write the key [default: ./cluster.key]
+        #[arg(long, value_name = "FILE", default_value = "cluster.key")]
+        cluster_key_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Init { cluster_key_file }) = &args.command {
+        return match mesh_node::identity::create_cluster_key(cluster_key_file) {
+            Ok(()) => {
+                println!(
+                    "wrote a new cluster key to {}; copy it to every node and start them with --cluster-key-file {}",
+                    cluster_key_file.display(),
+                    cluster_key_file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
     let mut config = match Config::load(args.config.as_deref(), std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(&e),
@@ -46,6 +87,21 @@ fn main() -> ExitCode {
     }
     if let Some(policy) = args.redundancy {
         config.redundancy = policy;
+    }
+    if !args.listen.is_empty() {
+        config.net.listen = args.listen;
+    }
+    if !args.external_addr.is_empty() {
+        config.net.external_addrs = args.external_addr;
+    }
+    if !args.bootstrap.is_empty() {
+        config.net.bootstrap = args.bootstrap;
+    }
+    if let Some(zone) = args.zone {
+        config.net.zone = zone;
+    }
+    if let Some(path) = args.cluster_key_file {
+        config.net.cluster_key_file = Some(path);
     }
     if let Err(e) = config.validate() {
         return fail(&e);

@@ -121,6 +121,20 @@ pub trait MetaStore: Send + Sync {
     /// Records the object and takes a reference on each of its chunks, atomically. Every
     /// chunk must be stored. Committing the same manifest twice is a no-op.
     fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError>;
+    /// Records an object this node holds part of: references only the chunks at the manifest
+    /// indices in `held` (skipping, and returning, those that are not stored), and keeps the
+    /// encoded placement record, atomically. If the object is already committed, only the
+    /// record is replaced (the caller decides which record wins).
+    fn commit_placed(
+        &self,
+        manifest: &Manifest,
+        record: &[u8],
+        held: &[usize],
+    ) -> Result<(ObjectId, Vec<ChunkId>), StoreError>;
+    /// The encoded placement record of an object, if this node keeps one.
+    fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Replaces the placement record of an object.
+    fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError>;
     /// The decoded manifest and its canonical bytes.
     fn manifest(&self, id: &ObjectId) -> Result<Option<(Manifest, Vec<u8>)>, StoreError>;
     fn object(&self, id: &ObjectId) -> Result<Option<ObjectSummary>, StoreError>;

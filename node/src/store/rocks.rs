@@ -39,6 +39,11 @@ const CF_MANIFESTS: &str = "manifests";
 const CF_OBJECTS: &str = "objects";
 const CF_PENDING: &str = "pending";
 const CF_META: &str = "meta";
+/// Placement records (ObjectId -> encoded `PlacementRecord`), kept by every holder.
+const CF_RECORDS: &str = "records";
+/// For objects this node holds only part of: the manifest indices it took references on
+/// (absent = every chunk, as for a local put).
+const CF_HELD: &str = "held";
 
 /// Layout version of everything this module writes; checked at open.
 const SCHEMA_VERSION: u32 = 1;
@@ -174,6 +179,8 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_OBJECTS, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_PENDING, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_META, meta_opts(true)),
+            ColumnFamilyDescriptor::new(CF_RECORDS, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_HELD, meta_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let text = e.into_string();
@@ -425,6 +432,8 @@ impl RocksStore {
             CF_OBJECTS,
             CF_PENDING,
             CF_META,
+            CF_RECORDS,
+            CF_HELD,
         ] {
             self.db.flush_cf(self.cf(cf))?;
         }
@@ -439,6 +448,99 @@ impl RocksStore {
     }
 
     /// Where the store lives.
+    /// Commits `manifest`. With `placed`, only the chunks at the given manifest indices are
+    /// referenced (this node holds part of the object), chunks among them that are not
+    /// stored are skipped and returned, and the placement record is stored in the same batch.
+    fn commit(
+        &self,
+        manifest: &Manifest,
+        placed: Option<(&[u8], &[usize])>,
+    ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
+        let bytes = manifest.encode();
+        let id = ObjectId::of(&bytes);
+        let uses = match placed {
+            None => chunk_uses(manifest),
+            Some((_, held)) => held_uses(manifest, held),
+        };
+        let _guards = self.lock_stripes(uses.keys());
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
+            .is_some()
+        {
+            if let Some((record, _)) = placed {
+                self.put_record(&id, record)?;
+            }
+            return Ok((id, Vec::new()));
+        }
+        let mut batch = WriteBatch::default();
+        let refs = self.cf(CF_REFS);
+        let keys: Vec<&ChunkId> = uses.keys().collect();
+        let current = self
+            .db
+            .multi_get_cf(keys.iter().map(|id| (refs, id.as_bytes())));
+        let mut missing = Vec::new();
+        for (chunk, value) in keys.into_iter().zip(current) {
+            let Some(value) = value? else {
+                if placed.is_some() {
+                    missing.push(*chunk);
+                    continue;
+                }
+                return Err(StoreError::MissingChunk {
+                    object: id,
+                    chunk: *chunk,
+                });
+            };
+            let mut rec: RefRecord = decode(chunk.as_bytes(), &value)?;
+            rec.count += uses[chunk];
+            batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
+        }
+        if let Some((record, held)) = placed {
+            batch.put_cf(self.cf(CF_RECORDS), id.as_bytes(), record);
+            let held: Vec<u32> = held
+                .iter()
+                .filter(|&&i| {
+                    manifest
+                        .chunks
+                        .get(i)
+                        .is_some_and(|c| !missing.contains(&c.id))
+                })
+                .map(|&i| i as u32)
+                .collect();
+            batch.put_cf(self.cf(CF_HELD), id.as_bytes(), encode(&held));
+        }
+        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &bytes);
+        let record = ObjectRecord {
+            version: 1,
+            name: manifest.name.clone(),
+            size: manifest.size,
+            chunks: manifest.chunks.len() as u64,
+            redundancy: manifest.redundancy,
+            created_ms: manifest.created_ms,
+        };
+        batch.put_cf(self.cf(CF_OBJECTS), id.as_bytes(), encode(&record));
+        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, 1i64.to_le_bytes());
+        self.write(batch, true)?;
+        debug!(object = %id, chunks = manifest.chunks.len(), "committed object");
+        Ok((id, missing))
+    }
+
+    /// Chunk references an object took: all of them, or those recorded as held.
+    fn object_uses(
+        &self,
+        id: &ObjectId,
+        manifest: &Manifest,
+    ) -> Result<HashMap<ChunkId, u64>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_HELD), id.as_bytes())? {
+            None => Ok(chunk_uses(manifest)),
+            Some(v) => {
+                let held: Vec<u32> = decode(id.as_bytes(), &v)?;
+                let held: Vec<usize> = held.into_iter().map(|i| i as usize).collect();
+                Ok(held_uses(manifest, &held))
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -484,48 +586,26 @@ impl ChunkStore for RocksStore {
 
 impl MetaStore for RocksStore {
     fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError> {
-        let bytes = manifest.encode();
-        let id = ObjectId::of(&bytes);
-        let uses = chunk_uses(manifest);
-        let _guards = self.lock_stripes(uses.keys());
-        if self
-            .db
-            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
-            .is_some()
-        {
-            return Ok(id);
-        }
+        self.commit(manifest, None).map(|(id, _)| id)
+    }
+
+    fn commit_placed(
+        &self,
+        manifest: &Manifest,
+        record: &[u8],
+        held: &[usize],
+    ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
+        self.commit(manifest, Some((record, held)))
+    }
+
+    fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_RECORDS), id.as_bytes())?)
+    }
+
+    fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let refs = self.cf(CF_REFS);
-        let keys: Vec<&ChunkId> = uses.keys().collect();
-        let current = self
-            .db
-            .multi_get_cf(keys.iter().map(|id| (refs, id.as_bytes())));
-        for (chunk, value) in keys.into_iter().zip(current) {
-            let Some(value) = value? else {
-                return Err(StoreError::MissingChunk {
-                    object: id,
-                    chunk: *chunk,
-                });
-            };
-            let mut rec: RefRecord = decode(chunk.as_bytes(), &value)?;
-            rec.count += uses[chunk];
-            batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
-        }
-        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &bytes);
-        let record = ObjectRecord {
-            version: 1,
-            name: manifest.name.clone(),
-            size: manifest.size,
-            chunks: manifest.chunks.len() as u64,
-            redundancy: manifest.redundancy,
-            created_ms: manifest.created_ms,
-        };
-        batch.put_cf(self.cf(CF_OBJECTS), id.as_bytes(), encode(&record));
-        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, 1i64.to_le_bytes());
-        self.write(batch, true)?;
-        debug!(object = %id, chunks = manifest.chunks.len(), "committed object");
-        Ok(id)
+        batch.put_cf(self.cf(CF_RECORDS), id.as_bytes(), record);
+        self.write(batch, true)
     }
 
     fn manifest(&self, id: &ObjectId) -> Result<Option<(Manifest, Vec<u8>)>, StoreError> {
@@ -575,7 +655,7 @@ impl MetaStore for RocksStore {
         let Some((manifest, _)) = self.manifest(id)? else {
             return Ok(None);
         };
-        let uses = chunk_uses(&manifest);
+        let uses = self.object_uses(id, &manifest)?;
         let _guards = self.lock_stripes(uses.keys());
         if self
             .db
@@ -608,6 +688,8 @@ impl MetaStore for RocksStore {
         }
         batch.delete_cf(self.cf(CF_MANIFESTS), id.as_bytes());
         batch.delete_cf(self.cf(CF_OBJECTS), id.as_bytes());
+        batch.delete_cf(self.cf(CF_RECORDS), id.as_bytes());
+        batch.delete_cf(self.cf(CF_HELD), id.as_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, (-1i64).to_le_bytes());
         self.write(batch, true)?;
         debug!(object = %id, freed_chunks = freed.chunks, "deleted object");
@@ -625,6 +707,14 @@ impl MetaStore for RocksStore {
 
 /// How many times the manifest references each chunk: the amount its commit adds to (and its
 /// delete takes from) each reference count.
+fn held_uses(manifest: &Manifest, held: &[usize]) -> HashMap<ChunkId, u64> {
+    let mut uses = HashMap::new();
+    for chunk in held.iter().filter_map(|&i| manifest.chunks.get(i)) {
+        *uses.entry(chunk.id).or_insert(0) += 1;
+    }
+    uses
+}
+
 fn chunk_uses(manifest: &Manifest) -> HashMap<ChunkId, u64> {
     let mut uses = HashMap::new();
     for chunk in &manifest.chunks {
@@ -662,6 +752,23 @@ impl Upload {
         self.pinned.push(id);
         let new = self.store.insert_chunk(&id, data)?;
         Ok(StoredChunk { id, new })
+    }
+
+    /// Commits this node's part of a placed object (see [`MetaStore::commit_placed`]) and
+    /// unpins the upload's chunks.
+    pub fn commit_placed(
+        mut self,
+        manifest: &Manifest,
+        record: &[u8],
+        held: &[usize],
+    ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
+        let done = self.store.commit_placed(manifest, record, held)?;
+        self.committed = true;
+        // Unpin; chunks this upload stored but the record does not place here are removed.
+        if let Err(e) = self.store.release(&self.pinned) {
+            warn!(error = %e, "releasing chunks not placed on this node failed");
+        }
+        Ok(done)
     }
 
     /// Commits the object and unpins its chunks.

@@ -1,0 +1,322 @@
+//! The peer table: what this node knows of every mesh peer. The swarm task owns it and
+//! publishes immutable snapshots ([`PeerView`]) for the rest of the node; nothing else
+//! mutates it.
+//!
+//! RTT is an EWMA over ping samples and chunk-transfer timings (transfer timings include the
+//! transfer itself, so they only ever raise the estimate when the peer is really slower).
+//! Liveness follows from the last time the peer was heard from: `alive`, `suspect` after
+//! `suspect_after` (a few missed pings or load reports), `dead` after `dead_after`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use mesh_proto::wire::LoadReport;
+use serde::{Deserialize, Serialize};
+
+use crate::placement::Liveness;
+
+/// Weight of a new RTT sample in the EWMA.
+const RTT_ALPHA: f64 = 0.25;
+/// Most addresses remembered per peer (a peer may announce many; we keep the latest).
+const MAX_ADDRS: usize = 8;
+
+/// What a peer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A `meshd` that stores and processes.
+    Storage,
+    /// A `mesh-bootstrap` rendezvous peer: routes and relays, stores nothing.
+    Bootstrap,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Storage => "storage",
+            Role::Bootstrap => "bootstrap",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    addrs: Vec<Multiaddr>,
+    zone: String,
+    role: Role,
+    version: String,
+    rtt: Option<f64>,
+    last_rtt: Option<Duration>,
+    last_seen: Instant,
+    load: Option<LoadReport>,
+    connected: bool,
+}
+
+/// A snapshot of one peer, as the rest of the node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerView {
+    pub id: PeerId,
+    pub addrs: Vec<Multiaddr>,
+    pub zone: String,
+    pub role: Role,
+    pub version: String,
+    /// EWMA of RTT samples; `None` until the first sample.
+    pub rtt: Option<Duration>,
+    pub last_rtt: Option<Duration>,
+    pub last_seen_ago: Duration,
+    pub load: Option<LoadReport>,
+    pub liveness: Liveness,
+    pub connected: bool,
+}
+
+/// Thresholds of liveness.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub suspect_after: Duration,
+    pub dead_after: Duration,
+    /// Dead peers are forgotten after this long.
+    pub forget_after: Duration,
+}
+
+/// Every proven mesh peer (peers that failed or have not yet passed the membership check
+/// are not here).
+#[derive(Debug)]
+pub struct PeerTable {
+    peers: HashMap<PeerId, Entry>,
+    timeouts: Timeouts,
+}
+
+impl PeerTable {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self {
+            peers: HashMap::new(),
+            timeouts,
+        }
+    }
+
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Adds or refreshes a peer we have proof of membership and an identify of.
+    pub fn upsert(
+        &mut self,
+        peer: PeerId,
+        zone: String,
+        role: Role,
+        version: String,
+        addrs: Vec<Multiaddr>,
+        now: Instant,
+    ) {
+        let entry = self.peers.entry(peer).or_insert_with(|| Entry {
+            addrs: Vec::new(),
+            zone: String::new(),
+            role,
+            version: String::new(),
+            rtt: None,
+            last_rtt: None,
+            last_seen: now,
+            load: None,
+            connected: true,
+        });
+        entry.zone = zone;
+        entry.role = role;
+        entry.version = version;
+        entry.last_seen = now;
+        entry.connected = true;
+        for addr in addrs {
+            entry.add_addr(addr);
+        }
+    }
+
+    pub fn add_addr(&mut self, peer: &PeerId, addr: Multiaddr) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.add_addr(addr);
+        }
+    }
+
+    /// Anything heard from the peer.
+    pub fn seen(&mut self, peer: &PeerId, now: Instant) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.last_seen = now;
+        }
+    }
+
+    pub fn set_connected(&mut self, peer: &PeerId, connected: bool) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.connected = connected;
+        }
+    }
+
+    pub fn rtt_sample(&mut self, peer: &PeerId, rtt: Duration, now: Instant) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            let sample = rtt.as_secs_f64();
+            entry.rtt = Some(match entry.rtt {
+                None => sample,
+                Some(old) => old + RTT_ALPHA * (sample - old),
+            });
+            entry.last_rtt = Some(rtt);
+            entry.last_seen = now;
+        }
+    }
+
+    pub fn load_report(&mut self, peer: &PeerId, report: LoadReport, now: Instant) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            if !report.zone.is_empty() {
+                entry.zone.clone_from(&report.zone);
+            }
+            entry.load = Some(report);
+            entry.last_seen = now;
+        }
+    }
+
+    pub fn liveness(&self, peer: &PeerId, now: Instant) -> Option<Liveness> {
+        self.peers.get(peer).map(|e| self.liveness_of(e, now))
+    }
+
+    fn liveness_of(&self, entry: &Entry, now: Instant) -> Liveness {
+        let ago = now.saturating_duration_since(entry.last_seen);
+        if ago >= self.timeouts.dead_after {
+            Liveness::Dead
+        } else if ago >= self.timeouts.suspect_after {
+            Liveness::Suspect
+        } else {
+            Liveness::Alive
+        }
+    }
+
+    /// Peers worth redialing: known, not connected, not dead.
+    pub fn to_redial(&self, now: Instant) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| !e.connected && self.liveness_of(e, now) != Liveness::Dead)
+            .map(|(id, e)| (*id, e.addrs.clone()))
+            .collect()
+    }
+
+    /// Drops peers dead for longer than `forget_after`.
+    pub fn forget_stale(&mut self, now: Instant) {
+        let limit = self.timeouts.dead_after + self.timeouts.forget_after;
+        self.peers
+            .retain(|_, e| now.saturating_duration_since(e.last_seen) < limit);
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Vec<PeerView> {
+        let mut views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .map(|(id, e)| PeerView {
+                id: *id,
+                addrs: e.addrs.clone(),
+                zone: e.zone.clone(),
+                role: e.role,
+                version: e.version.clone(),
+                rtt: e.rtt.map(Duration::from_secs_f64),
+                last_rtt: e.last_rtt,
+                last_seen_ago: now.saturating_duration_since(e.last_seen),
+                load: e.load.clone(),
+                liveness: self.liveness_of(e, now),
+                connected: e.connected,
+            })
+            .collect();
+        views.sort_by_key(|v| v.id);
+        views
+    }
+}
+
+impl Entry {
+    fn add_addr(&mut self, addr: Multiaddr) {
+        if let Some(pos) = self.addrs.iter().position(|a| a == &addr) {
+            self.addrs.remove(pos);
+        }
+        self.addrs.push(addr);
+        if self.addrs.len() > MAX_ADDRS {
+            self.addrs.remove(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> PeerTable {
+        PeerTable::new(Timeouts {
+            suspect_after: Duration::from_secs(10),
+            dead_after: Duration::from_secs(60),
+            forget_after: Duration::from_secs(3600),
+        })
+    }
+
+    #[test]
+    fn liveness_follows_the_last_time_a_peer_was_heard() {
+        let mut t = table();
+        let p = PeerId::random();
+        let start = Instant::now();
+        t.upsert(
+            p,
+            "aws/us-east-1/a".into(),
+            Role::Storage,
+            "0.1.0".into(),
+            vec![],
+            start,
+        );
+        assert_eq!(t.liveness(&p, start), Some(Liveness::Alive));
+        assert_eq!(
+            t.liveness(&p, start + Duration::from_secs(11)),
+            Some(Liveness::Suspect)
+        );
+        assert_eq!(
+            t.liveness(&p, start + Duration::from_secs(61)),
+            Some(Liveness::Dead)
+        );
+        t.rtt_sample(
+            &p,
+            Duration::from_millis(5),
+            start + Duration::from_secs(61),
+        );
+        assert_eq!(
+            t.liveness(&p, start + Duration::from_secs(62)),
+            Some(Liveness::Alive)
+        );
+        t.forget_stale(start + Duration::from_secs(61 + 60 + 3600));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rtt_is_an_ewma_that_keeps_the_last_sample() {
+        let mut t = table();
+        let p = PeerId::random();
+        let now = Instant::now();
+        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        t.rtt_sample(&p, Duration::from_millis(10), now);
+        t.rtt_sample(&p, Duration::from_millis(30), now);
+        let view = &t.snapshot(now)[0];
+        assert_eq!(view.last_rtt, Some(Duration::from_millis(30)));
+        let ewma = view.rtt.unwrap().as_secs_f64() * 1000.0;
+        assert!((ewma - 15.0).abs() < 0.01, "{ewma}");
+    }
+
+    #[test]
+    fn addresses_are_bounded_and_deduplicated() {
+        let mut t = table();
+        let p = PeerId::random();
+        let now = Instant::now();
+        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        for port in 0..20u16 {
+            let addr: Multiaddr = format!("/ip4/10.0.0.1/udp/{port}/quic-v1").parse().unwrap();
+            t.add_addr(&p, addr.clone());
+            t.add_addr(&p, addr);
+        }
+        assert_eq!(t.snapshot(now)[0].addrs.len(), MAX_ADDRS);
+    }
+}

@@ -1,0 +1,800 @@
+//! Replicated objects: the write path (place each chunk on `rep:N` holders, succeed when `W`
+//! have it durably), the read path (local chunks first, else the nearest holder, hedged,
+//! verified, with fallback), and the storage service that answers other nodes' chunk and
+//! control requests.
+//!
+//! Data flow of a put: the chunker cuts the stream; each chunk goes through
+//! `placement::choose_targets` over the live peer table plus this node, and is sent to its
+//! targets at once (this node's share through the open [`Upload`], others over
+//! `/mesh/chunk/1`), with at most `write_window` chunks in flight. A failed target is replaced
+//! by the next one in placement order. Once every chunk has `W` acknowledgements, the
+//! manifest and the placement record go to every holder over `/mesh/control/1`; each holder
+//! commits its part, keeps the record and announces the object in the DHT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use libp2p::PeerId;
+use mesh_proto::api::PutResponse;
+use mesh_proto::wire::{
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, NodeId, PlacementRecord,
+};
+use mesh_proto::{ChunkId, ChunkRef, Manifest, ObjectId};
+use tokio::io::AsyncRead;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::chunker::Chunker;
+use crate::metrics::Metrics;
+use crate::net::{Frame, Inbound, Network, PeerView, Role};
+use crate::objects::{IngestError, PutOptions};
+use crate::placement::{self, Candidate, Liveness, Zone};
+use crate::store::rocks::Upload;
+use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
+
+/// How long a peer that sent bad bytes is avoided.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+/// Inbound requests served at once; more wait in the network's bounded queue.
+const INBOUND_WORKERS: usize = 32;
+
+/// Tuning of the replicated paths.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Chunks in flight per put.
+    pub write_window: usize,
+    /// A fetch slower than this starts the same fetch from the next holder.
+    pub hedge_after: Duration,
+    /// A peer (or this node) with less free disk than this gets no new chunks.
+    pub min_free_bytes: u64,
+}
+
+/// Why a replicated put or get failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(
+        "chunk {chunk} reached {acked} of the {needed} holders the write quorum needs ({reason})"
+    )]
+    QuorumFailed {
+        chunk: ChunkId,
+        acked: usize,
+        needed: usize,
+        reason: String,
+    },
+    #[error("object {0} was not found on this node or any provider")]
+    NotFound(ObjectId),
+    #[error("chunk {chunk} could not be read from any holder: {reason}")]
+    ChunkUnavailable { chunk: ChunkId, reason: String },
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where one copy of a chunk goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    Local,
+    Remote(PeerId),
+}
+
+/// The replicated object service of one node.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<RocksStore>,
+    net: Network,
+    metrics: Metrics,
+    settings: Settings,
+    /// Peers that sent bytes failing verification, and since when.
+    avoid: Mutex<HashMap<PeerId, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Free space of the disk holding `path`, or `u64::MAX` when it cannot be read.
+pub fn disk_free(path: &std::path::Path) -> u64 {
+    fs4::available_space(path).unwrap_or(u64::MAX)
+}
+
+impl Mesh {
+    pub fn new(store: Arc<RocksStore>, net: Network, metrics: Metrics, settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                net,
+                metrics,
+                settings,
+                avoid: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.inner.net
+    }
+
+    fn local_id(&self) -> PeerId {
+        self.inner.net.local_peer_id()
+    }
+
+    /// Placement candidates: live storage peers plus this node.
+    fn candidates(&self, peers: &[PeerView]) -> (Vec<Candidate>, Vec<Target>) {
+        let now_free = disk_free(self.inner.store.path());
+        let mut candidates = vec![Candidate {
+            id: self.local_id().to_bytes(),
+            zone: Zone::new(self.inner.net.zone()),
+            rtt: Duration::ZERO,
+            free_bytes: now_free,
+            load: 0.0,
+            liveness: Liveness::Alive,
+        }];
+        let mut targets = vec![Target::Local];
+        for peer in peers.iter().filter(|p| p.role == Role::Storage) {
+            let load = peer.load.as_ref();
+            candidates.push(Candidate {
+                id: peer.id.to_bytes(),
+                zone: Zone::new(&peer.zone),
+                // Not yet measured: rank it behind measured peers rather than as nearest.
+                rtt: peer
+                    .rtt
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_micros(1)),
+                free_bytes: load.map_or(u64::MAX, |l| l.disk_free),
+                load: load.map_or(0.0, |l| l.cpu),
+                liveness: if peer.connected {
+                    peer.liveness
+                } else {
+                    Liveness::Suspect
+                },
+            });
+            targets.push(Target::Remote(peer.id));
+        }
+        (candidates, targets)
+    }
+
+    /// Stores `reader` as an object with `rep:N` replicas, `quorum` of which must succeed
+    /// for each chunk.
+    pub async fn put<R: AsyncRead + Unpin>(
+        &self,
+        reader: R,
+        options: PutOptions,
+        quorum: usize,
+    ) -> Result<PutResponse, MeshError> {
+        let width = options.redundancy.width();
+        let quorum = quorum.clamp(1, width);
+        let inner = &self.inner;
+        let (local_tx, local_rx) = mpsc::channel::<(
+            Bytes,
+            oneshot::Sender<Result<bool, StoreError>>,
+        )>(inner.settings.write_window);
+        let writer = spawn_local_writer(Arc::clone(&inner.store), local_rx);
+
+        let mut chunker = Chunker::new(reader, options.chunker);
+        let mut in_flight = FuturesUnordered::new();
+        let mut placed: BTreeMap<usize, (ChunkRef, Vec<Target>)> = BTreeMap::new();
+        let mut index = 0usize;
+        let mut new_chunks = 0u64;
+        let mut new_bytes = 0u64;
+        let mut failure: Option<MeshError> = None;
+        let mut eof = false;
+        while failure.is_none() && (!eof || !in_flight.is_empty()) {
+            if !eof && in_flight.len() < inner.settings.write_window {
+                match chunker.next_chunk().await {
+                    Ok(Some(data)) => {
+                        let id = ChunkId::of(&data);
+                        let peers = inner.net.peers();
+                        let (candidates, targets) = self.candidates(&peers);
+                        let order = placement::choose_targets(
+                            &candidates,
+                            &placement::Request {
+                                chunk: &id,
+                                width: candidates.len(),
+                                max_per_zone: None,
+                                writer_zone: &Zone::new(inner.net.zone()),
+                                min_free_bytes: inner.settings.min_free_bytes,
+                            },
+                        );
+                        let order: Vec<Target> = order.into_iter().map(|i| targets[i]).collect();
+                        let this = self.clone();
+                        let local_tx = local_tx.clone();
+                        let i = index;
+                        index += 1;
+                        // A task per chunk, so its sends start now rather than when this
+                        // loop next polls the in-flight set.
+                        in_flight.push(tokio::spawn(async move {
+                            let len = data.len() as u32;
+                            let result = this
+                                .place_chunk(id, data, order, width, quorum, local_tx)
+                                .await;
+                            (i, id, len, result)
+                        }));
+                        continue;
+                    }
+                    Ok(None) => {
+                        eof = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        failure = Some(IngestError::from(e).into());
+                        break;
+                    }
+                }
+            }
+            if let Some(joined) = in_flight.next().await {
+                let Ok((i, id, len, result)) = joined else {
+                    failure = Some(IngestError::WorkerGone.into());
+                    break;
+                };
+                match result {
+                    Ok((holders, was_new)) => {
+                        if was_new {
+                            new_chunks += 1;
+                            new_bytes += u64::from(len);
+                        }
+                        placed.insert(i, (ChunkRef { id, len }, holders));
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        for task in in_flight.iter() {
+            task.abort();
+        }
+        drop(in_flight);
+        drop(local_tx);
+        let upload = writer.await.map_err(|_| IngestError::WorkerGone)?;
+        if let Some(e) = failure {
+            inner.metrics.aborted_uploads().increment(1);
+            tokio::task::spawn_blocking(move || drop(upload));
+            return Err(e);
+        }
+
+        let chunks: Vec<ChunkRef> = placed.values().map(|(c, _)| *c).collect();
+        let manifest = Manifest::new(
+            options.name,
+            options.chunker,
+            options.redundancy,
+            chunks,
+            BTreeMap::new(),
+            now_ms(),
+        )
+        .map_err(IngestError::from)?;
+        let object = manifest.object_id();
+        let me = self.local_id();
+        let mut nodes: Vec<PeerId> = Vec::new();
+        let mut holders = Vec::with_capacity(placed.len());
+        for (_, targets) in placed.values() {
+            let mut list = Vec::with_capacity(targets.len());
+            for target in targets {
+                let peer = match target {
+                    Target::Local => me,
+                    Target::Remote(p) => *p,
+                };
+                let pos = match nodes.iter().position(|n| *n == peer) {
+                    Some(pos) => pos,
+                    None => {
+                        nodes.push(peer);
+                        nodes.len() - 1
+                    }
+                };
+                list.push(pos as u16);
+            }
+            holders.push(list);
+        }
+        let record = PlacementRecord {
+            object,
+            version: 1,
+            writer: NodeId(me.to_bytes()),
+            redundancy: options.redundancy,
+            tombstone: false,
+            nodes: nodes.iter().map(|p| NodeId(p.to_bytes())).collect(),
+            holders,
+        };
+        let manifest_bytes = Bytes::from(manifest.encode());
+        let size = manifest.size;
+        let chunk_count = manifest.chunks.len() as u64;
+
+        // This node's share commits with the upload that pinned it.
+        let local_held = record.chunks_held_by(&NodeId(me.to_bytes()));
+        let encoded = record.encode();
+        let commit_manifest = manifest.clone();
+        let is_holder = nodes.contains(&me) || manifest.chunks.is_empty();
+        tokio::task::spawn_blocking(move || {
+            if is_holder {
+                upload.commit_placed(&commit_manifest, &encoded, &local_held)
+            } else {
+                drop(upload);
+                Ok((object, Vec::new()))
+            }
+        })
+        .await
+        .map_err(|_| IngestError::WorkerGone)??;
+        if is_holder {
+            inner.net.provide(object).await;
+        }
+        // Every other holder gets the manifest and the record, in parallel.
+        let sends = nodes.iter().filter(|p| **p != me).map(|peer| {
+            let net = inner.net.clone();
+            let request = Frame::with_payload(
+                ControlRequest::PutObject {
+                    record: record.clone(),
+                },
+                manifest_bytes.clone(),
+            );
+            let peer = *peer;
+            async move { (peer, net.control(peer, request).await) }
+        });
+        let results = futures::future::join_all(sends).await;
+        for (peer, result) in results {
+            match result {
+                Ok(Frame {
+                    header: ControlResponse::Stored,
+                    ..
+                }) => {}
+                Ok(Frame { header, .. }) => {
+                    warn!(%peer, %object, response = ?header, "holder did not keep the placement record")
+                }
+                Err(e) => warn!(%peer, %object, error = %e, "placement record not delivered"),
+            }
+        }
+        inner.metrics.puts().increment(1);
+        inner.metrics.put_bytes().increment(size);
+        info!(%object, size, chunks = chunk_count, holders = nodes.len(), "stored replicated object");
+        Ok(PutResponse {
+            id: object,
+            size,
+            chunks: chunk_count,
+            new_chunks,
+            new_bytes,
+        })
+    }
+
+    /// Sends one chunk to its first `width` targets (replacing failed ones from `order`),
+    /// and returns the holders once all sends are settled, if at least `quorum` succeeded.
+    async fn place_chunk(
+        &self,
+        id: ChunkId,
+        data: Bytes,
+        order: Vec<Target>,
+        width: usize,
+        quorum: usize,
+        local: mpsc::Sender<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>,
+    ) -> Result<(Vec<Target>, bool), MeshError> {
+        let mut spare = order.into_iter();
+        let mut sends = FuturesUnordered::new();
+        let send = |target: Target| {
+            let data = data.clone();
+            let local = local.clone();
+            let net = self.inner.net.clone();
+            async move {
+                let result: Result<bool, String> = match target {
+                    Target::Local => {
+                        let (tx, rx) = oneshot::channel();
+                        match local.send((data, tx)).await {
+                            Err(_) => Err("local writer stopped".to_owned()),
+                            Ok(()) => match rx.await {
+                                Ok(Ok(new)) => Ok(new),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(_) => Err("local writer stopped".to_owned()),
+                            },
+                        }
+                    }
+                    Target::Remote(peer) => {
+                        let request = Frame::with_payload(ChunkRequest::Store { id }, data);
+                        match net.chunk(peer, request).await {
+                            Ok(Frame {
+                                header: ChunkResponse::Stored { new },
+                                ..
+                            }) => Ok(new),
+                            Ok(Frame {
+                                header: ChunkResponse::Refused { reason, message },
+                                ..
+                            }) => Err(format!("{peer} refused: {reason}: {message}")),
+                            Ok(other) => Err(format!("{peer} answered {:?}", other.header)),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                (target, result)
+            }
+        };
+        for target in spare.by_ref().take(width) {
+            sends.push(send(target));
+        }
+        let mut acked = Vec::new();
+        let mut was_new = false;
+        let mut last_error = String::from("no eligible holders");
+        while let Some((target, result)) = sends.next().await {
+            match result {
+                Ok(new) => {
+                    if target == Target::Local {
+                        was_new = new;
+                    }
+                    acked.push(target);
+                }
+                Err(e) => {
+                    debug!(chunk = %id, ?target, error = %e, "chunk not stored; trying the next holder");
+                    last_error = e;
+                    if let Some(next) = spare.next() {
+                        sends.push(send(next));
+                    }
+                }
+            }
+        }
+        if acked.len() < quorum {
+            return Err(MeshError::QuorumFailed {
+                chunk: id,
+                acked: acked.len(),
+                needed: quorum,
+                reason: last_error,
+            });
+        }
+        Ok((acked, was_new))
+    }
+
+    /// The manifest and placement record of an object: from this node, or else from the
+    /// nearest provider the DHT knows.
+    pub async fn open(
+        &self,
+        id: ObjectId,
+    ) -> Result<(Manifest, Option<PlacementRecord>), MeshError> {
+        let store = Arc::clone(&self.inner.store);
+        let local = tokio::task::spawn_blocking(move || {
+            let manifest = store.manifest(&id)?;
+            let record = store.record(&id)?;
+            Ok::<_, StoreError>((manifest, record))
+        })
+        .await
+        .map_err(|_| IngestError::WorkerGone)??;
+        if let (Some((manifest, _)), record) = local {
+            let record = record.and_then(|r| PlacementRecord::decode(&r).ok());
+            return Ok((manifest, record));
+        }
+        let providers = self.inner.net.find_providers(id).await.unwrap_or_default();
+        let me = self.local_id();
+        let providers = self.by_distance(providers.into_iter().filter(|p| *p != me).collect());
+        for peer in providers {
+            let request = Frame::new(ControlRequest::GetObject { id });
+            match self.inner.net.control(peer, request).await {
+                Ok(Frame {
+                    header: ControlResponse::Object { record },
+                    payload,
+                }) => match Manifest::decode_verified(&id, &payload) {
+                    Ok(manifest)
+                        if record.object == id
+                            && record.validate(manifest.chunks.len()).is_ok() =>
+                    {
+                        return Ok((manifest, Some(record)));
+                    }
+                    _ => {
+                        warn!(%peer, object = %id, "provider sent a manifest or record that does not match the object");
+                        self.inner.metrics.bad_peer_data().increment(1);
+                        self.avoid(peer);
+                    }
+                },
+                Ok(other) => {
+                    debug!(%peer, object = %id, response = ?other.header, "provider has no copy")
+                }
+                Err(e) => debug!(%peer, object = %id, error = %e, "provider unreachable"),
+            }
+        }
+        Err(MeshError::NotFound(id))
+    }
+
+    fn avoid(&self, peer: PeerId) {
+        lock(&self.inner.avoid).insert(peer, Instant::now());
+    }
+
+    fn avoided(&self, peer: &PeerId) -> bool {
+        let mut avoid = lock(&self.inner.avoid);
+        match avoid.get(peer) {
+            Some(since) if since.elapsed() < AVOID_FOR => true,
+            Some(_) => {
+                avoid.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Orders peers nearest first (unmeasured and dead last, avoided peers after all others).
+    fn by_distance(&self, mut peers: Vec<PeerId>) -> Vec<PeerId> {
+        let table = self.inner.net.peers();
+        let key = |p: &PeerId| {
+            let view = table.iter().find(|v| v.id == *p);
+            let dead = view.is_none_or(|v| v.liveness != Liveness::Alive);
+            let rtt = view
+                .and_then(|v| v.rtt)
+                .unwrap_or(Duration::from_secs(3600));
+            (self.avoided(p), dead, rtt)
+        };
+        peers.sort_by_cached_key(key);
+        peers
+    }
+
+    /// Reads one chunk: locally if stored here, else from the holders, nearest first,
+    /// hedging to the next holder when one is slow and verifying every answer.
+    pub async fn fetch_chunk(&self, id: ChunkId, holders: Vec<PeerId>) -> Result<Bytes, MeshError> {
+        let store = Arc::clone(&self.inner.store);
+        let local = tokio::task::spawn_blocking(move || store.get_chunk(&id))
+            .await
+            .map_err(|_| IngestError::WorkerGone)?;
+        match local {
+            Ok(Some(bytes)) => return Ok(bytes),
+            Ok(None) => {}
+            Err(StoreError::Corrupt { .. }) => self.inner.metrics.corrupt_chunks().increment(1),
+            Err(e) => return Err(e.into()),
+        }
+        let me = self.local_id();
+        let mut order = self
+            .by_distance(holders.into_iter().filter(|p| *p != me).collect())
+            .into_iter();
+        let mut attempts = FuturesUnordered::new();
+        let mut last_error = String::from("no holder is known");
+        let fetch = |peer: PeerId| {
+            let net = self.inner.net.clone();
+            async move {
+                let started = Instant::now();
+                let result = net
+                    .chunk(peer, Frame::new(ChunkRequest::Fetch { id }))
+                    .await;
+                (peer, started.elapsed(), result)
+            }
+        };
+        if let Some(peer) = order.next() {
+            attempts.push(fetch(peer));
+        }
+        loop {
+            let hedge = tokio::time::sleep(self.inner.settings.hedge_after);
+            tokio::pin!(hedge);
+            tokio::select! {
+                done = attempts.next() => {
+                    let Some((peer, _elapsed, result)) = done else {
+                        return Err(MeshError::ChunkUnavailable { chunk: id, reason: last_error });
+                    };
+                    match result {
+                        Ok(Frame { header: ChunkResponse::Data, payload }) => {
+                            if ChunkId::of(&payload) == id {
+                                self.inner.metrics.get_remote_bytes().increment(payload.len() as u64);
+                                return Ok(payload);
+                            }
+                            warn!(%peer, chunk = %id, "peer sent bytes that do not match the chunk id; avoiding it");
+                            self.inner.metrics.bad_peer_data().increment(1);
+                            self.avoid(peer);
+                            last_error = format!("{peer} sent corrupt bytes");
+                        }
+                        Ok(other) => last_error = format!("{peer} answered {:?}", other.header),
+                        Err(e) => last_error = e.to_string(),
+                    }
+                    match order.next() {
+                        Some(next) => attempts.push(fetch(next)),
+                        None if attempts.is_empty() => {
+                            return Err(MeshError::ChunkUnavailable { chunk: id, reason: last_error });
+                        }
+                        None => {}
+                    }
+                }
+                () = &mut hedge, if !attempts.is_empty() => {
+                    if let Some(next) = order.next() {
+                        debug!(chunk = %id, peer = %next, "fetch is slow; hedging to the next holder");
+                        attempts.push(fetch(next));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Streams the planned parts of an object, fetching `read_ahead` chunks ahead.
+    pub fn read_stream(
+        &self,
+        record: Option<PlacementRecord>,
+        plan: Vec<(usize, ChunkId, std::ops::Range<usize>)>,
+        read_ahead: usize,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
+        let this = self.clone();
+        let record = record.map(Arc::new);
+        futures::stream::iter(plan)
+            .map(move |(index, id, part)| {
+                let this = this.clone();
+                let holders: Vec<PeerId> = record
+                    .as_ref()
+                    .map(|r| {
+                        r.holders_of(index)
+                            .filter_map(|n| PeerId::from_bytes(&n.0).ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                async move {
+                    let bytes = this
+                        .fetch_chunk(id, holders)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let part = bytes.slice(part);
+                    this.inner.metrics.get_bytes().increment(part.len() as u64);
+                    Ok(part)
+                }
+            })
+            .buffered(read_ahead)
+    }
+
+    /// Serves other nodes' chunk and control requests until the channel closes.
+    pub async fn serve(self, mut inbound: mpsc::Receiver<Inbound>) {
+        let workers = Arc::new(Semaphore::new(INBOUND_WORKERS));
+        while let Some(request) = inbound.recv().await {
+            let Ok(permit) = Arc::clone(&workers).acquire_owned().await else {
+                break;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                match request {
+                    Inbound::Chunk {
+                        peer,
+                        request,
+                        reply,
+                    } => reply.send(this.answer_chunk(peer, request).await).await,
+                    Inbound::Control {
+                        peer,
+                        request,
+                        reply,
+                    } => reply.send(this.answer_control(peer, request).await).await,
+                }
+                drop(permit);
+            });
+        }
+        // Wait for the requests being answered, so the store is released with the service.
+        let _ = workers.acquire_many(INBOUND_WORKERS as u32).await;
+    }
+
+    async fn answer_chunk(
+        &self,
+        peer: PeerId,
+        request: Frame<ChunkRequest>,
+    ) -> Frame<ChunkResponse> {
+        use mesh_proto::wire::Refusal;
+        let refused =
+            |reason, message: String| Frame::new(ChunkResponse::Refused { reason, message });
+        let store = Arc::clone(&self.inner.store);
+        let min_free = self.inner.settings.min_free_bytes;
+        let result = tokio::task::spawn_blocking(move || match request.header {
+            ChunkRequest::Store { id } => {
+                if disk_free(store.path()) < min_free {
+                    return Ok(refused(Refusal::Full, "disk is full".into()));
+                }
+                match store.put_chunk_verified(&id, &request.payload) {
+                    Ok(stored) => Ok(Frame::new(ChunkResponse::Stored { new: stored.new })),
+                    Err(StoreError::HashMismatch { .. }) => Ok(refused(
+                        Refusal::BadRequest,
+                        format!("the bytes sent do not hash to {id}"),
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+            ChunkRequest::Fetch { id } => Ok(match store.get_chunk(&id)? {
+                Some(bytes) => Frame::with_payload(ChunkResponse::Data, bytes),
+                None => Frame::new(ChunkResponse::NotFound),
+            }),
+            ChunkRequest::Has { ids } => {
+                if ids.len() > mesh_proto::wire::MAX_HAS_IDS {
+                    return Ok(refused(Refusal::BadRequest, "too many ids".into()));
+                }
+                let present = ids
+                    .iter()
+                    .map(|id| store.has_chunk(id))
+                    .collect::<Result<Vec<bool>, _>>()?;
+                Ok(Frame::new(ChunkResponse::Has { present }))
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "chunk request failed");
+                refused(Refusal::Internal, e.to_string())
+            }
+            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+        }
+    }
+
+    async fn answer_control(
+        &self,
+        peer: PeerId,
+        request: Frame<ControlRequest>,
+    ) -> Frame<ControlResponse> {
+        use mesh_proto::wire::Refusal;
+        let refused =
+            |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
+        let store = Arc::clone(&self.inner.store);
+        let me = NodeId(self.local_id().to_bytes());
+        match request.header {
+            ControlRequest::PutObject { record } => {
+                let object = record.object;
+                let manifest = match Manifest::decode_verified(&object, &request.payload) {
+                    Ok(m) => m,
+                    Err(e) => return refused(Refusal::BadRequest, format!("bad manifest: {e}")),
+                };
+                if let Err(e) = record.validate(manifest.chunks.len()) {
+                    return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
+                }
+                let result = tokio::task::spawn_blocking(move || {
+                    if let Some(existing) = store.record(&object)?
+                        && let Ok(existing) = PlacementRecord::decode(&existing)
+                        && !record.supersedes(&existing)
+                    {
+                        return Ok(Vec::new());
+                    }
+                    let held = record.chunks_held_by(&me);
+                    let (_, missing) = store.commit_placed(&manifest, &record.encode(), &held)?;
+                    Ok::<_, StoreError>(missing)
+                })
+                .await;
+                match result {
+                    Ok(Ok(missing)) => {
+                        if !missing.is_empty() {
+                            warn!(%peer, %object, missing = missing.len(), "placement record names chunks this node does not have");
+                        }
+                        self.inner.net.provide(object).await;
+                        Frame::new(ControlResponse::Stored)
+                    }
+                    Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
+                    Err(_) => refused(Refusal::Internal, "worker failed".into()),
+                }
+            }
+            ControlRequest::GetObject { id } => {
+                let result = tokio::task::spawn_blocking(move || {
+                    let manifest = store.manifest(&id)?;
+                    let record = store.record(&id)?;
+                    Ok::<_, StoreError>((manifest, record))
+                })
+                .await;
+                match result {
+                    Ok(Ok((Some((_, bytes)), Some(record)))) => {
+                        match PlacementRecord::decode(&record) {
+                            Ok(record) => Frame::with_payload(
+                                ControlResponse::Object { record },
+                                Bytes::from(bytes),
+                            ),
+                            Err(e) => {
+                                refused(Refusal::Internal, format!("stored record unreadable: {e}"))
+                            }
+                        }
+                    }
+                    Ok(Ok(_)) => Frame::new(ControlResponse::NotFound),
+                    Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
+                    Err(_) => refused(Refusal::Internal, "worker failed".into()),
+                }
+            }
+        }
+    }
+}
+
+/// This node's share of a put goes through one blocking writer that holds the upload (and
+/// so pins the chunks until the commit).
+fn spawn_local_writer(
+    store: Arc<RocksStore>,
+    mut rx: mpsc::Receiver<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>,
+) -> tokio::task::JoinHandle<Upload> {
+    tokio::task::spawn_blocking(move || {
+        let mut upload = store.begin_upload();
+        while let Some((data, reply)) = rx.blocking_recv() {
+            let _ = reply.send(upload.put(&data).map(|s| s.new));
+        }
+        upload
+    })
+}

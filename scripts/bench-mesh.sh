@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Whole-system throughput of a replicated mesh on loopback (release build), until netsim
+# bench hosts it: a bootstrap peer and 3 meshd nodes; put SIZE MiB with rep:3 on node 1; then
+# start a 4th node that holds nothing and get the object from it. Prints MB/s, CPU-seconds
+# per GiB (all meshd processes together) and peak RSS per node.
+#
+#   scripts/bench-mesh.sh [SIZE_MIB]     (default 1024)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size_mib="${1:-1024}"
+run="$(mktemp -d /tmp/mesh-bench.XXXXXX)"
+cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap >/dev/null
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$run"
+}
+trap cleanup EXIT INT TERM
+
+base=$((20000 + RANDOM % 20000))
+"$bin/mesh-bootstrap" --data-dir "$run/boot" --listen "/ip4/127.0.0.1/udp/$base/quic-v1" 2>"$run/boot.log" &
+pids+=($!)
+addr=""
+for _ in $(seq 100); do
+    addr=$(grep -o -- '--bootstrap /ip4/[^ ]*' "$run/boot.log" | head -1 | cut -d' ' -f2 || true)
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+
+start_node() {
+    local i=$1
+    "$bin/meshd" --data-dir "$run/n$i" --api-addr "127.0.0.1:$((base + 10 + i))" \
+        --listen "/ip4/127.0.0.1/udp/$((base + i))/quic-v1" --bootstrap "$addr" \
+        --zone "local/zone-$i/a" 2>"$run/n$i.log" &
+    pids+=($!)
+    eval "pid_$i=$!"
+}
+ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/n$n" --api "http://127.0.0.1:$((base + 10 + n))" "$@"; }
+wait_peers() {
+    local n=$1 want=$2
+    for _ in $(seq 300); do
+        if [ "$(ctl "$n" peers --json 2>/dev/null | grep -o '"liveness":"alive"' | wc -l)" -ge "$want" ]; then return; fi
+        sleep 0.2
+    done
+    echo "node $n did not see $want peers" >&2
+    exit 1
+}
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hwm_of() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
+
+for i in 1 2 3; do start_node "$i"; done
+wait_peers 1 2
+head -c "$((size_mib << 20))" /dev/urandom >"$run/in.bin"
+tick=$(getconf CLK_TCK)
+cpu0=$(( $(cpu_of "$pid_1") + $(cpu_of "$pid_2") + $(cpu_of "$pid_3") ))
+t0=$(date +%s.%N)
+id=$(ctl 1 --json put --redundancy rep:3 "$run/in.bin" | grep -o '"id": *"[0-9a-f]*"' | grep -o '[0-9a-f]\{64\}')
+t1=$(date +%s.%N)
+cpu1=$(( $(cpu_of "$pid_1") + $(cpu_of "$pid_2") + $(cpu_of "$pid_3") ))
+
+start_node 4
+wait_peers 4 3
+cpu2=$(( $(cpu_of "$pid_1") + $(cpu_of "$pid_2") + $(cpu_of "$pid_3") + $(cpu_of "$pid_4") ))
+t2=$(date +%s.%N)
+ctl 4 get "$id" -o "$run/out.bin"
+t3=$(date +%s.%N)
+cpu3=$(( $(cpu_of "$pid_1") + $(cpu_of "$pid_2") + $(cpu_of "$pid_3") + $(cpu_of "$pid_4") ))
+cmp "$run/in.bin" "$run/out.bin"
+
+bytes=$((size_mib << 20))
+gib=$(echo "$size_mib / 1024" | bc -l)
+printf 'put  %d MiB rep:3 on node 1:   %6.1f MB/s, %5.1f CPU-s/GiB (3 nodes)\n' "$size_mib" \
+    "$(echo "$bytes / ($t1 - $t0) / 1000000" | bc -l)" "$(echo "($cpu1 - $cpu0) / $tick / $gib" | bc -l)"
+printf 'get  %d MiB on node 4 (empty): %6.1f MB/s, %5.1f CPU-s/GiB (4 nodes)\n' "$size_mib" \
+    "$(echo "$bytes / ($t3 - $t2) / 1000000" | bc -l)" "$(echo "($cpu3 - $cpu2) / $tick / $gib" | bc -l)"
+for i in 1 2 3 4; do eval "p=\$pid_$i"; echo "peak RSS node $i: $(hwm_of "$p") MiB"; done

@@ -1,0 +1,338 @@
+#![allow(clippy::unwrap_used)]
+//! Multi-node tests: a bootstrap peer and several nodes in one process on loopback, talking
+//! QUIC to each other. Every wait is a condition with a deadline.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use mesh_node::store::{ChunkStore, MetaStore};
+use mesh_proto::api::{PeersResponse, PutResponse, StatusResponse};
+use mesh_proto::wire::PlacementRecord;
+use mesh_proto::{Manifest, ObjectId};
+use mesh_tests::{Cluster, TestNode, api_client, random_bytes, wait_until};
+
+const JOIN: Duration = Duration::from_secs(60);
+
+async fn put(node: &TestNode, query: &str, body: Vec<u8>) -> reqwest::Response {
+    api_client(node)
+        .unwrap()
+        .post(format!("{}/v1/objects?{query}", node.api_url()))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn get(node: &TestNode, id: &ObjectId) -> reqwest::Response {
+    api_client(node)
+        .unwrap()
+        .get(format!("{}/v1/objects/{id}", node.api_url()))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn record_on(node: &TestNode, id: &ObjectId) -> Option<PlacementRecord> {
+    let bytes = node.node().store().record(id).unwrap()?;
+    Some(PlacementRecord::decode(&bytes).unwrap())
+}
+
+fn holders(record: &PlacementRecord) -> Vec<HashSet<PeerId>> {
+    (0..record.holders.len())
+        .map(|i| {
+            record
+                .holders_of(i)
+                .map(|n| PeerId::from_bytes(&n.0).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rep3_put_lands_on_three_holders_and_reads_back_from_a_node_holding_nothing() {
+    let cluster = Cluster::start(4, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer = &cluster.nodes[0];
+
+    // One chunk, so that exactly three of the four nodes hold something.
+    let data = random_bytes(200 * 1024, 1);
+    let response = put(writer, "redundancy=rep:3", data.clone()).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let put: PutResponse = response.json().await.unwrap();
+    assert_eq!(put.chunks, 1);
+
+    let record = record_on(writer, &put.id).expect("the writer holds a replica and the record");
+    let holders = holders(&record);
+    assert_eq!(holders[0].len(), 3, "three distinct holders: {holders:?}");
+    assert!(holders[0].contains(&writer.node().peer_id()));
+    // Every holder has the chunk and the same record.
+    let manifest: Manifest = writer.node().store().manifest(&put.id).unwrap().unwrap().0;
+    for node in &cluster.nodes {
+        let holds = holders[0].contains(&node.node().peer_id());
+        let has = node
+            .node()
+            .store()
+            .has_chunk(&manifest.chunks[0].id)
+            .unwrap();
+        assert_eq!(
+            holds,
+            has,
+            "node {} holds per record: {holds}, has: {has}",
+            node.node().peer_id()
+        );
+        if holds {
+            assert_eq!(record_on(node, &put.id).as_ref(), Some(&record));
+        }
+    }
+
+    let reader = cluster
+        .nodes
+        .iter()
+        .find(|n| !holders[0].contains(&n.node().peer_id()))
+        .unwrap();
+    let response = get(reader, &put.id).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+
+    // Kill the two holders other than the writer (so whichever the reader would pick first is
+    // gone): the writer's replica still serves the bytes.
+    let reader_id = reader.node().peer_id();
+    let writer_id = writer.node().peer_id();
+    let mut keep = Vec::new();
+    let mut killed = 0;
+    for node in cluster.nodes {
+        let id = node.node().peer_id();
+        if holders[0].contains(&id) && id != writer_id {
+            node.stop().await;
+            killed += 1;
+        } else {
+            keep.push(node);
+        }
+    }
+    assert_eq!(killed, 2);
+    let reader = keep
+        .iter()
+        .find(|n| n.node().peer_id() == reader_id)
+        .unwrap();
+    let response = get(reader, &put.id).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    for node in keep {
+        node.stop().await;
+    }
+    cluster.bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_object_spreads_over_the_mesh_and_reads_back_everywhere() {
+    let cluster = Cluster::start(3, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let data = random_bytes(24 << 20, 2);
+    let response = put(&cluster.nodes[1], "redundancy=rep:2", data.clone()).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let put: PutResponse = response.json().await.unwrap();
+    assert!(put.chunks > 4);
+    let record = record_on(&cluster.nodes[1], &put.id).unwrap();
+    for set in holders(&record) {
+        assert_eq!(set.len(), 2);
+    }
+    for node in &cluster.nodes {
+        let response = get(node, &put.id).await;
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await.unwrap();
+        assert_eq!(body.len(), data.len());
+        assert!(
+            body.as_ref() == &data[..],
+            "bytes differ on {}",
+            node.node().peer_id()
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_put_that_cannot_reach_quorum_fails_and_leaves_no_object() {
+    let cluster = Cluster::start(2, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let node = &cluster.nodes[0];
+    let response = put(node, "redundancy=rep:3&quorum=3", random_bytes(100_000, 3)).await;
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("reached 2 of the 3 holders"), "{text}");
+    for n in &cluster.nodes {
+        assert_eq!(n.node().store().stats().unwrap().objects, 0);
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_replica_is_detected_and_another_holder_serves_the_bytes() {
+    let cluster = Cluster::start(4, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer = &cluster.nodes[0];
+    let data = random_bytes(150 * 1024, 4);
+    let put: PutResponse = put(writer, "redundancy=rep:3", data.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let record = record_on(writer, &put.id).unwrap();
+    let holders = holders(&record);
+    let chunk = writer
+        .node()
+        .store()
+        .manifest(&put.id)
+        .unwrap()
+        .unwrap()
+        .0
+        .chunks[0]
+        .id;
+    // Corrupt every replica except the writer's.
+    for node in &cluster.nodes {
+        let id = node.node().peer_id();
+        if holders[0].contains(&id) && id != writer.node().peer_id() {
+            node.node()
+                .store()
+                .overwrite_chunk_unchecked(&chunk, b"not the chunk")
+                .unwrap();
+        }
+    }
+    let reader = cluster
+        .nodes
+        .iter()
+        .find(|n| !holders[0].contains(&n.node().peer_id()))
+        .unwrap();
+    let response = get(reader, &put.id).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_the_wrong_cluster_key_can_neither_store_nor_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.key");
+    let bad = dir.path().join("bad.key");
+    mesh_node::identity::create_cluster_key(&good).unwrap();
+    mesh_node::identity::create_cluster_key(&bad).unwrap();
+    let (good2, bad2) = (good.clone(), bad.clone());
+    let cluster = Cluster::start(4, move |i, config| {
+        config.net.cluster_key_file = Some(if i == 3 { bad2.clone() } else { good2.clone() });
+    })
+    .await
+    .unwrap();
+    let (members, intruder) = cluster.nodes.split_at(3);
+    let intruder = &intruder[0];
+    let member_ids: Vec<PeerId> = members.iter().map(|n| n.node().peer_id()).collect();
+    wait_until(JOIN, "the members to see each other", || {
+        let views: Vec<_> = members.iter().map(|n| n.node().network().peers()).collect();
+        let ids = member_ids.clone();
+        async move {
+            Ok(views.iter().all(|peers| {
+                ids.iter()
+                    .filter(|id| peers.iter().any(|p| p.id == **id && p.rtt.is_some()))
+                    .count()
+                    == 2
+            }))
+        }
+    })
+    .await
+    .unwrap();
+    let data = random_bytes(100_000, 5);
+    let response = put(&members[0], "redundancy=rep:3", data).await;
+    assert_eq!(response.status(), 200);
+    let put_ok: PutResponse = response.json().await.unwrap();
+
+    // The intruder is in nobody's peer table, stores nothing and finds nothing.
+    for member in members {
+        assert!(
+            !member
+                .node()
+                .network()
+                .peers()
+                .iter()
+                .any(|p| p.id == intruder.node().peer_id())
+        );
+    }
+    assert!(intruder.node().network().peers().is_empty());
+    let response = put(intruder, "redundancy=rep:2", random_bytes(1000, 6)).await;
+    assert_eq!(response.status(), 503);
+    let response = get(intruder, &put_ok.id).await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(intruder.node().store().stats().unwrap().chunks, 0);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_keeps_its_id_and_chunks_and_rejoins() {
+    let cluster = Cluster::start(3, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let data = random_bytes(300_000, 7);
+    let put_ok: PutResponse = put(&cluster.nodes[0], "redundancy=rep:3", data.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let Cluster {
+        bootstrap,
+        mut nodes,
+        ..
+    } = cluster;
+    let node = nodes.remove(2);
+    let id = node.node().peer_id();
+    let stats = node.node().store().stats().unwrap();
+    let node = node.restart().await.unwrap();
+    assert_eq!(node.node().peer_id(), id);
+    assert_eq!(node.node().store().stats().unwrap(), stats);
+    nodes.push(node);
+    wait_until(JOIN, "the restarted node to be seen again", || {
+        let views: Vec<_> = nodes[..2]
+            .iter()
+            .map(|n| n.node().network().peers())
+            .collect();
+        async move {
+            Ok(views.iter().all(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p.id == id && p.connected && p.rtt.is_some())
+            }))
+        }
+    })
+    .await
+    .unwrap();
+    let response = get(&nodes[2], &put_ok.id).await;
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+
+    // The operator's view: status and peers over the control API.
+    let client = api_client(&nodes[0]).unwrap();
+    let status: StatusResponse = client
+        .get(format!("{}/v1/status", nodes[0].api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The two other nodes and the bootstrap peer.
+    assert_eq!(status.peers_alive, 3);
+    assert!(!status.listen_addrs.is_empty());
+    let peers: PeersResponse = client
+        .get(format!("{}/v1/peers", nodes[0].api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        peers
+            .peers
+            .iter()
+            .any(|p| p.id == id.to_string() && p.liveness == "alive")
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+    bootstrap.shutdown().await;
+}
