@@ -17,7 +17,7 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$run"
+    [ -n "${KEEP_RUN:-}" ] || rm -rf "$run"
 }
 trap cleanup EXIT INT TERM
 
@@ -43,7 +43,7 @@ ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/n$n" --api "http://12
 wait_peers() {
     local n=$1 want=$2
     for _ in $(seq 300); do
-        if [ "$(ctl "$n" peers --json 2>/dev/null | grep -o '"liveness":"alive"' | wc -l)" -ge "$want" ]; then return; fi
+        if [ "$(ctl "$n" peers --json 2>/dev/null | grep -o '"liveness": *"alive"' | wc -l)" -ge "$want" ]; then return; fi
         sleep 0.2
     done
     echo "node $n did not see $want peers" >&2

@@ -47,7 +47,7 @@ done
 ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/node$n" --api "http://127.0.0.1:$((base + 10 + n))" "$@"; }
 echo "waiting for the nodes to find each other..."
 for _ in $(seq 300); do
-    if [ "$(ctl 1 peers --json 2>/dev/null | grep -o '"liveness":"alive"' | wc -l)" -ge 2 ]; then break; fi
+    if [ "$(ctl 1 peers --json 2>/dev/null | grep -o '"liveness": *"alive"' | wc -l)" -ge 2 ]; then break; fi
     sleep 0.2
 done
 ctl 1 peers

@@ -394,10 +394,9 @@ async fn get_manifest(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(path)?;
-    let store = Arc::clone(&state.inner.store);
-    let (_, bytes) = blocking(move || store.manifest(&id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    // From this node or, for an object it does not hold, from a provider.
+    let (manifest, _) = state.inner.mesh.open(id).await?;
+    let bytes = manifest.encode();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 

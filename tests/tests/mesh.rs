@@ -336,3 +336,76 @@ async fn a_restarted_node_keeps_its_id_and_chunks_and_rejoins() {
     }
     bootstrap.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bootstrap_peer_does_not_stop_the_node() {
+    // A UDP port nobody answers on, under a made-up peer id.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    drop(socket);
+    let addr = format!("/ip4/127.0.0.1/udp/{port}/quic-v1/p2p/{}", PeerId::random());
+    let node = TestNode::start_with(|config| {
+        config.net.bootstrap = vec![addr];
+        config.net.request_timeout = Duration::from_secs(2);
+    })
+    .await
+    .unwrap();
+    // It keeps serving: a rep:1 put and get work while it retries in the background.
+    let data = random_bytes(10_000, 8);
+    let response = put(&node, "redundancy=rep:1", data.clone()).await;
+    assert_eq!(response.status(), 200);
+    let put: PutResponse = response.json().await.unwrap();
+    let response = get(&node, &put.id).await;
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    assert!(node.node().network().peers().is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_joins_later_finds_and_reads_existing_objects() {
+    let cluster = Cluster::start(3, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let data = random_bytes(3 << 20, 9);
+    let put_ok: PutResponse = put(&cluster.nodes[0], "redundancy=rep:3", data.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let addr = cluster.bootstrap_addr();
+    let late = TestNode::start_with(|config| {
+        config.net.bootstrap = vec![addr];
+        config.net.ping_interval = Duration::from_millis(500);
+    })
+    .await
+    .unwrap();
+    let ids: Vec<PeerId> = cluster.nodes.iter().map(|n| n.node().peer_id()).collect();
+    wait_until(JOIN, "the late node to see the others", || {
+        let peers = late.node().network().peers();
+        let ids = ids.clone();
+        async move {
+            Ok(ids
+                .iter()
+                .all(|id| peers.iter().any(|p| p.id == *id && p.rtt.is_some())))
+        }
+    })
+    .await
+    .unwrap();
+    let response = get(&late, &put_ok.id).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    // The manifest (what meshctl verifies against) comes from a provider too.
+    let manifest = api_client(&late)
+        .unwrap()
+        .get(format!(
+            "{}/v1/objects/{}/manifest",
+            late.api_url(),
+            put_ok.id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), 200);
+    assert_eq!(ObjectId::of(&manifest.bytes().await.unwrap()), put_ok.id);
+    late.stop().await;
+    cluster.stop().await;
+}

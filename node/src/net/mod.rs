@@ -999,7 +999,10 @@ impl EventLoop {
                 let _ = self.swarm.dial(peer);
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                     providers,
@@ -1013,12 +1016,16 @@ impl EventLoop {
                     }
                 }
                 kad::QueryResult::GetProviders(_) if step.last => {
+                    debug!(asked = stats.num_requests(), "no providers found");
                     if let Some(reply) = self.pending_providers.remove(&id) {
                         let _ = reply.send(Vec::new());
                     }
                 }
                 kad::QueryResult::StartProviding(Err(e)) => {
                     debug!(error = ?e, "provider announcement incomplete");
+                }
+                kad::QueryResult::StartProviding(Ok(_)) => {
+                    debug!(peers = stats.num_successes(), "object announced");
                 }
                 _ => {}
             },
