@@ -431,9 +431,17 @@ async fn get_object(
     let span = range.clone().unwrap_or(0..size);
     let plan = objects::read_plan(&manifest, &span);
     inner.metrics.gets().increment(1);
-    let stream = inner
-        .mesh
-        .read_stream(record, plan, inner.config.api.read_ahead_chunks);
+    // Reads from other nodes are bound by round trips: keep more of them in flight.
+    let me = inner.mesh.network().local_node_id();
+    let remote = record
+        .as_ref()
+        .is_some_and(|r| r.chunks_held_by(&me).len() < manifest.chunks.len());
+    let window = if remote {
+        inner.config.net.fetch_window
+    } else {
+        inner.config.api.read_ahead_chunks
+    };
+    let stream = inner.mesh.read_stream(record, plan, window);
     let mut response = Response::new(Body::from_stream(stream));
     let h = response.headers_mut();
     h.insert(

@@ -76,6 +76,9 @@ pub struct NetConfig {
     /// A chunk fetch slower than this is also asked of the next holder.
     #[serde(with = "humantime_serde")]
     pub hedge_after: Duration,
+    /// Chunks fetched ahead from other nodes on a get of an object this node does not hold
+    /// whole (round trips, not disk, bound a remote read).
+    pub fetch_window: usize,
     /// Nodes with less free disk than this receive no new chunks.
     pub min_free_space: bytesize::ByteSize,
 }
@@ -97,6 +100,7 @@ impl Default for NetConfig {
             max_streams_per_peer: 64,
             write_window: 8,
             hedge_after: Duration::from_millis(250),
+            fetch_window: 16,
             min_free_space: bytesize::ByteSize::gib(1),
         }
     }
@@ -371,6 +375,12 @@ impl Config {
                     "{} is larger than the largest chunk",
                     self.store.min_blob_size
                 ),
+            });
+        }
+        if self.net.fetch_window == 0 || self.net.fetch_window > 64 {
+            return Err(ConfigError::Invalid {
+                key: "net.fetch_window",
+                message: "must be 1 to 64".into(),
             });
         }
         if self.net.write_window == 0 || self.net.write_window > 64 {
