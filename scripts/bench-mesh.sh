@@ -72,9 +72,10 @@ cpu3=$(( $(cpu_of "$pid_1") + $(cpu_of "$pid_2") + $(cpu_of "$pid_3") + $(cpu_of
 cmp "$run/in.bin" "$run/out.bin"
 
 bytes=$((size_mib << 20))
-gib=$(echo "$size_mib / 1024" | bc -l)
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+gib=$(calc "$size_mib / 1024")
 printf 'put  %d MiB rep:3 on node 1:   %6.1f MB/s, %5.1f CPU-s/GiB (3 nodes)\n' "$size_mib" \
-    "$(echo "$bytes / ($t1 - $t0) / 1000000" | bc -l)" "$(echo "($cpu1 - $cpu0) / $tick / $gib" | bc -l)"
+    "$(calc "$bytes / ($t1 - $t0) / 1000000")" "$(calc "($cpu1 - $cpu0) / $tick / $gib")"
 printf 'get  %d MiB on node 4 (empty): %6.1f MB/s, %5.1f CPU-s/GiB (4 nodes)\n' "$size_mib" \
-    "$(echo "$bytes / ($t3 - $t2) / 1000000" | bc -l)" "$(echo "($cpu3 - $cpu2) / $tick / $gib" | bc -l)"
+    "$(calc "$bytes / ($t3 - $t2) / 1000000")" "$(calc "($cpu3 - $cpu2) / $tick / $gib")"
 for i in 1 2 3 4; do eval "p=\$pid_$i"; echo "peak RSS node $i: $(hwm_of "$p") MiB"; done

@@ -59,7 +59,8 @@ mid=$(date +%s.%N)
 ctl 3 get "$id" -o "$run/sample.out"
 end=$(date +%s.%N)
 cmp "$run/sample.bin" "$run/sample.out"
-echo "put ${size_mib} MiB on node 1 (rep:3): $(echo "$mid - $start" | bc) s; get on node 3: $(echo "$end - $mid" | bc) s; bytes match"
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+echo "put ${size_mib} MiB on node 1 (rep:3): $(calc "$mid - $start") s; get on node 3: $(calc "$end - $mid") s; bytes match"
 ctl 1 stat "$id" | head -20
 echo "the mesh is running (logs in $run); Ctrl-C stops it"
 wait
