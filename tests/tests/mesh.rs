@@ -409,3 +409,69 @@ async fn a_node_that_joins_later_finds_and_reads_existing_objects() {
     late.stop().await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_flooding_requests_is_limited_and_the_node_stays_responsive() {
+    use mesh_node::net::Frame;
+    use mesh_proto::ChunkId;
+    use mesh_proto::wire::{ChunkRequest, ChunkResponse, Refusal};
+
+    let cluster = Cluster::start(2, |_, config| config.net.max_streams_per_peer = 8)
+        .await
+        .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let target = cluster.nodes[1].node().peer_id();
+    let net = cluster.nodes[0].node().network().clone();
+    // 2000 requests at once from one peer, for chunks the target does not have.
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..2000u32 {
+        let net = net.clone();
+        flood.spawn(async move {
+            let id = ChunkId::of(&i.to_le_bytes());
+            net.chunk(target, Frame::new(ChunkRequest::Fetch { id }))
+                .await
+        });
+    }
+    // Meanwhile the flooded node still answers its operator.
+    let client = api_client(&cluster.nodes[1]).unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        client
+            .get(format!("{}/v1/status", cluster.nodes[1].api_url()))
+            .send(),
+    )
+    .await
+    .expect("status answered during the flood")
+    .unwrap();
+    assert_eq!(status.status(), 200);
+    let results = flood.join_all().await;
+    let (mut answered, mut busy, mut failed) = (0, 0, 0);
+    for result in results {
+        match result {
+            Ok(Frame {
+                header: ChunkResponse::NotFound,
+                ..
+            }) => answered += 1,
+            Ok(Frame {
+                header:
+                    ChunkResponse::Refused {
+                        reason: Refusal::Busy,
+                        ..
+                    },
+                ..
+            }) => busy += 1,
+            Ok(other) => panic!("unexpected answer {:?}", other.header),
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(
+        answered > 0,
+        "answered {answered}, busy {busy}, failed {failed}"
+    );
+    assert_eq!(answered + busy + failed, 2000);
+    // And it still serves real requests afterwards.
+    let data = random_bytes(50_000, 10);
+    let response = put(&cluster.nodes[1], "redundancy=rep:2", data).await;
+    assert_eq!(response.status(), 200);
+    cluster.stop().await;
+}
