@@ -134,7 +134,7 @@ impl Node {
         let metrics = metrics::Metrics::new();
         let stop = CancellationToken::new();
         let net_config = config.net.resolve(net::Role::Storage)?;
-        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(net::inbound_queue());
+        let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(net::INBOUND_QUEUE);
         let load = load_reporter(Arc::clone(&store), config.net.zone.clone());
         let (network, net_task) =
             net::start(net_config, keypair, load, Some(inbound_tx), stop.clone()).await?;

@@ -57,10 +57,13 @@ use peers::{PeerTable, Timeouts};
 pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 /// Commands queued to the swarm task before senders wait.
 const COMMAND_QUEUE: usize = 1024;
-/// Inbound requests queued to the storage service before new ones are answered `Busy`.
-const INBOUND_QUEUE: usize = 256;
+/// Inbound requests queued to the storage service before new ones are answered `Busy`; the
+/// capacity of the channel the storage service creates.
+pub const INBOUND_QUEUE: usize = 256;
 /// How often disconnected (but not dead) peers are dialed again.
 const REDIAL_EVERY: Duration = Duration::from_secs(3);
+/// The answer to an inbound request that finds the storage service's queue full.
+const BUSY: (Refusal, &str) = (Refusal::Busy, "too many requests in flight");
 /// Most addresses of one peer added to Kademlia from identify.
 const MAX_IDENTIFY_ADDRS: usize = 8;
 
@@ -877,6 +880,20 @@ impl EventLoop {
         self.config.cluster_key.is_none() || self.verified.contains(peer)
     }
 
+    /// The storage service's queue, if an inbound chunk or control request from `peer` may
+    /// go to it; otherwise the refusal to answer at once.
+    fn inbound_gate(
+        &self,
+        peer: &PeerId,
+    ) -> Result<&mpsc::Sender<Inbound>, (Refusal, &'static str)> {
+        if !self.is_member(peer) {
+            return Err((Refusal::Unauthenticated, "prove cluster membership first"));
+        }
+        self.inbound
+            .as_ref()
+            .ok_or((Refusal::BadRequest, "this peer stores nothing"))
+    }
+
     /// Puts a peer in the table once it is both identified and proven.
     fn admit(&mut self, peer: PeerId) {
         if !self.is_member(&peer) {
@@ -1123,49 +1140,36 @@ impl EventLoop {
                 ..
             } => {
                 self.table.seen(&peer, Instant::now());
-                let refuse = |reason: Refusal, message: &str| {
-                    Frame::new(ChunkResponse::Refused {
+                let refused = match self.inbound_gate(&peer) {
+                    Err(refusal) => Some((channel, refusal)),
+                    Ok(inbound) => {
+                        let reply = Reply {
+                            channel,
+                            commands: self.commands_tx.clone(),
+                        };
+                        match inbound.try_send(Inbound::Chunk {
+                            peer,
+                            request,
+                            reply,
+                        }) {
+                            Err(e) => match e.into_inner() {
+                                Inbound::Chunk { reply, .. } => Some((reply.channel, BUSY)),
+                                Inbound::Control { .. } => None,
+                            },
+                            Ok(()) => None,
+                        }
+                    }
+                };
+                if let Some((channel, (reason, message))) = refused {
+                    let response = Frame::new(ChunkResponse::Refused {
                         reason,
                         message: message.to_owned(),
-                    })
-                };
-                if !self.is_member(&peer) {
-                    let response =
-                        refuse(Refusal::Unauthenticated, "prove cluster membership first");
+                    });
                     let _ = self
                         .swarm
                         .behaviour_mut()
                         .chunk
                         .send_response(channel, response);
-                    return;
-                }
-                let Some(inbound) = &self.inbound else {
-                    let response = refuse(Refusal::BadRequest, "this peer stores nothing");
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .chunk
-                        .send_response(channel, response);
-                    return;
-                };
-                let reply = Reply {
-                    channel,
-                    commands: self.commands_tx.clone(),
-                };
-                if let Err(
-                    mpsc::error::TrySendError::Full(Inbound::Chunk { reply, .. })
-                    | mpsc::error::TrySendError::Closed(Inbound::Chunk { reply, .. }),
-                ) = inbound.try_send(Inbound::Chunk {
-                    peer,
-                    request,
-                    reply,
-                }) {
-                    let response = refuse(Refusal::Busy, "too many requests in flight");
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .chunk
-                        .send_response(reply.channel, response);
                 }
             }
             Event::Message {
@@ -1222,49 +1226,36 @@ impl EventLoop {
                     },
                 ..
             } => {
-                let refuse = |reason: Refusal, message: &str| {
-                    Frame::new(ControlResponse::Refused {
+                let refused = match self.inbound_gate(&peer) {
+                    Err(refusal) => Some((channel, refusal)),
+                    Ok(inbound) => {
+                        let reply = Reply {
+                            channel,
+                            commands: self.commands_tx.clone(),
+                        };
+                        match inbound.try_send(Inbound::Control {
+                            peer,
+                            request,
+                            reply,
+                        }) {
+                            Err(e) => match e.into_inner() {
+                                Inbound::Control { reply, .. } => Some((reply.channel, BUSY)),
+                                Inbound::Chunk { .. } => None,
+                            },
+                            Ok(()) => None,
+                        }
+                    }
+                };
+                if let Some((channel, (reason, message))) = refused {
+                    let response = Frame::new(ControlResponse::Refused {
                         reason,
                         message: message.to_owned(),
-                    })
-                };
-                if !self.is_member(&peer) {
-                    let response =
-                        refuse(Refusal::Unauthenticated, "prove cluster membership first");
+                    });
                     let _ = self
                         .swarm
                         .behaviour_mut()
                         .control
                         .send_response(channel, response);
-                    return;
-                }
-                let Some(inbound) = &self.inbound else {
-                    let response = refuse(Refusal::BadRequest, "this peer stores nothing");
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(channel, response);
-                    return;
-                };
-                let reply = Reply {
-                    channel,
-                    commands: self.commands_tx.clone(),
-                };
-                if let Err(
-                    mpsc::error::TrySendError::Full(Inbound::Control { reply, .. })
-                    | mpsc::error::TrySendError::Closed(Inbound::Control { reply, .. }),
-                ) = inbound.try_send(Inbound::Control {
-                    peer,
-                    request,
-                    reply,
-                }) {
-                    let response = refuse(Refusal::Busy, "too many requests in flight");
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(reply.channel, response);
                 }
             }
             Event::Message {
@@ -1295,11 +1286,6 @@ impl EventLoop {
             _ => {}
         }
     }
-}
-
-/// Capacity of the inbound channel the storage service should create.
-pub const fn inbound_queue() -> usize {
-    INBOUND_QUEUE
 }
 
 #[cfg(test)]
