@@ -670,6 +670,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
         Ok((stats, below, free, total))
     })
     .await?;
+    let mesh = inner.mesh.clone();
+    let completing = blocking(move || mesh.pending_deliveries()).await?;
     Ok(Json(StatusResponse {
         node_id: inner.node_id.clone(),
         version: mesh_proto::MESH_VERSION.to_owned(),
@@ -691,6 +693,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
             .iter()
             .filter(|p| p.liveness == crate::placement::Liveness::Alive)
             .count() as u64,
+        objects_completing: completing as u64,
     }))
 }
 

@@ -19,7 +19,8 @@
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
 //! holders (this node and its nearest peers, spread over zones) and counts once `W` of them
 //! stored it durably; then every holder commits its part with the placement record and
-//! announces the object in the DHT. A get reads local chunks first, then fetches the rest from
+//! announces the object in the DHT. Holders beyond `W` are finished in the background from a
+//! durable queue ([`replicate::complete`]). A get reads local chunks first, then fetches the rest from
 //! the nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
 //! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
 
@@ -84,6 +85,7 @@ pub struct Node {
     upkeep: JoinHandle<()>,
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
+    completion_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -149,6 +151,7 @@ impl Node {
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
+        let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
             Arc::clone(&store),
@@ -191,6 +194,7 @@ impl Node {
             upkeep,
             net_task,
             serve_task,
+            completion_task,
             _lock: lock,
         })
     }
@@ -239,6 +243,7 @@ impl Node {
             upkeep,
             net_task,
             serve_task,
+            completion_task,
             mesh,
             store,
             config,
@@ -254,6 +259,8 @@ impl Node {
             let _ = server.await;
         }
         let _ = upkeep.await;
+        // Background completion stops between attempts; what it owes stays queued.
+        let _ = completion_task.await;
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
         // With the swarm gone the inbound queue closes and the service drains.

@@ -39,6 +39,8 @@ struct Inner {
     pub aborted_uploads: Counter,
     pub bad_peer_data: Counter,
     pub get_remote_bytes: Counter,
+    pub delivered_chunks: Counter,
+    pub deliveries_abandoned: Counter,
     objects: Gauge,
     chunks: Gauge,
     stored_bytes: Gauge,
@@ -111,6 +113,16 @@ impl Metrics {
             "chunk bytes fetched from other nodes",
         );
         describe(
+            "mesh_background_chunks_total",
+            Unit::Count,
+            "chunks sent to holders beyond the write quorum after a put returned",
+        );
+        describe(
+            "mesh_background_abandoned_total",
+            Unit::Count,
+            "holders the background completion gave up on (left to repair)",
+        );
+        describe(
             "mesh_api_errors_total",
             Unit::Count,
             "control-API requests answered with an error, by code",
@@ -146,6 +158,8 @@ impl Metrics {
             aborted_uploads: counter("mesh_aborted_uploads_total"),
             bad_peer_data: counter("mesh_peer_bad_chunks_total"),
             get_remote_bytes: counter("mesh_get_remote_bytes_total"),
+            delivered_chunks: counter("mesh_background_chunks_total"),
+            deliveries_abandoned: counter("mesh_background_abandoned_total"),
             objects: gauge("mesh_objects"),
             chunks: gauge("mesh_chunks"),
             stored_bytes: gauge("mesh_stored_bytes"),
@@ -187,6 +201,12 @@ impl Metrics {
     }
     pub fn get_remote_bytes(&self) -> &Counter {
         &self.inner.get_remote_bytes
+    }
+    pub fn delivered_chunks(&self) -> &Counter {
+        &self.inner.delivered_chunks
+    }
+    pub fn deliveries_abandoned(&self) -> &Counter {
+        &self.inner.deliveries_abandoned
     }
 
     /// Counts an error answer with its code.

@@ -246,3 +246,64 @@ fn a_second_open_of_the_same_directory_is_refused() {
         other => panic!("expected a lock error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_placed_object_takes_references_on_chunks_that_arrive_after_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (a, b, c) = (vec![1u8; 70_000], vec![2u8; 70_000], vec![3u8; 70_000]);
+    let manifest = manifest_of(&[&a, &b, &c], 9);
+    // This node holds chunks 0 and 1; only chunk 0 has arrived when the record does.
+    store.put_chunk_verified(&ChunkId::of(&a), &a).unwrap();
+    let (id, missing) = store
+        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .unwrap();
+    assert_eq!(missing, vec![ChunkId::of(&b)]);
+
+    // Chunk 1 arrives late, then the same record again: it takes a reference on chunk 1.
+    store.put_chunk_verified(&ChunkId::of(&b), &b).unwrap();
+    let (_, missing) = store
+        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .unwrap();
+    assert!(missing.is_empty());
+    // Applying it once more adds nothing.
+    store
+        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .unwrap();
+    assert_eq!(store.record(&id).unwrap().unwrap(), b"record-1");
+
+    // Reopening sweeps unreferenced chunks: both stay, so both are referenced.
+    drop(store);
+    let store = open(dir.path());
+    assert!(store.has_chunk(&ChunkId::of(&a)).unwrap());
+    assert!(store.has_chunk(&ChunkId::of(&b)).unwrap());
+    // Deleting releases exactly the references taken: both chunks go.
+    let freed = store.delete_object(&id).unwrap().unwrap();
+    assert_eq!(freed.chunks, 2);
+    assert_eq!(store.stats().unwrap().chunks, 0);
+}
+
+#[test]
+fn queued_deliveries_are_listed_in_order_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let ids: Vec<ObjectId> = (0u8..5).map(|i| ObjectId::of(&[i])).collect();
+    for (i, id) in ids.iter().enumerate() {
+        store.put_delivery(id, &[i as u8; 3]).unwrap();
+    }
+    // Orphan candidates share the queue's column family; they must not show up.
+    store.put_chunk(&[5u8; 50_000]).unwrap();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let first = store.deliveries(None, 3).unwrap();
+    assert_eq!(first.len(), 3);
+    let rest = store.deliveries(Some(&first[2].0), 10).unwrap();
+    let listed: Vec<ObjectId> = first.iter().chain(&rest).map(|(id, _)| *id).collect();
+    assert_eq!(listed, sorted);
+    store.delete_delivery(&ids[0]).unwrap();
+    assert!(store.delivery(&ids[0]).unwrap().is_none());
+    assert_eq!(store.delivery(&ids[1]).unwrap().unwrap(), vec![1u8; 3]);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.deliveries(None, 10).unwrap().len(), 4);
+}

@@ -151,6 +151,10 @@ pub struct StatusResponse {
     /// Of those, alive.
     #[serde(default)]
     pub peers_alive: u64,
+    /// Objects this node wrote whose holders beyond the write quorum are still being
+    /// completed in the background.
+    #[serde(default)]
+    pub objects_completing: u64,
 }
 
 /// Answer of `GET /v1/peers`.

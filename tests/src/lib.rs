@@ -36,11 +36,17 @@ impl TestNode {
 
     /// Restarts the node on the same data directory (new API port).
     pub async fn restart(self) -> anyhow::Result<Self> {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Restarts the node on the same data directory after `configure` adjusts its config.
+    pub async fn restart_with(self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let Self { node, dir } = self;
         let config = node.config().clone();
         node.shutdown().await;
         let mut config = config;
         config.api_addr = "127.0.0.1:0".parse()?;
+        configure(&mut config);
         let node = Node::start(config).await.context("restarting the node")?;
         Ok(Self { node, dir })
     }
@@ -212,6 +218,26 @@ impl Cluster {
                 }))
             }
         })
+        .await
+    }
+
+    /// Waits until no node owes any holder a chunk or a record (background completion of
+    /// the holders beyond each put's write quorum is done).
+    pub async fn wait_settled(&self, timeout: Duration) -> anyhow::Result<()> {
+        use mesh_node::store::MetaStore;
+        wait_until(
+            timeout,
+            "every node's background deliveries to finish",
+            || {
+                let settled = self.nodes.iter().all(|n| {
+                    n.node()
+                        .store()
+                        .deliveries(None, 1)
+                        .is_ok_and(|queued| queued.is_empty())
+                });
+                async move { Ok(settled) }
+            },
+        )
         .await
     }
 

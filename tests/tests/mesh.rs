@@ -33,6 +33,18 @@ async fn get(node: &TestNode, id: &ObjectId) -> reqwest::Response {
         .unwrap()
 }
 
+async fn status(node: &TestNode) -> StatusResponse {
+    api_client(node)
+        .unwrap()
+        .get(format!("{}/v1/status", node.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn record_on(node: &TestNode, id: &ObjectId) -> Option<PlacementRecord> {
     let bytes = node.node().store().record(id).unwrap()?;
     Some(PlacementRecord::decode(&bytes).unwrap())
@@ -61,6 +73,8 @@ async fn a_rep3_put_lands_on_three_holders_and_reads_back_from_a_node_holding_no
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     let put: PutResponse = response.json().await.unwrap();
     assert_eq!(put.chunks, 1);
+    // The put returned at W=2; the third holder may still be finishing in the background.
+    cluster.wait_settled(JOIN).await.unwrap();
 
     let record = record_on(writer, &put.id).expect("the writer holds a replica and the record");
     let holders = holders(&record);
@@ -265,6 +279,106 @@ async fn a_node_with_the_wrong_cluster_key_can_neither_store_nor_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_beyond_the_quorum_is_completed_in_the_background_across_a_restart() {
+    // Node 2 refuses every chunk (it believes its disk is full), so a rep:3 put on node 0
+    // reaches 2 of its 3 holders: enough for W=2, and node 2 is owed the rest.
+    let cluster = Cluster::start(3, |i, config| {
+        if i == 2 {
+            config.net.min_free_space = bytesize::ByteSize::b(u64::MAX / 2);
+        }
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let data = random_bytes(3 << 20, 11);
+    let response = put(&cluster.nodes[0], "redundancy=rep:3&quorum=2", data.clone()).await;
+    assert!(response.status().is_success(), "{}", response.status());
+    let put_ok: PutResponse = response.json().await.unwrap();
+    let id = put_ok.id;
+    let owed = cluster.nodes[2].node().peer_id();
+    let record = record_on(&cluster.nodes[0], &id).unwrap();
+    assert!(
+        holders(&record)
+            .iter()
+            .all(|h| h.len() == 3 && h.contains(&owed)),
+        "the record names node 2 as the third holder of every chunk"
+    );
+    assert_eq!(cluster.nodes[2].node().store().stats().unwrap().chunks, 0);
+    assert!(
+        cluster.nodes[2]
+            .node()
+            .store()
+            .object(&id)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        cluster.nodes[0]
+            .node()
+            .store()
+            .deliveries(None, 10)
+            .unwrap()
+            .len(),
+        1,
+        "the writer queued what node 2 is owed"
+    );
+    assert_eq!(status(&cluster.nodes[0]).await.objects_completing, 1);
+
+    // The queue survives the writer's restart; node 2 then gets space and is completed.
+    let Cluster {
+        bootstrap,
+        mut nodes,
+        ..
+    } = cluster;
+    let full = nodes.remove(2);
+    let writer = nodes.remove(0).restart().await.unwrap();
+    let fixed = full
+        .restart_with(|config| {
+            config.net.min_free_space = bytesize::ByteSize::mib(16);
+        })
+        .await
+        .unwrap();
+    let manifest: Manifest = writer.node().store().manifest(&id).unwrap().unwrap().0;
+    wait_until(
+        Duration::from_secs(90),
+        "node 2 to hold every chunk and the object, and the writer's queue to empty",
+        || {
+            let store = fixed.node().store();
+            let done = store.object(&id).unwrap().is_some()
+                && manifest
+                    .chunks
+                    .iter()
+                    .all(|c| store.has_chunk(&c.id).unwrap())
+                && writer
+                    .node()
+                    .store()
+                    .deliveries(None, 10)
+                    .unwrap()
+                    .is_empty();
+            async move { Ok(done) }
+        },
+    )
+    .await
+    .unwrap();
+    // Node 2 took references on the late chunks: it serves the object from its own store
+    // (the others are stopped), and its record names it for every chunk.
+    nodes
+        .iter()
+        .for_each(|n| assert_ne!(n.node().peer_id(), owed));
+    for node in nodes {
+        node.stop().await;
+    }
+    writer.stop().await;
+    let response = get(&fixed, &id).await;
+    assert!(response.status().is_success());
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    let record = record_on(&fixed, &id).unwrap();
+    assert!(holders(&record).iter().all(|h| h.contains(&owed)));
+    fixed.stop().await;
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_node_keeps_its_id_and_chunks_and_rejoins() {
     let cluster = Cluster::start(3, |_, _| {}).await.unwrap();
     cluster.wait_joined(JOIN).await.unwrap();
@@ -274,6 +388,7 @@ async fn a_restarted_node_keeps_its_id_and_chunks_and_rejoins() {
         .json()
         .await
         .unwrap();
+    cluster.wait_settled(JOIN).await.unwrap();
     let Cluster {
         bootstrap,
         mut nodes,
@@ -306,14 +421,7 @@ async fn a_restarted_node_keeps_its_id_and_chunks_and_rejoins() {
 
     // The operator's view: status and peers over the control API.
     let client = api_client(&nodes[0]).unwrap();
-    let status: StatusResponse = client
-        .get(format!("{}/v1/status", nodes[0].api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status(&nodes[0]).await;
     // The two other nodes and the bootstrap peer.
     assert_eq!(status.peers_alive, 3);
     assert!(!status.listen_addrs.is_empty());

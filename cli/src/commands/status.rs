@@ -52,6 +52,13 @@ fn render(status: &StatusResponse) -> String {
             "below target",
             format!("{} objects", status.objects_below_target),
         ),
+        (
+            "completing",
+            format!(
+                "{} objects (holders beyond the write quorum)",
+                status.objects_completing
+            ),
+        ),
         ("default redundancy", status.default_redundancy.to_string()),
         ("zone", output::cell(&status.zone)),
         ("listen addresses", list(&status.listen_addrs)),
@@ -112,6 +119,7 @@ mod tests {
             external_addrs: Vec::new(),
             peers: 3,
             peers_alive: 2,
+            objects_completing: 1,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -133,6 +141,10 @@ mod tests {
             text.contains("peers               2 alive of 3 known\n"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 16);
+        assert!(
+            text.contains("completing          1 objects (holders beyond the write quorum)\n"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 17);
     }
 }

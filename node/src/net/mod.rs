@@ -578,7 +578,7 @@ pub async fn start(
         pending_chunk: HashMap::new(),
         pending_control: HashMap::new(),
         pending_providers: HashMap::new(),
-        has_started: HashMap::new(),
+        chunk_started: HashMap::new(),
         peers_tx,
         status_tx,
         inbound,
@@ -613,8 +613,9 @@ struct EventLoop {
     pending_chunk: HashMap<OutboundRequestId, Responder<Frame<ChunkResponse>>>,
     pending_control: HashMap<OutboundRequestId, Responder<Frame<ControlResponse>>>,
     pending_providers: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
-    /// Start times of `Has` requests: their round trips are RTT samples.
-    has_started: HashMap<OutboundRequestId, Instant>,
+    /// Start time and payload size of outbound chunk requests: their timings feed the RTT
+    /// (see [`peers`]). Entries leave with the response or the failure.
+    chunk_started: HashMap<OutboundRequestId, (Instant, u64)>,
     peers_tx: watch::Sender<Arc<Vec<PeerView>>>,
     status_tx: watch::Sender<Arc<NetStatus>>,
     inbound: Option<mpsc::Sender<Inbound>>,
@@ -761,15 +762,13 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let is_has = matches!(request.header, ChunkRequest::Has { .. });
+                let sent = request.payload.len() as u64;
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .chunk
                     .send_request(&peer, request);
-                if is_has {
-                    self.has_started.insert(id, Instant::now());
-                }
+                self.chunk_started.insert(id, (Instant::now(), sent));
                 self.pending_chunk.insert(id, reply);
             }
             Command::Control {
@@ -1181,9 +1180,10 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some(started) = self.has_started.remove(&request_id) {
+                if let Some((started, sent)) = self.chunk_started.remove(&request_id) {
+                    let bytes = sent + response.payload.len() as u64;
                     self.table
-                        .rtt_sample(&peer, started.elapsed(), Instant::now());
+                        .transfer_sample(&peer, started.elapsed(), bytes, Instant::now());
                 } else {
                     self.table.seen(&peer, Instant::now());
                 }
@@ -1197,7 +1197,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                self.has_started.remove(&request_id);
+                self.chunk_started.remove(&request_id);
                 if let Some(reply) = self.pending_chunk.remove(&request_id) {
                     let _ = reply.send(Err(NetError::Request {
                         peer,

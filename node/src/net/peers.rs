@@ -2,8 +2,11 @@
 //! publishes immutable snapshots ([`PeerView`]) for the rest of the node; nothing else
 //! mutates it.
 //!
-//! RTT is an EWMA over ping samples and chunk-transfer timings (transfer timings include the
-//! transfer itself, so they only ever raise the estimate when the peer is really slower).
+//! RTT is an EWMA over ping samples and chunk-transfer timings. A small exchange (request and
+//! answer together under [`SMALL_EXCHANGE`] bytes, such as `Has`) is a round trip and counts
+//! as a sample. A large one also carries its bytes, so its time is only an upper bound on the
+//! RTT: it counts when it is below the current estimate (the path is faster than measured so
+//! far), and otherwise only shows the peer is alive.
 //! Liveness follows from the last time the peer was heard from: `alive`, `suspect` after
 //! `suspect_after` (a few missed pings or load reports), `dead` after `dead_after`.
 
@@ -18,6 +21,8 @@ use crate::placement::Liveness;
 
 /// Weight of a new RTT sample in the EWMA.
 const RTT_ALPHA: f64 = 0.25;
+/// Exchanges up to this many payload bytes are timed as round trips.
+pub const SMALL_EXCHANGE: u64 = 16 * 1024;
 /// Most addresses remembered per peer (a peer may announce many; we keep the latest).
 const MAX_ADDRS: usize = 8;
 
@@ -169,6 +174,19 @@ impl PeerTable {
         }
     }
 
+    /// A chunk-protocol exchange with `peer` that moved `bytes` of payload took `elapsed`.
+    pub fn transfer_sample(&mut self, peer: &PeerId, elapsed: Duration, bytes: u64, now: Instant) {
+        let Some(entry) = self.peers.get(peer) else {
+            return;
+        };
+        let tighter = entry.rtt.is_some_and(|rtt| elapsed.as_secs_f64() < rtt);
+        if bytes <= SMALL_EXCHANGE || tighter {
+            self.rtt_sample(peer, elapsed, now);
+        } else {
+            self.seen(peer, now);
+        }
+    }
+
     pub fn load_report(&mut self, peer: &PeerId, report: LoadReport, now: Instant) {
         if let Some(entry) = self.peers.get_mut(peer) {
             if !report.zone.is_empty() {
@@ -304,6 +322,28 @@ mod tests {
         assert_eq!(view.last_rtt, Some(Duration::from_millis(30)));
         let ewma = view.rtt.unwrap().as_secs_f64() * 1000.0;
         assert!((ewma - 15.0).abs() < 0.01, "{ewma}");
+    }
+
+    #[test]
+    fn small_exchanges_are_samples_and_large_ones_only_bound_the_rtt() {
+        let mut t = table();
+        let p = PeerId::random();
+        let now = Instant::now();
+        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let rtt = |t: &PeerTable| t.snapshot(now)[0].rtt.map(|d| d.as_secs_f64() * 1000.0);
+        // A large transfer with no estimate yet says nothing about the RTT.
+        t.transfer_sample(&p, Duration::from_millis(50), 1 << 20, now);
+        assert_eq!(rtt(&t), None);
+        // A small exchange is a round trip.
+        t.transfer_sample(&p, Duration::from_millis(20), 100, now);
+        assert!((rtt(&t).unwrap() - 20.0).abs() < 0.01);
+        // A large transfer slower than the estimate leaves it alone...
+        t.transfer_sample(&p, Duration::from_millis(80), 1 << 20, now);
+        assert!((rtt(&t).unwrap() - 20.0).abs() < 0.01);
+        // ...and one faster than it pulls it down.
+        t.transfer_sample(&p, Duration::from_millis(4), 1 << 20, now);
+        assert!((rtt(&t).unwrap() - 16.0).abs() < 0.01, "{:?}", rtt(&t));
+        assert_eq!(t.snapshot(now)[0].last_rtt, Some(Duration::from_millis(4)));
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub struct Stats {
 pub trait ChunkStore: Send + Sync {
     /// Stores `data` under its BLAKE3, computed here.
     fn put_chunk(&self, data: &[u8]) -> Result<StoredChunk, StoreError>;
-    /// Stores `data` under `id`, refusing bytes that do not hash to `id`.
+    /// Stores `data` under `id`, refusing bytes that do not hash to `id`, durably (synced)
+    /// before it returns: this is how another node's chunk is acknowledged.
     fn put_chunk_verified(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk, StoreError>;
     /// Reads and verifies a chunk.
     fn get_chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, StoreError>;
@@ -123,8 +124,9 @@ pub trait MetaStore: Send + Sync {
     fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError>;
     /// Records an object this node holds part of: references only the chunks at the manifest
     /// indices in `held` (skipping, and returning, those that are not stored), and keeps the
-    /// encoded placement record, atomically. If the object is already committed, only the
-    /// record is replaced (the caller decides which record wins).
+    /// encoded placement record, atomically. If the object is already committed, the record is
+    /// replaced and references are added for held chunks that arrived since (the caller
+    /// decides which record wins).
     fn commit_placed(
         &self,
         manifest: &Manifest,
@@ -133,6 +135,17 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError>;
     /// The encoded placement record of an object, if this node keeps one.
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Queues (or replaces) the background deliveries still owed for an object: an opaque,
+    /// versioned value the write path encodes. Synced, so it survives a restart.
+    fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError>;
+    fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError>;
+    fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` queued deliveries ordered by object id, starting after `after`.
+    fn deliveries(
+        &self,
+        after: Option<&ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError>;
     /// Replaces the placement record of an object.
     fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError>;
     /// The decoded manifest and its canonical bytes.

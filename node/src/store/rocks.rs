@@ -55,6 +55,9 @@ const KEY_BYTES: &[u8] = b"count/bytes";
 /// Pending-queue kind: a chunk that may have no reference (written by an upload that has not
 /// committed, or released while an upload held it).
 const PENDING_ORPHAN: u8 = 1;
+/// Pending-queue kind: holders of a put that are still owed chunks or the placement record
+/// (the writer's background completion; the value is opaque to the store).
+const PENDING_DELIVERY: u8 = 2;
 
 const STRIPES: usize = 64;
 
@@ -307,7 +310,7 @@ impl RocksStore {
     }
 
     /// Writes a chunk whose id is known to match. Caller holds the chunk's stripe.
-    fn insert_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+    fn insert_chunk(&self, id: &ChunkId, data: &[u8], sync: bool) -> Result<bool, StoreError> {
         if self.ref_record(id)?.is_some() {
             return Ok(false);
         }
@@ -331,9 +334,10 @@ impl RocksStore {
         );
         batch.merge_cf(self.cf(CF_META), KEY_CHUNKS, 1i64.to_le_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_BYTES, i64::from(len).to_le_bytes());
-        // Not synced on its own: the object commit that references it syncs the WAL, which
-        // covers every earlier write.
-        self.write(batch, false)?;
+        // A local upload's chunks are not synced on their own: the object commit that
+        // references them syncs the WAL, which covers every earlier write. A chunk another
+        // node sends is synced before it is acknowledged (concurrent syncs share one fsync).
+        self.write(batch, sync)?;
         Ok(true)
     }
 
@@ -468,10 +472,10 @@ impl RocksStore {
             .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
             .is_some()
         {
-            if let Some((record, _)) = placed {
-                self.put_record(&id, record)?;
-            }
-            return Ok((id, Vec::new()));
+            return match placed {
+                Some((record, held)) => self.extend_placed(&id, manifest, record, held),
+                None => Ok((id, Vec::new())),
+            };
         }
         let mut batch = WriteBatch::default();
         let refs = self.cf(CF_REFS);
@@ -525,6 +529,64 @@ impl RocksStore {
         Ok((id, missing))
     }
 
+    /// A placed object committed before: replaces the record and takes references on the
+    /// chunks `held` names that arrived since (a holder finished in the background gets the
+    /// record once at the put and again when its last chunks are delivered). References are
+    /// only added here; releasing a holder's share is the repair's job. Caller holds the
+    /// stripes of every chunk in `held`.
+    fn extend_placed(
+        &self,
+        id: &ObjectId,
+        manifest: &Manifest,
+        record: &[u8],
+        held: &[usize],
+    ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RECORDS), id.as_bytes(), record);
+        let Some(previous) = self.db.get_pinned_cf(self.cf(CF_HELD), id.as_bytes())? else {
+            // Committed whole (a local put): every chunk is referenced already.
+            self.write(batch, true)?;
+            return Ok((*id, Vec::new()));
+        };
+        let previous: Vec<u32> = decode(id.as_bytes(), &previous)?;
+        let mut now_held: Vec<u32> = previous.clone();
+        let added: Vec<usize> = held
+            .iter()
+            .copied()
+            .filter(|&i| manifest.chunks.get(i).is_some() && !previous.contains(&(i as u32)))
+            .collect();
+        let mut missing = Vec::new();
+        let refs = self.cf(CF_REFS);
+        let mut updated: HashMap<ChunkId, RefRecord> = HashMap::new();
+        for i in added {
+            let chunk = manifest.chunks[i].id;
+            let rec = match updated.get(&chunk) {
+                Some(rec) => Some(*rec),
+                None => self.ref_record(&chunk)?,
+            };
+            match rec {
+                Some(mut rec) => {
+                    rec.count += 1;
+                    updated.insert(chunk, rec);
+                    now_held.push(i as u32);
+                }
+                None => missing.push(chunk),
+            }
+        }
+        if updated.is_empty() {
+            self.write(batch, true)?;
+            return Ok((*id, missing));
+        }
+        for (chunk, rec) in &updated {
+            batch.put_cf(refs, chunk.as_bytes(), encode(rec));
+        }
+        now_held.sort_unstable();
+        batch.put_cf(self.cf(CF_HELD), id.as_bytes(), encode(&now_held));
+        self.write(batch, true)?;
+        debug!(object = %id, added = now_held.len() - previous.len(), "took references on late chunks");
+        Ok((*id, missing))
+    }
+
     /// Chunk references an object took: all of them, or those recorded as held.
     fn object_uses(
         &self,
@@ -550,7 +612,7 @@ impl ChunkStore for RocksStore {
     fn put_chunk(&self, data: &[u8]) -> Result<StoredChunk, StoreError> {
         let id = ChunkId::of(data);
         let _guard = lock(&self.stripes[self.stripe(&id)]);
-        let new = self.insert_chunk(&id, data)?;
+        let new = self.insert_chunk(&id, data, false)?;
         Ok(StoredChunk { id, new })
     }
 
@@ -563,7 +625,7 @@ impl ChunkStore for RocksStore {
             });
         }
         let _guard = lock(&self.stripes[self.stripe(id)]);
-        let new = self.insert_chunk(id, data)?;
+        let new = self.insert_chunk(id, data, true)?;
         Ok(StoredChunk { id: *id, new })
     }
 
@@ -600,6 +662,53 @@ impl MetaStore for RocksStore {
 
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_RECORDS), id.as_bytes())?)
+    }
+
+    fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_PENDING), delivery_key(id), value);
+        self.write(batch, true)
+    }
+
+    fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_PENDING), delivery_key(id));
+        self.write(batch, true)
+    }
+
+    fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_PENDING), delivery_key(id))?)
+    }
+
+    fn deliveries(
+        &self,
+        after: Option<&ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError> {
+        let start = match after {
+            Some(id) => delivery_key(id).to_vec(),
+            None => vec![PENDING_DELIVERY],
+        };
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(&start, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_PENDING), mode) {
+            let (key, value) = item?;
+            if key.first() != Some(&PENDING_DELIVERY) {
+                break;
+            }
+            let Ok(bytes) = <[u8; 32]>::try_from(&key[1..]) else {
+                continue;
+            };
+            let id = ObjectId::from_bytes(bytes);
+            if Some(&id) == after {
+                continue;
+            }
+            out.push((id, value.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError> {
@@ -705,6 +814,13 @@ impl MetaStore for RocksStore {
     }
 }
 
+fn delivery_key(id: &ObjectId) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = PENDING_DELIVERY;
+    key[1..].copy_from_slice(id.as_bytes());
+    key
+}
+
 /// How many times the manifest references each chunk: the amount its commit adds to (and its
 /// delete takes from) each reference count.
 fn held_uses(manifest: &Manifest, held: &[usize]) -> HashMap<ChunkId, u64> {
@@ -750,7 +866,7 @@ impl Upload {
         let _guard = lock(&self.store.stripes[self.store.stripe(&id)]);
         self.store.pin(&id);
         self.pinned.push(id);
-        let new = self.store.insert_chunk(&id, data)?;
+        let new = self.store.insert_chunk(&id, data, false)?;
         Ok(StoredChunk { id, new })
     }
 

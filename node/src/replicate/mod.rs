@@ -7,9 +7,13 @@
 //! `placement::choose_targets` over the live peer table plus this node, and is sent to its
 //! targets at once (this node's share through the open [`Upload`], others over
 //! `/mesh/chunk/1`), with at most `write_window` chunks in flight. A failed target is replaced
-//! by the next one in placement order. Once every chunk has `W` acknowledgements, the
-//! manifest and the placement record go to every holder over `/mesh/control/1`; each holder
-//! commits its part, keeps the record and announces the object in the DHT.
+//! by the next one in placement order. A chunk counts once `W` holders acknowledged it (a
+//! holder syncs a chunk before acknowledging it); sends still running then finish on their
+//! own. Once every chunk counts, the manifest and the placement record go to every holder
+//! that acknowledged something, over `/mesh/control/1`; each commits its part, keeps the record
+//! and announces the object in the DHT. Holders still owed chunks (or the record) are written
+//! to a durable queue before the put returns; [`complete`] finishes them in the background,
+//! after a restart too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -35,6 +39,10 @@ use crate::objects::{IngestError, PutOptions};
 use crate::placement::{self, Candidate, Liveness, Zone};
 use crate::store::rocks::Upload;
 use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
+
+pub mod complete;
+
+use complete::Delivery;
 
 /// How long a peer that sent bad bytes is avoided.
 const AVOID_FOR: Duration = Duration::from_secs(300);
@@ -81,6 +89,40 @@ enum Target {
     Remote(PeerId),
 }
 
+/// A chunk once its write quorum is reached.
+#[derive(Debug)]
+struct Placed {
+    /// Targets that stored it.
+    acked: Vec<Target>,
+    /// Targets still being sent to when the quorum was reached.
+    owed: Vec<Target>,
+    was_new: bool,
+    /// The sends still running.
+    stragglers: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Sends a chunk to `peer`; `Ok(new)` once the peer stored it durably.
+async fn store_remote(
+    net: &Network,
+    peer: PeerId,
+    id: ChunkId,
+    data: Bytes,
+) -> Result<bool, String> {
+    let request = Frame::with_payload(ChunkRequest::Store { id }, data);
+    match net.chunk(peer, request).await {
+        Ok(Frame {
+            header: ChunkResponse::Stored { new },
+            ..
+        }) => Ok(new),
+        Ok(Frame {
+            header: ChunkResponse::Refused { reason, message },
+            ..
+        }) => Err(format!("{peer} refused: {reason}: {message}")),
+        Ok(other) => Err(format!("{peer} answered {:?}", other.header)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The replicated object service of one node.
 #[derive(Debug, Clone)]
 pub struct Mesh {
@@ -95,6 +137,9 @@ struct Inner {
     settings: Settings,
     /// Peers that sent bytes failing verification, and since when.
     avoid: Mutex<HashMap<PeerId, Instant>>,
+    /// The background completion: objects whose quorum-exceeding sends are still running
+    /// (it waits for them), and a nudge to look at an object now.
+    completion: complete::Shared,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,6 +167,7 @@ impl Mesh {
                 metrics,
                 settings,
                 avoid: Mutex::new(HashMap::new()),
+                completion: complete::Shared::new(),
             }),
         }
     }
@@ -188,7 +234,8 @@ impl Mesh {
 
         let mut chunker = Chunker::new(reader, options.chunker);
         let mut in_flight = FuturesUnordered::new();
-        let mut placed: BTreeMap<usize, (ChunkRef, Vec<Target>)> = BTreeMap::new();
+        let mut placed: BTreeMap<usize, (ChunkRef, Vec<Target>, Vec<Target>)> = BTreeMap::new();
+        let mut stragglers = Vec::new();
         let mut index = 0usize;
         let mut new_chunks = 0u64;
         let mut new_bytes = 0u64;
@@ -243,12 +290,13 @@ impl Mesh {
                     break;
                 };
                 match result {
-                    Ok((holders, was_new)) => {
-                        if was_new {
+                    Ok(chunk) => {
+                        if chunk.was_new {
                             new_chunks += 1;
                             new_bytes += u64::from(len);
                         }
-                        placed.insert(i, (ChunkRef { id, len }, holders));
+                        stragglers.extend(chunk.stragglers);
+                        placed.insert(i, (ChunkRef { id, len }, chunk.acked, chunk.owed));
                     }
                     Err(e) => failure = Some(e),
                 }
@@ -261,12 +309,15 @@ impl Mesh {
         drop(local_tx);
         let upload = writer.await.map_err(|_| IngestError::WorkerGone)?;
         if let Some(e) = failure {
+            for task in &stragglers {
+                task.abort();
+            }
             inner.metrics.aborted_uploads().increment(1);
             tokio::task::spawn_blocking(move || drop(upload));
             return Err(e);
         }
 
-        let chunks: Vec<ChunkRef> = placed.values().map(|(c, _)| *c).collect();
+        let chunks: Vec<ChunkRef> = placed.values().map(|(c, _, _)| *c).collect();
         let manifest = Manifest::new(
             options.name,
             options.chunker,
@@ -278,15 +329,19 @@ impl Mesh {
         .map_err(IngestError::from)?;
         let object = manifest.object_id();
         let me = self.local_id();
+        let peer_of = |target: &Target| match target {
+            Target::Local => me,
+            Target::Remote(p) => *p,
+        };
         let mut nodes: Vec<PeerId> = Vec::new();
         let mut holders = Vec::with_capacity(placed.len());
-        for (_, targets) in placed.values() {
-            let mut list = Vec::with_capacity(targets.len());
-            for target in targets {
-                let peer = match target {
-                    Target::Local => me,
-                    Target::Remote(p) => *p,
-                };
+        // Per remote holder: whether it stored any chunk yet, and the chunks it is owed.
+        let mut acked_peers: Vec<PeerId> = Vec::new();
+        let mut owed: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
+        for (index, (_, acked, pending)) in placed.values().enumerate() {
+            let mut list = Vec::with_capacity(acked.len() + pending.len());
+            for target in acked.iter().chain(pending) {
+                let peer = peer_of(target);
                 let pos = match nodes.iter().position(|n| *n == peer) {
                     Some(pos) => pos,
                     None => {
@@ -297,6 +352,16 @@ impl Mesh {
                 list.push(pos as u16);
             }
             holders.push(list);
+            for target in acked {
+                if let Target::Remote(p) = target
+                    && !acked_peers.contains(p)
+                {
+                    acked_peers.push(*p);
+                }
+            }
+            for target in pending {
+                owed.entry(peer_of(target)).or_default().push(index as u32);
+            }
         }
         let record = PlacementRecord {
             object,
@@ -329,8 +394,9 @@ impl Mesh {
         if is_holder {
             inner.net.provide(object).await;
         }
-        // Every other holder gets the manifest and the record, in parallel.
-        let sends = nodes.iter().filter(|p| **p != me).map(|peer| {
+        // Every holder that stored something gets the manifest and the record now, in
+        // parallel; one that is only owed chunks gets them with its last chunk.
+        let sends = acked_peers.iter().map(|peer| {
             let net = inner.net.clone();
             let request = Frame::with_payload(
                 ControlRequest::PutObject {
@@ -339,20 +405,19 @@ impl Mesh {
                 manifest_bytes.clone(),
             );
             let peer = *peer;
-            async move { (peer, net.control(peer, request).await) }
+            async move { (peer, complete::send_record(&net, peer, request).await) }
         });
-        let results = futures::future::join_all(sends).await;
-        for (peer, result) in results {
-            match result {
-                Ok(Frame {
-                    header: ControlResponse::Stored,
-                    ..
-                }) => {}
-                Ok(Frame { header, .. }) => {
-                    warn!(%peer, %object, response = ?header, "holder did not keep the placement record")
-                }
-                Err(e) => warn!(%peer, %object, error = %e, "placement record not delivered"),
+        for (peer, result) in futures::future::join_all(sends).await {
+            if let Err(e) = result {
+                warn!(%peer, %object, error = %e, "placement record not delivered; retrying in the background");
+                owed.entry(peer).or_default();
             }
+        }
+        if !owed.is_empty() {
+            let delivery = Delivery::new(&record, &manifest_bytes, owed, now_ms());
+            let owed_holders = delivery.owed.len();
+            self.enqueue_delivery(object, delivery, stragglers).await?;
+            debug!(%object, owed_holders, "holders beyond the quorum finish in the background");
         }
         inner.metrics.puts().increment(1);
         inner.metrics.put_bytes().increment(size);
@@ -367,7 +432,8 @@ impl Mesh {
     }
 
     /// Sends one chunk to its first `width` targets (replacing failed ones from `order`),
-    /// and returns the holders once all sends are settled, if at least `quorum` succeeded.
+    /// and returns once `quorum` of them stored it and this node's own copy (if it is a
+    /// target) is settled. Sends still running then are returned as owed, and keep going.
     async fn place_chunk(
         &self,
         id: ChunkId,
@@ -376,7 +442,7 @@ impl Mesh {
         width: usize,
         quorum: usize,
         local: mpsc::Sender<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>,
-    ) -> Result<(Vec<Target>, bool), MeshError> {
+    ) -> Result<Placed, MeshError> {
         let mut spare = order.into_iter();
         let mut sends = FuturesUnordered::new();
         let send = |target: Target| {
@@ -396,32 +462,22 @@ impl Mesh {
                             },
                         }
                     }
-                    Target::Remote(peer) => {
-                        let request = Frame::with_payload(ChunkRequest::Store { id }, data);
-                        match net.chunk(peer, request).await {
-                            Ok(Frame {
-                                header: ChunkResponse::Stored { new },
-                                ..
-                            }) => Ok(new),
-                            Ok(Frame {
-                                header: ChunkResponse::Refused { reason, message },
-                                ..
-                            }) => Err(format!("{peer} refused: {reason}: {message}")),
-                            Ok(other) => Err(format!("{peer} answered {:?}", other.header)),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
+                    Target::Remote(peer) => store_remote(&net, peer, id, data).await,
                 };
                 (target, result)
             }
         };
+        let mut running = Vec::with_capacity(width);
         for target in spare.by_ref().take(width) {
+            running.push(target);
             sends.push(send(target));
         }
         let mut acked = Vec::new();
+        let mut unreplaced = Vec::new();
         let mut was_new = false;
         let mut last_error = String::from("no eligible holders");
         while let Some((target, result)) = sends.next().await {
+            running.retain(|t| *t != target);
             match result {
                 Ok(new) => {
                     if target == Target::Local {
@@ -433,9 +489,16 @@ impl Mesh {
                     debug!(chunk = %id, ?target, error = %e, "chunk not stored; trying the next holder");
                     last_error = e;
                     if let Some(next) = spare.next() {
+                        running.push(next);
                         sends.push(send(next));
+                    } else if let Target::Remote(_) = target {
+                        // No other peer to take its place: retry it in the background.
+                        unreplaced.push(target);
                     }
                 }
+            }
+            if acked.len() >= quorum && !running.contains(&Target::Local) {
+                break;
             }
         }
         if acked.len() < quorum {
@@ -446,7 +509,20 @@ impl Mesh {
                 reason: last_error,
             });
         }
-        Ok((acked, was_new))
+        let stragglers = (!sends.is_empty()).then(|| {
+            tokio::spawn(async move {
+                // Outcomes are not needed: the background completion asks the owed holders
+                // what they have before sending anything.
+                while sends.next().await.is_some() {}
+            })
+        });
+        running.extend(unreplaced);
+        Ok(Placed {
+            acked,
+            owed: running,
+            was_new,
+            stragglers,
+        })
     }
 
     /// The manifest and placement record of an object: from this node, or else from the
@@ -735,10 +811,13 @@ impl Mesh {
                 let result = tokio::task::spawn_blocking(move || {
                     if let Some(existing) = store.record(&object)?
                         && let Ok(existing) = PlacementRecord::decode(&existing)
+                        && existing != record
                         && !record.supersedes(&existing)
                     {
                         return Ok(Vec::new());
                     }
+                    // The same record again (the writer's background completion delivered the
+                    // rest of this node's chunks) takes references on the chunks now here.
                     let held = record.chunks_held_by(&me);
                     let (_, missing) = store.commit_placed(&manifest, &record.encode(), &held)?;
                     Ok::<_, StoreError>(missing)
@@ -747,7 +826,9 @@ impl Mesh {
                 match result {
                     Ok(Ok(missing)) => {
                         if !missing.is_empty() {
-                            warn!(%peer, %object, missing = missing.len(), "placement record names chunks this node does not have");
+                            // Expected while the writer's background completion is still
+                            // sending them; it sends the record again after the last one.
+                            debug!(%peer, %object, missing = missing.len(), "placement record names chunks not here yet");
                         }
                         self.inner.net.provide(object).await;
                         Frame::new(ControlResponse::Stored)

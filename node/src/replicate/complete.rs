@@ -1,0 +1,499 @@
+//! Background completion of puts: the holders beyond the write quorum.
+//!
+//! A put returns once every chunk has `W` holders. The sends still running then keep going,
+//! and before the put returns, the holders they target (plus a holder that failed with no
+//! other peer to take its place, and any holder the placement record did not reach) are
+//! written to the store's delivery queue: one synced entry per object, holding the record, the
+//! manifest and, per owed holder, the chunk indices it is owed.
+//!
+//! [`Mesh::run_completion`] works through that queue: an object as soon as its put's remaining
+//! sends have ended, the rest when due, and everything at once after a restart. For each owed
+//! holder it asks which chunks the holder already has (`Has`, which also samples the RTT),
+//! sends the others (read from this node's store, or fetched from a holder that has them), and
+//! then sends the placement record again, which makes the holder take references on the
+//! chunks that arrived late. A holder that fails is retried with exponential backoff; after
+//! [`GIVE_UP_AFTER`] attempts it is left to repair, with a warning and a metric.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use libp2p::PeerId;
+use mesh_proto::wire::{
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, MAX_HAS_IDS, PlacementRecord,
+};
+use mesh_proto::{ChunkId, Manifest, ObjectId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Mesh, MeshError, lock, now_ms, store_remote};
+use crate::net::{Frame, Network};
+use crate::objects::IngestError;
+use crate::store::MetaStore;
+
+/// Format version of a queued [`Delivery`].
+const DELIVERY_VERSION: u8 = 1;
+/// Largest queued entry decoded (a manifest of a very large object plus its record).
+const MAX_ENTRY: usize = 512 << 20;
+/// First retry delay after a failed attempt; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Attempts before a holder is left to repair (about two hours at the longest backoff).
+pub const GIVE_UP_AFTER: u32 = 30;
+/// How often the queue is scanned for entries that are due.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// Chunks sent to one holder at once.
+const SEND_WINDOW: usize = 4;
+/// Nudges queued for the worker; when full, the periodic scan finds the object instead.
+const KICK_QUEUE: usize = 1024;
+
+/// State the put path and the worker share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Objects whose put still has sends running; the worker leaves them alone until then.
+    waiting: Mutex<HashSet<ObjectId>>,
+    kick_tx: mpsc::Sender<ObjectId>,
+    kick_rx: Mutex<Option<mpsc::Receiver<ObjectId>>>,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Self {
+        let (kick_tx, kick_rx) = mpsc::channel(KICK_QUEUE);
+        Self {
+            waiting: Mutex::new(HashSet::new()),
+            kick_tx,
+            kick_rx: Mutex::new(Some(kick_rx)),
+        }
+    }
+}
+
+/// What an object's put still owes its holders (the queued value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Delivery {
+    version: u8,
+    /// The encoded placement record.
+    record: Vec<u8>,
+    /// The manifest's canonical bytes.
+    manifest: Vec<u8>,
+    pub(crate) owed: Vec<Owed>,
+    attempts: u32,
+    next_ms: u64,
+    created_ms: u64,
+}
+
+/// One holder and the manifest indices of the chunks it is owed (none: only the record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Owed {
+    peer: Vec<u8>,
+    chunks: Vec<u32>,
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_ENTRY>()
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        record: &PlacementRecord,
+        manifest: &[u8],
+        owed: BTreeMap<PeerId, Vec<u32>>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            version: DELIVERY_VERSION,
+            record: record.encode(),
+            manifest: manifest.to_vec(),
+            owed: owed
+                .into_iter()
+                .map(|(peer, chunks)| Owed {
+                    peer: peer.to_bytes(),
+                    chunks,
+                })
+                .collect(),
+            attempts: 0,
+            next_ms: now_ms,
+            created_ms: now_ms,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        // Encoding plain owned data into a Vec cannot fail.
+        bincode::serde::encode_to_vec(self, codec()).unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (delivery, used): (Self, usize) =
+            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
+        if used != bytes.len() {
+            return Err("trailing bytes".into());
+        }
+        if delivery.version != DELIVERY_VERSION {
+            return Err(format!("unknown version {}", delivery.version));
+        }
+        Ok(delivery)
+    }
+}
+
+/// Delay before attempt `attempts + 1`.
+fn backoff(attempts: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// Sends a placement record (with the manifest as payload) and checks the holder kept it.
+pub(crate) async fn send_record(
+    net: &Network,
+    peer: PeerId,
+    request: Frame<ControlRequest>,
+) -> Result<(), String> {
+    match net.control(peer, request).await {
+        Ok(Frame {
+            header: ControlResponse::Stored,
+            ..
+        }) => Ok(()),
+        Ok(Frame { header, .. }) => Err(format!("{peer} answered {header:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Mesh {
+    /// Queues what `object`'s put still owes (synced), and hands it to the worker once the
+    /// put's remaining sends have ended.
+    pub(super) async fn enqueue_delivery(
+        &self,
+        object: ObjectId,
+        delivery: Delivery,
+        stragglers: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<(), MeshError> {
+        let store = std::sync::Arc::clone(&self.inner.store);
+        let encoded = delivery.encode();
+        tokio::task::spawn_blocking(move || store.put_delivery(&object, &encoded))
+            .await
+            .map_err(|_| IngestError::WorkerGone)??;
+        let shared = &self.inner.completion;
+        lock(&shared.waiting).insert(object);
+        let this = self.clone();
+        tokio::spawn(async move {
+            for task in stragglers {
+                let _ = task.await;
+            }
+            lock(&this.inner.completion.waiting).remove(&object);
+            // When the queue is full the next scan finds the object.
+            let _ = this.inner.completion.kick_tx.try_send(object);
+        });
+        Ok(())
+    }
+
+    /// Objects with holders still owed something (queued deliveries).
+    pub fn pending_deliveries(&self) -> Result<usize, crate::store::StoreError> {
+        let mut count = 0;
+        let mut after = None;
+        loop {
+            let page = self.inner.store.deliveries(after.as_ref(), 1024)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(count);
+            };
+            after = Some(*last);
+            count += page.len();
+        }
+    }
+
+    /// Works through the delivery queue until `stop` is cancelled. Runs once per node.
+    pub async fn run_completion(self, stop: CancellationToken) {
+        let Some(mut kicks) = lock(&self.inner.completion.kick_rx).take() else {
+            warn!("background completion is already running");
+            return;
+        };
+        let mut scan = tokio::time::interval(SCAN_EVERY);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a restart nothing is still being sent: everything queued is due now.
+        let mut first_scan = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                Some(object) = kicks.recv() => {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = self.complete_object(object) => {}
+                    }
+                }
+                _ = scan.tick() => {
+                    let due = match self.due_objects(first_scan) {
+                        Ok(due) => due,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the delivery queue");
+                            continue;
+                        }
+                    };
+                    first_scan = false;
+                    for object in due {
+                        tokio::select! {
+                            biased;
+                            () = stop.cancelled() => return,
+                            () = self.complete_object(object) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queued objects that are due (all of them with `ignore_time`), except those whose put
+    /// is still sending.
+    fn due_objects(&self, ignore_time: bool) -> Result<Vec<ObjectId>, MeshError> {
+        let now = now_ms();
+        let waiting = lock(&self.inner.completion.waiting).clone();
+        let mut due = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.inner.store.deliveries(after.as_ref(), 256)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(due);
+            };
+            after = Some(*last);
+            for (object, bytes) in page {
+                if waiting.contains(&object) {
+                    continue;
+                }
+                let is_due = Delivery::decode(&bytes).map_or(true, |d| d.next_ms <= now);
+                if ignore_time || is_due {
+                    due.push(object);
+                }
+            }
+        }
+    }
+
+    /// One attempt at everything `object`'s entry owes.
+    async fn complete_object(&self, object: ObjectId) {
+        let store = std::sync::Arc::clone(&self.inner.store);
+        let entry = match tokio::task::spawn_blocking(move || store.delivery(&object)).await {
+            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                warn!(%object, error = %e, "cannot read a queued delivery");
+                return;
+            }
+            Err(_) => return,
+        };
+        let delivery = match Delivery::decode(&entry) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%object, error = %e, "dropping an unreadable queued delivery");
+                self.finish(object, &entry, None).await;
+                return;
+            }
+        };
+        let parsed = PlacementRecord::decode(&delivery.record)
+            .map_err(|e| e.to_string())
+            .and_then(|record| {
+                let manifest = Manifest::decode_verified(&object, &delivery.manifest)
+                    .map_err(|e| e.to_string())?;
+                record
+                    .validate(manifest.chunks.len())
+                    .map_err(|e| e.to_string())?;
+                Ok((record, manifest))
+            });
+        let (record, manifest) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%object, error = %e, "dropping a queued delivery with a bad record or manifest");
+                self.finish(object, &entry, None).await;
+                return;
+            }
+        };
+        let manifest_bytes = Bytes::from(delivery.manifest.clone());
+        let attempts = delivery.owed.iter().map(|owed| {
+            let record = &record;
+            let manifest = &manifest;
+            let manifest_bytes = manifest_bytes.clone();
+            async move {
+                let result = match PeerId::from_bytes(&owed.peer) {
+                    Ok(peer) => {
+                        self.deliver(peer, record, manifest, manifest_bytes, &owed.chunks)
+                            .await
+                    }
+                    Err(e) => Err(format!("bad peer id in the queue: {e}")),
+                };
+                (owed, result)
+            }
+        });
+        let results = futures::future::join_all(attempts).await;
+        let mut left = Vec::new();
+        for (owed, result) in results {
+            match result {
+                Ok(sent) => {
+                    debug!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), sent, "holder completed in the background");
+                }
+                Err(e) => {
+                    debug!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), error = %e, attempt = delivery.attempts + 1, "background delivery failed; will retry");
+                    left.push(owed.clone());
+                }
+            }
+        }
+        let next = if left.is_empty() {
+            debug!(%object, "every holder of the object is complete");
+            None
+        } else if delivery.attempts + 1 >= GIVE_UP_AFTER {
+            for owed in &left {
+                warn!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), attempts = delivery.attempts + 1, "giving up on a holder; the object stays below its target until repair");
+                self.inner.metrics.deliveries_abandoned().increment(1);
+            }
+            None
+        } else {
+            let attempts = delivery.attempts + 1;
+            Some(Delivery {
+                owed: left,
+                attempts,
+                next_ms: now_ms() + backoff(attempts - 1).as_millis() as u64,
+                ..delivery
+            })
+        };
+        self.finish(object, &entry, next).await;
+    }
+
+    /// Replaces (or with `None` removes) the queued entry, unless a newer put replaced it
+    /// while this attempt ran.
+    async fn finish(&self, object: ObjectId, seen: &[u8], next: Option<Delivery>) {
+        let store = std::sync::Arc::clone(&self.inner.store);
+        let seen = seen.to_vec();
+        let result = tokio::task::spawn_blocking(move || {
+            if store.delivery(&object)?.as_deref() != Some(&seen[..]) {
+                return Ok(());
+            }
+            match next {
+                Some(next) => store.put_delivery(&object, &next.encode()),
+                None => store.delete_delivery(&object),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            warn!(%object, error = %e, "cannot update the delivery queue");
+        }
+    }
+
+    /// Brings one holder up to date: the chunks it lacks, then the record. Returns how many
+    /// chunks were sent.
+    async fn deliver(
+        &self,
+        peer: PeerId,
+        record: &PlacementRecord,
+        manifest: &Manifest,
+        manifest_bytes: Bytes,
+        indices: &[u32],
+    ) -> Result<usize, String> {
+        let net = &self.inner.net;
+        // Distinct chunks, each with the holders it can be copied from.
+        let mut wanted: BTreeMap<ChunkId, Vec<PeerId>> = BTreeMap::new();
+        for &index in indices {
+            let index = index as usize;
+            let chunk = manifest
+                .chunks
+                .get(index)
+                .ok_or_else(|| format!("chunk index {index} is out of range"))?;
+            let sources = wanted.entry(chunk.id).or_default();
+            for holder in record.holders_of(index) {
+                if let Ok(holder) = PeerId::from_bytes(&holder.0)
+                    && holder != peer
+                    && !sources.contains(&holder)
+                {
+                    sources.push(holder);
+                }
+            }
+        }
+        let ids: Vec<ChunkId> = wanted.keys().copied().collect();
+        let mut missing = Vec::new();
+        for batch in ids.chunks(MAX_HAS_IDS) {
+            let request = Frame::new(ChunkRequest::Has {
+                ids: batch.to_vec(),
+            });
+            match net.chunk(peer, request).await {
+                Ok(Frame {
+                    header: ChunkResponse::Has { present },
+                    ..
+                }) if present.len() == batch.len() => {
+                    missing.extend(
+                        batch
+                            .iter()
+                            .zip(present)
+                            .filter(|(_, has)| !has)
+                            .map(|(id, _)| *id),
+                    );
+                }
+                Ok(other) => return Err(format!("{peer} answered {:?} to has", other.header)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let sent = missing.len();
+        let mut sends = futures::stream::iter(missing)
+            .map(|id| {
+                let sources = wanted.get(&id).cloned().unwrap_or_default();
+                async move {
+                    let data = self
+                        .fetch_chunk(id, sources)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    store_remote(net, peer, id, data).await
+                }
+            })
+            .buffer_unordered(SEND_WINDOW);
+        while let Some(result) = sends.next().await {
+            result?;
+            self.inner.metrics.delivered_chunks().increment(1);
+        }
+        drop(sends);
+        let request = Frame::with_payload(
+            ControlRequest::PutObject {
+                record: record.clone(),
+            },
+            manifest_bytes,
+        );
+        send_record(net, peer, request).await?;
+        Ok(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(32));
+        assert_eq!(backoff(9), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_queued_delivery_round_trips_and_rejects_garbage() {
+        let d = Delivery {
+            version: DELIVERY_VERSION,
+            record: vec![1, 2, 3],
+            manifest: vec![4; 100],
+            owed: vec![Owed {
+                peer: vec![9; 38],
+                chunks: vec![0, 5, 7],
+            }],
+            attempts: 3,
+            next_ms: 42,
+            created_ms: 7,
+        };
+        let bytes = d.encode();
+        assert_eq!(Delivery::decode(&bytes).unwrap(), d);
+        assert!(Delivery::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Delivery::decode(&longer).is_err());
+        let mut other = d.clone();
+        other.version = 9;
+        assert!(Delivery::decode(&other.encode()).is_err());
+    }
+}
