@@ -40,6 +40,7 @@ struct Inner {
     pub bad_peer_data: Counter,
     pub get_remote_bytes: Counter,
     pub delivered_chunks: Counter,
+    pub hedged_fetches: Counter,
     pub deliveries_abandoned: Counter,
     objects: Gauge,
     chunks: Gauge,
@@ -118,6 +119,11 @@ impl Metrics {
             "chunks sent to holders beyond the write quorum after a put returned",
         );
         describe(
+            "mesh_hedged_fetches_total",
+            Unit::Count,
+            "chunk fetches also asked of a second holder because the first was slow",
+        );
+        describe(
             "mesh_background_abandoned_total",
             Unit::Count,
             "holders the background completion gave up on (left to repair)",
@@ -159,6 +165,7 @@ impl Metrics {
             bad_peer_data: counter("mesh_peer_bad_chunks_total"),
             get_remote_bytes: counter("mesh_get_remote_bytes_total"),
             delivered_chunks: counter("mesh_background_chunks_total"),
+            hedged_fetches: counter("mesh_hedged_fetches_total"),
             deliveries_abandoned: counter("mesh_background_abandoned_total"),
             objects: gauge("mesh_objects"),
             chunks: gauge("mesh_chunks"),
@@ -204,6 +211,9 @@ impl Metrics {
     }
     pub fn delivered_chunks(&self) -> &Counter {
         &self.inner.delivered_chunks
+    }
+    pub fn hedged_fetches(&self) -> &Counter {
+        &self.inner.hedged_fetches
     }
     pub fn deliveries_abandoned(&self) -> &Counter {
         &self.inner.deliveries_abandoned

@@ -670,6 +670,7 @@ impl Mesh {
                 () = &mut hedge, if !attempts.is_empty() => {
                     if let Some(next) = order.next() {
                         debug!(chunk = %id, peer = %next, "fetch is slow; hedging to the next holder");
+                        self.inner.metrics.hedged_fetches().increment(1);
                         attempts.push(fetch(next));
                     }
                 }
