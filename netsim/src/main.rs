@@ -1,0 +1,3 @@
+//! `netsim`: see the crate documentation of `mesh_netsim`.
+
+fn main() {}
