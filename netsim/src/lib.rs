@@ -16,5 +16,8 @@
 //! - [`selftest`] measures the router itself (throughput, packets/s, delay precision).
 
 pub mod link;
+pub mod netns;
+pub mod router;
+pub mod selftest;
 pub mod timer;
 pub mod topology;
