@@ -15,9 +15,12 @@
 //!   `partition`, `status`, ... talk to the running `netsim up`.
 //! - [`selftest`] measures the router itself (throughput, packets/s, delay precision).
 
+pub mod cluster;
+pub mod control;
 pub mod link;
 pub mod netns;
 pub mod router;
 pub mod selftest;
+pub mod state;
 pub mod timer;
 pub mod topology;

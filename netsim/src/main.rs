@@ -1,11 +1,15 @@
 //! `netsim`: a thin command line over `mesh_netsim`; see the crate documentation.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use mesh_netsim::{selftest, topology};
+use clap::{Args, Parser, Subcommand};
+use mesh_netsim::cluster;
+use mesh_netsim::control::{self, Request};
+use mesh_netsim::state::{self, Mode};
+use mesh_netsim::{netns, selftest, topology};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,8 +22,77 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Args)]
+struct RunDir {
+    /// Run directory: state file, control socket, logs and node data
+    #[arg(long, env = "NETSIM_RUN_DIR", default_value_os_t = state::default_run_dir())]
+    run_dir: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start mesh-bootstrap and every meshd of TOPOLOGY, each in its own network namespace
+    /// behind the emulated WAN; stays in the foreground until Ctrl-C or `netsim down`
+    Up {
+        topology: PathBuf,
+        #[command(flatten)]
+        run_dir: RunDir,
+        /// Where meshd, mesh-bootstrap and meshctl are (default: next to netsim, then PATH)
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Run everything on 127.0.0.1 instead: no root needed, but no latency, loss,
+        /// bandwidth limits or partitions (the default when not root)
+        #[arg(long)]
+        loopback: bool,
+    },
+    /// Stop the run: its processes, router, namespaces (also cleans up after a crashed run)
+    Down {
+        #[command(flatten)]
+        run_dir: RunDir,
+    },
+    /// Show the nodes of the running netsim and the router's counters
+    Status {
+        #[command(flatten)]
+        run_dir: RunDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in NODE's namespace; `meshctl` gets the node's --api and --data-dir
+    Exec {
+        node: String,
+        #[command(flatten)]
+        run_dir: RunDir,
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The command, after `--`: netsim exec aws-us-east-1-1 -- meshctl peers
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+    /// Kill NODE's process (SIGKILL, as a crash)
+    Kill {
+        node: String,
+        #[command(flatten)]
+        run_dir: RunDir,
+    },
+    /// Kill NODE if it runs, and start it again with the same data directory
+    Restart {
+        node: String,
+        #[command(flatten)]
+        run_dir: RunDir,
+    },
+    /// Drop all traffic between REGIONS and the regions after --from (comma-separated)
+    Partition {
+        regions: String,
+        #[arg(long)]
+        from: String,
+        #[command(flatten)]
+        run_dir: RunDir,
+    },
+    /// Remove every partition
+    Heal {
+        #[command(flatten)]
+        run_dir: RunDir,
+    },
     /// Validate a topology file and print what it describes
     Check { topology: PathBuf },
     /// Measure the router: packets/s, MB/s and delay precision (needs root); exits 1 when a
@@ -31,6 +104,16 @@ enum Command {
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Internal: the trampoline that starts a child in its namespace
+    #[command(name = "__enter", hide = true)]
+    Enter {
+        #[arg(long)]
+        parent: u32,
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
     },
 }
 
@@ -44,8 +127,118 @@ fn main() -> ExitCode {
     }
 }
 
+fn split_regions(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Sends a request to the running `netsim up` and prints its answer.
+fn ask(run_dir: &RunDir, request: Request) -> anyhow::Result<ExitCode> {
+    let response = control::request(&run_dir.run_dir, &request)?;
+    if response.ok {
+        println!("{}", response.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("netsim: {}", response.message);
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Up {
+            topology,
+            run_dir,
+            bin_dir,
+            loopback,
+        } => {
+            let mode = if loopback {
+                Mode::Loopback
+            } else if netns::have_privileges() {
+                Mode::Netns
+            } else {
+                eprintln!(
+                    "netsim: not root (or no /dev/net/tun), so using loopback mode: every node on 127.0.0.1, \
+                     with no emulated latency, jitter, loss, bandwidth limit or partitions; run as root for the WAN"
+                );
+                Mode::Loopback
+            };
+            cluster::up(&cluster::Options {
+                topology,
+                run_dir: run_dir.run_dir,
+                bin_dir,
+                mode,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Down { run_dir } => {
+            println!("{}", cluster::down(&run_dir.run_dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { run_dir, json } => {
+            let response = control::request(&run_dir.run_dir, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&response)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(state) = &response.state {
+                println!(
+                    "run {} ({:?} mode, pid {}), topology {}",
+                    state.run, state.mode, state.pid, state.topology
+                );
+                cluster::print_table(state);
+                for (a, b) in &state.partitions {
+                    println!("partition: {} | {}", a.join(","), b.join(","));
+                }
+            }
+            if let Some(r) = &response.router {
+                println!(
+                    "router: {} packets in, {} out ({:.1} MB); dropped: {} partition, {} loss, {} queue, {} overflow, {} no route; {} write errors",
+                    r.rx_packets,
+                    r.tx_packets,
+                    r.tx_bytes as f64 / 1e6,
+                    r.dropped_partition,
+                    r.dropped_loss,
+                    r.dropped_queue,
+                    r.dropped_overflow,
+                    r.dropped_no_route,
+                    r.write_errors
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec {
+            node,
+            run_dir,
+            bin_dir,
+            command,
+        } => Err(cluster::exec(
+            &run_dir.run_dir,
+            &node,
+            &command,
+            bin_dir.as_deref(),
+        )),
+        Command::Kill { node, run_dir } => ask(&run_dir, Request::Kill { node }),
+        Command::Restart { node, run_dir } => ask(&run_dir, Request::Restart { node }),
+        Command::Partition {
+            regions,
+            from,
+            run_dir,
+        } => ask(
+            &run_dir,
+            Request::Partition {
+                regions: split_regions(&regions),
+                from: split_regions(&from),
+            },
+        ),
+        Command::Heal { run_dir } => ask(&run_dir, Request::Heal),
+        Command::Enter {
+            parent,
+            netns,
+            command,
+        } => Err(cluster::enter_and_exec(parent, netns.as_deref(), &command)),
         Command::Check { topology } => {
             let t = topology::load(&topology)?;
             print_topology(&t);
