@@ -13,10 +13,12 @@
 //! - [`cluster`] starts `mesh-bootstrap` and `meshd` inside the namespaces (or on loopback) and
 //!   owns the child processes; [`control`] is the Unix socket through which `netsim kill`,
 //!   `partition`, `status`, ... talk to the running `netsim up`.
-//! - [`selftest`] measures the router itself (throughput, packets/s, delay precision).
+//! - [`selftest`] measures the router itself (throughput, packets/s, delay precision);
+//!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer.
 
 pub mod cluster;
 pub mod control;
+pub mod demo;
 pub mod link;
 pub mod netns;
 pub mod router;

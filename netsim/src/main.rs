@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use mesh_netsim::cluster;
 use mesh_netsim::control::{self, Request};
 use mesh_netsim::state::{self, Mode};
-use mesh_netsim::{netns, selftest, topology};
+use mesh_netsim::{demo, netns, selftest, topology};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,6 +105,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A guided tour: three clouds, a put, where the replicas went, a killed holder, a get
+    /// checked by BLAKE3; exits 1 if any step fails
+    Demo {
+        /// Run directory of the demo
+        #[arg(long, default_value = "/tmp/netsim-demo")]
+        run_dir: PathBuf,
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Run on 127.0.0.1 without the emulated WAN (the default when not root)
+        #[arg(long)]
+        loopback: bool,
+        /// Size of the file to put, in MiB
+        #[arg(long, default_value_t = 16)]
+        size_mib: usize,
+    },
     /// Internal: the trampoline that starts a child in its namespace
     #[command(name = "__enter", hide = true)]
     Enter {
@@ -124,6 +139,21 @@ fn main() -> ExitCode {
             eprintln!("netsim: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Netns mode when we may create namespaces, unless loopback was asked for.
+fn choose_mode(loopback: bool) -> Mode {
+    if loopback {
+        Mode::Loopback
+    } else if netns::have_privileges() {
+        Mode::Netns
+    } else {
+        eprintln!(
+            "netsim: not root (or no /dev/net/tun), so using loopback mode: every node on 127.0.0.1, \
+             with no emulated latency, jitter, loss, bandwidth limit or partitions; run as root for the WAN"
+        );
+        Mode::Loopback
     }
 }
 
@@ -154,17 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bin_dir,
             loopback,
         } => {
-            let mode = if loopback {
-                Mode::Loopback
-            } else if netns::have_privileges() {
-                Mode::Netns
-            } else {
-                eprintln!(
-                    "netsim: not root (or no /dev/net/tun), so using loopback mode: every node on 127.0.0.1, \
-                     with no emulated latency, jitter, loss, bandwidth limit or partitions; run as root for the WAN"
-                );
-                Mode::Loopback
-            };
+            let mode = choose_mode(loopback);
             cluster::up(&cluster::Options {
                 topology,
                 run_dir: run_dir.run_dir,
@@ -234,6 +254,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::Heal { run_dir } => ask(&run_dir, Request::Heal),
+        Command::Demo {
+            run_dir,
+            bin_dir,
+            loopback,
+            size_mib,
+        } => {
+            let options = demo::Options {
+                run_dir,
+                bin_dir,
+                mode: choose_mode(loopback),
+                size_mib: size_mib.clamp(1, 4096),
+            };
+            match demo::run(&options) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("\ndemo failed: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Enter {
             parent,
             netns,
