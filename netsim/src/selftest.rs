@@ -93,6 +93,8 @@ impl Drop for Namespaces {
 }
 
 const PORT: u16 = 9_000;
+/// Bytes the throughput sender lets be in flight before it waits for the receiver.
+const WINDOW_BYTES: u64 = 4 << 20;
 const SMALL: usize = 1200;
 const LARGE: usize = 60_000;
 
@@ -231,10 +233,29 @@ fn throughput(
     };
     let sent = Arc::new(AtomicU64::new(0));
     let tx = {
-        let (sender, stop, sent) = (sender.clone(), stop.clone(), sent.clone());
+        let (sender, stop, sent, received) =
+            (sender.clone(), stop.clone(), sent.clone(), received.clone());
         std::thread::spawn(move || {
             let payload = vec![0x5au8; size];
+            let window = (WINDOW_BYTES / size as u64).max(8);
+            // Datagrams given up as lost, and when the receiver last made progress.
+            let (mut lost, mut last_received, mut stalled_since) = (0u64, 0u64, Instant::now());
             while !stop.load(Ordering::Relaxed) {
+                // A window, as a transport would keep: a sender that runs far ahead only burns
+                // the CPU the router needs on packets the TUN queue then drops.
+                let got = received.load(Ordering::Relaxed);
+                // Late arrivals of datagrams given up as lost can make this negative.
+                let in_flight = sent.load(Ordering::Relaxed).saturating_sub(got + lost);
+                if got != last_received {
+                    (last_received, stalled_since) = (got, Instant::now());
+                }
+                if in_flight > window {
+                    if stalled_since.elapsed() > Duration::from_millis(5) {
+                        lost += in_flight; // nothing arrives: what is out there was dropped
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
                 for _ in 0..64 {
                     if sender.send(&payload).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
