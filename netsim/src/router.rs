@@ -329,7 +329,6 @@ impl Ingress {
         let tick = PollTimeout::try_from(IDLE_TICK).unwrap_or(PollTimeout::MAX);
         let mut batch: Vec<Packet> = Vec::with_capacity(READ_BATCH * endpoints.len());
         while !self.stop.load(Ordering::Relaxed) {
-            self.apply_control();
             match poll(&mut fds, tick) {
                 Ok(0) => continue,
                 Ok(_) => {}
@@ -340,6 +339,8 @@ impl Ingress {
                     continue;
                 }
             }
+            // After the wait, so a change made before a packet was sent applies to that packet.
+            self.apply_control();
             for (src, fd) in fds.iter().enumerate() {
                 let ready = fd
                     .revents()
