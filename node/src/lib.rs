@@ -148,6 +148,7 @@ impl Node {
                 write_window: config.net.write_window,
                 hedge_after: config.net.hedge_after,
                 min_free_bytes: config.net.min_free_space.as_u64(),
+                announce_timeout: config.net.request_timeout,
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));

@@ -176,7 +176,11 @@ pub enum Command {
         Frame<ControlResponse>,
     ),
     /// Announce this node as a provider of an object.
-    Provide(ObjectId),
+    Provide {
+        object: ObjectId,
+        /// Told whether the announcement reached at least one peer, once its query ends.
+        done: Option<oneshot::Sender<bool>>,
+    },
     /// Find providers of an object (the first answers found, or none).
     FindProviders {
         object: ObjectId,
@@ -260,8 +264,27 @@ impl Network {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
+    /// Starts announcing `object` in the DHT (re-announcements; nobody waits on them).
     pub async fn provide(&self, object: ObjectId) {
-        let _ = self.commands.send(Command::Provide(object)).await;
+        let _ = self
+            .commands
+            .send(Command::Provide { object, done: None })
+            .await;
+    }
+
+    /// Announces `object` and waits until the announcement is stored on the peers nearest
+    /// its key (true) or the query ended without reaching any (false), at most `timeout`.
+    /// A put waits for this, so that any node can find the object once the put returned.
+    pub async fn provide_confirmed(&self, object: ObjectId, timeout: Duration) -> bool {
+        let (done, rx) = oneshot::channel();
+        let sent = self.commands.send(Command::Provide {
+            object,
+            done: Some(done),
+        });
+        if sent.await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
     }
 
     pub async fn find_providers(&self, object: ObjectId) -> Result<Vec<PeerId>, NetError> {
@@ -578,6 +601,7 @@ pub async fn start(
         pending_chunk: HashMap::new(),
         pending_control: HashMap::new(),
         pending_providers: HashMap::new(),
+        pending_provides: HashMap::new(),
         chunk_started: HashMap::new(),
         peers_tx,
         status_tx,
@@ -613,6 +637,8 @@ struct EventLoop {
     pending_chunk: HashMap<OutboundRequestId, Responder<Frame<ChunkResponse>>>,
     pending_control: HashMap<OutboundRequestId, Responder<Frame<ControlResponse>>>,
     pending_providers: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
+    /// Announcements someone waits on (a put); one per put in flight.
+    pending_provides: HashMap<kad::QueryId, oneshot::Sender<bool>>,
     /// Start time and payload size of outbound chunk requests: their timings feed the RTT
     /// (see [`peers`]). Entries leave with the response or the failure.
     chunk_started: HashMap<OutboundRequestId, (Instant, u64)>,
@@ -797,10 +823,20 @@ impl EventLoop {
                     .control
                     .send_response(channel, response);
             }
-            Command::Provide(object) => {
+            Command::Provide { object, done } => {
                 let key = kad::RecordKey::new(object.as_bytes());
-                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
-                    warn!(%object, error = %e, "cannot announce object");
+                match self.swarm.behaviour_mut().kad.start_providing(key) {
+                    Ok(query) => {
+                        if let Some(done) = done {
+                            self.pending_provides.insert(query, done);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%object, error = %e, "cannot announce object");
+                        if let Some(done) = done {
+                            let _ = done.send(false);
+                        }
+                    }
                 }
             }
             Command::FindProviders { object, reply } => {
@@ -1039,9 +1075,15 @@ impl EventLoop {
                 }
                 kad::QueryResult::StartProviding(Err(e)) => {
                     debug!(error = ?e, "provider announcement incomplete");
+                    if let Some(done) = self.pending_provides.remove(&id) {
+                        let _ = done.send(stats.num_successes() > 0);
+                    }
                 }
                 kad::QueryResult::StartProviding(Ok(_)) => {
                     debug!(peers = stats.num_successes(), "object announced");
+                    if let Some(done) = self.pending_provides.remove(&id) {
+                        let _ = done.send(stats.num_successes() > 0);
+                    }
                 }
                 _ => {}
             },

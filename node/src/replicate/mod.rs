@@ -58,6 +58,8 @@ pub struct Settings {
     pub hedge_after: Duration,
     /// A peer (or this node) with less free disk than this gets no new chunks.
     pub min_free_bytes: u64,
+    /// Longest a put waits for its DHT announcement to be stored.
+    pub announce_timeout: Duration,
 }
 
 /// Why a replicated put or get failed.
@@ -392,7 +394,7 @@ impl Mesh {
         .await
         .map_err(|_| IngestError::WorkerGone)??;
         if is_holder {
-            inner.net.provide(object).await;
+            self.announce(object).await;
         }
         // Every holder that stored something gets the manifest and the record now, in
         // parallel; one that is only owed chunks gets them with its last chunk.
@@ -572,6 +574,15 @@ impl Mesh {
             }
         }
         Err(MeshError::NotFound(id))
+    }
+
+    /// Announces a committed object in the DHT and waits (bounded) until the announcement is
+    /// stored, so that a get on any node finds the object as soon as the put has returned.
+    async fn announce(&self, object: ObjectId) {
+        let timeout = self.inner.settings.announce_timeout;
+        if !self.inner.net.provide_confirmed(object, timeout).await {
+            debug!(%object, "announcement not confirmed by any peer yet; it is repeated periodically");
+        }
     }
 
     fn avoid(&self, peer: PeerId) {
@@ -831,7 +842,7 @@ impl Mesh {
                             // sending them; it sends the record again after the last one.
                             debug!(%peer, %object, missing = missing.len(), "placement record names chunks not here yet");
                         }
-                        self.inner.net.provide(object).await;
+                        self.announce(object).await;
                         Frame::new(ControlResponse::Stored)
                     }
                     Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
