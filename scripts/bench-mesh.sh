@@ -15,6 +15,9 @@ run="$(mktemp -d /tmp/mesh-bench.XXXXXX)"
 cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap >/dev/null
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
+# shellcheck source=scripts/mesh-common.sh
+source scripts/mesh-common.sh
+
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -24,14 +27,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 base=$((20000 + RANDOM % 20000))
-"$bin/mesh-bootstrap" --data-dir "$run/boot" --listen "/ip4/127.0.0.1/udp/$base/quic-v1" 2>"$run/boot.log" &
-pids+=($!)
-addr=""
-for _ in $(seq 100); do
-    addr=$(grep -o -- '--bootstrap /ip4/[^ ]*' "$run/boot.log" | head -1 | cut -d' ' -f2 || true)
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
+start_bootstrap "$run/boot" "$base"
 
 start_node() {
     local i=$1
@@ -42,15 +38,6 @@ start_node() {
     eval "pid_$i=$!"
 }
 ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/n$n" --api "http://127.0.0.1:$((base + 10 + n))" "$@"; }
-wait_peers() {
-    local n=$1 want=$2
-    for _ in $(seq 300); do
-        if [ "$(ctl "$n" peers --json 2>/dev/null | grep -o '"liveness": *"alive"' | wc -l)" -ge "$want" ]; then return; fi
-        sleep 0.2
-    done
-    echo "node $n did not see $want peers" >&2
-    exit 1
-}
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hwm_of() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
 

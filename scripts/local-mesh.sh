@@ -13,6 +13,10 @@ run="${MESH_RUN_DIR:-$PWD/.local-mesh}"
 cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
+# shellcheck source=scripts/mesh-common.sh
+source scripts/mesh-common.sh
+ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/node$n" --api "http://127.0.0.1:$((base + 10 + n))" "$@"; }
+
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -24,16 +28,7 @@ rm -rf "$run"
 mkdir -p "$run"
 base=$((20000 + RANDOM % 20000))
 
-"$bin/mesh-bootstrap" --data-dir "$run/bootstrap" --listen "/ip4/127.0.0.1/udp/$base/quic-v1" \
-    2>"$run/bootstrap.log" &
-pids+=($!)
-addr=""
-for _ in $(seq 100); do
-    addr=$(grep -o -- '--bootstrap /ip4/[^ ]*' "$run/bootstrap.log" | head -1 | cut -d' ' -f2 || true)
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { echo "bootstrap peer did not start; see $run/bootstrap.log" >&2; exit 1; }
+start_bootstrap "$run/bootstrap" "$base"
 echo "bootstrap peer: $addr"
 
 zones=(aws/us-east-1/a gcp/us-central1/a azure/westeurope/a)
@@ -44,12 +39,8 @@ for i in 1 2 3; do
     pids+=($!)
 done
 
-ctl() { local n=$1; shift; "$bin/meshctl" --data-dir "$run/node$n" --api "http://127.0.0.1:$((base + 10 + n))" "$@"; }
 echo "waiting for the nodes to find each other..."
-for _ in $(seq 300); do
-    if [ "$(ctl 1 peers --json 2>/dev/null | grep -o '"liveness": *"alive"' | wc -l)" -ge 2 ]; then break; fi
-    sleep 0.2
-done
+wait_peers 1 2
 ctl 1 peers
 
 head -c "$((size_mib << 20))" /dev/urandom >"$run/sample.bin"

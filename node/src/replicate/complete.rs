@@ -74,15 +74,34 @@ impl Shared {
 /// What an object's put still owes its holders (the queued value).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Delivery {
+    // The schedule comes first, so the queue scan decodes only [`Schedule`].
     version: u8,
+    attempts: u32,
+    next_ms: u64,
+    created_ms: u64,
     /// The encoded placement record.
     record: Vec<u8>,
     /// The manifest's canonical bytes.
     manifest: Vec<u8>,
     pub(crate) owed: Vec<Owed>,
-    attempts: u32,
+}
+
+/// The leading fields of an encoded [`Delivery`]: all the queue scan needs.
+#[derive(Debug, Deserialize)]
+struct Schedule {
+    version: u8,
+    _attempts: u32,
     next_ms: u64,
-    created_ms: u64,
+}
+
+impl Schedule {
+    /// Whether the entry is due at `now`; an unreadable entry is, so the worker drops it.
+    fn due(bytes: &[u8], now: u64) -> bool {
+        match bincode::serde::decode_from_slice::<Schedule, _>(bytes, codec()) {
+            Ok((schedule, _)) => schedule.version != DELIVERY_VERSION || schedule.next_ms <= now,
+            Err(_) => true,
+        }
+    }
 }
 
 /// One holder and the manifest indices of the chunks it is owed (none: only the record).
@@ -192,15 +211,11 @@ impl Mesh {
     /// Objects with holders still owed something (queued deliveries).
     pub fn pending_deliveries(&self) -> Result<usize, crate::store::StoreError> {
         let mut count = 0;
-        let mut after = None;
-        loop {
-            let page = self.inner.store.deliveries(after.as_ref(), 1024)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(count);
-            };
-            after = Some(*last);
-            count += page.len();
-        }
+        self.inner.store.visit_deliveries(None, &mut |_, _| {
+            count += 1;
+            true
+        })?;
+        Ok(count)
     }
 
     /// Works through the delivery queue until `stop` is cancelled. Runs once per node.
@@ -251,23 +266,15 @@ impl Mesh {
         let now = now_ms();
         let waiting = lock(&self.inner.completion.waiting).clone();
         let mut due = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.inner.store.deliveries(after.as_ref(), 256)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(due);
-            };
-            after = Some(*last);
-            for (object, bytes) in page {
-                if waiting.contains(&object) {
-                    continue;
-                }
-                let is_due = Delivery::decode(&bytes).map_or(true, |d| d.next_ms <= now);
-                if ignore_time || is_due {
+        self.inner
+            .store
+            .visit_deliveries(None, &mut |object, bytes| {
+                if !waiting.contains(&object) && (ignore_time || Schedule::due(bytes, now)) {
                     due.push(object);
                 }
-            }
-        }
+                true
+            })?;
+        Ok(due)
     }
 
     /// One attempt at everything `object`'s entry owes.
@@ -476,15 +483,15 @@ mod tests {
     fn a_queued_delivery_round_trips_and_rejects_garbage() {
         let d = Delivery {
             version: DELIVERY_VERSION,
+            attempts: 3,
+            next_ms: 42,
+            created_ms: 7,
             record: vec![1, 2, 3],
             manifest: vec![4; 100],
             owed: vec![Owed {
                 peer: vec![9; 38],
                 chunks: vec![0, 5, 7],
             }],
-            attempts: 3,
-            next_ms: 42,
-            created_ms: 7,
         };
         let bytes = d.encode();
         assert_eq!(Delivery::decode(&bytes).unwrap(), d);

@@ -140,12 +140,26 @@ pub trait MetaStore: Send + Sync {
     fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError>;
     fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError>;
     fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Calls `visit` with each queued delivery after `after`, in object-id order, on the
+    /// stored bytes (no copies), until it returns false.
+    fn visit_deliveries(
+        &self,
+        after: Option<&ObjectId>,
+        visit: &mut dyn FnMut(ObjectId, &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
     /// Up to `limit` queued deliveries ordered by object id, starting after `after`.
     fn deliveries(
         &self,
         after: Option<&ObjectId>,
         limit: usize,
-    ) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_deliveries(after, &mut |id, value| {
+            out.push((id, value.to_vec()));
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
     /// Replaces the placement record of an object.
     fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError>;
     /// The decoded manifest and its canonical bytes.

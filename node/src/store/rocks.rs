@@ -680,35 +680,30 @@ impl MetaStore for RocksStore {
         Ok(self.db.get_cf(self.cf(CF_PENDING), delivery_key(id))?)
     }
 
-    fn deliveries(
+    fn visit_deliveries(
         &self,
         after: Option<&ObjectId>,
-        limit: usize,
-    ) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError> {
+        visit: &mut dyn FnMut(ObjectId, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         let start = match after {
             Some(id) => delivery_key(id).to_vec(),
             None => vec![PENDING_DELIVERY],
         };
-        let mut out = Vec::new();
-        let mode = IteratorMode::From(&start, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_PENDING), mode) {
-            let (key, value) = item?;
+        let mut iter = self.db.raw_iterator_cf(self.cf(CF_PENDING));
+        iter.seek(&start);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
             if key.first() != Some(&PENDING_DELIVERY) {
                 break;
             }
-            let Ok(bytes) = <[u8; 32]>::try_from(&key[1..]) else {
-                continue;
-            };
-            let id = ObjectId::from_bytes(bytes);
-            if Some(&id) == after {
-                continue;
+            if let Ok(bytes) = <[u8; 32]>::try_from(&key[1..]) {
+                let id = ObjectId::from_bytes(bytes);
+                if Some(&id) != after && !visit(id, value) {
+                    break;
+                }
             }
-            out.push((id, value.to_vec()));
-            if out.len() >= limit {
-                break;
-            }
+            iter.next();
         }
-        Ok(out)
+        Ok(iter.status()?)
     }
 
     fn put_record(&self, id: &ObjectId, record: &[u8]) -> Result<(), StoreError> {
