@@ -115,7 +115,8 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    match runtime.block_on(mesh_node::run(config, shutdown_signal())) {
+    // The signal handlers are installed inside the runtime, before the node starts.
+    match runtime.block_on(async { mesh_node::run(config, shutdown_signal()).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
@@ -138,19 +139,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Watches SIGINT and SIGTERM from the moment it is called, and completes on the first.
+/// Called before the node starts, so a signal that arrives while it is still starting is
+/// seen here rather than taking the default action (an unclean exit).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("meshd: cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Ok(mut one), Err(e)) | (Err(e), Ok(mut one)) => {
+                eprintln!("meshd: cannot watch one of SIGINT and SIGTERM: {e}");
+                one.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                eprintln!("meshd: cannot watch SIGINT or SIGTERM: {e}; stop meshd with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
