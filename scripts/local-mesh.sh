@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib="${1:-64}"
-run="${MESH_RUN_DIR:-$PWD/.local-mesh}"
+# Not MESH_*: meshd reads every MESH_ variable as configuration and refuses unknown ones.
+run="${LOCAL_MESH_DIR:-$PWD/.local-mesh}"
 cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
