@@ -672,6 +672,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
     .await?;
     let mesh = inner.mesh.clone();
     let completing = blocking(move || mesh.pending_deliveries()).await?;
+    let (served_chunks, served_bytes) = inner.metrics.served_totals();
     Ok(Json(StatusResponse {
         node_id: inner.node_id.clone(),
         version: mesh_proto::MESH_VERSION.to_owned(),
@@ -694,6 +695,8 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
             .filter(|p| p.liveness == crate::placement::Liveness::Alive)
             .count() as u64,
         objects_completing: completing as u64,
+        chunks_served: served_chunks,
+        bytes_served: served_bytes,
     }))
 }
 

@@ -20,8 +20,10 @@
 //! holders (this node and its nearest peers, spread over zones) and counts once `W` of them
 //! stored it durably; then every holder commits its part with the placement record and
 //! announces the object in the DHT. Holders beyond `W` are finished in the background from a
-//! durable queue ([`replicate::complete`]). A get reads local chunks first, then fetches the rest from
-//! the nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
+//! durable queue ([`replicate::complete`]). A get reads local chunks first; otherwise it asks
+//! the nearest peers and the DHT's providers at once for the manifest and placement record
+//! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
+//! nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
 //! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
 
 pub mod api;
@@ -48,6 +50,9 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError};
 use crate::identity::DataDirError;
 use crate::store::{RocksStore, StoreError};
+
+/// Longest a put waits for its DHT announcement to be stored (the announcement goes on after).
+const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +153,9 @@ impl Node {
                 write_window: config.net.write_window,
                 hedge_after: config.net.hedge_after,
                 min_free_bytes: config.net.min_free_space.as_u64(),
-                announce_timeout: config.net.request_timeout,
+                // A get that finds no provider asks the peer table too, so a put need not
+                // wait out an announcement that a partition or a dead peer holds up.
+                announce_timeout: config.net.request_timeout.min(ANNOUNCE_WAIT),
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
@@ -166,6 +173,14 @@ impl Node {
         let app = api::router(state);
         let serve_stop = stop.clone();
         let server = tokio::spawn(async move {
+            // Without TCP_NODELAY, the last small write of a streamed response waits for the
+            // client's delayed ACK: about 40 ms per request on a kept-alive connection.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|stream| {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+                }
+            });
             let result = axum::serve(listener, app)
                 .with_graceful_shutdown(serve_stop.cancelled_owned())
                 .await;

@@ -6,6 +6,7 @@
 //! store (objects, chunks, bytes) are refreshed when `/metrics` is scraped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
@@ -42,6 +43,10 @@ struct Inner {
     pub delivered_chunks: Counter,
     pub hedged_fetches: Counter,
     pub deliveries_abandoned: Counter,
+    served_chunks: Counter,
+    served_bytes: Counter,
+    /// The served totals again, readable for `status` (Prometheus counters are write-only).
+    served_totals: [AtomicU64; 2],
     objects: Gauge,
     chunks: Gauge,
     stored_bytes: Gauge,
@@ -129,6 +134,16 @@ impl Metrics {
             "holders the background completion gave up on (left to repair)",
         );
         describe(
+            "mesh_served_chunks_total",
+            Unit::Count,
+            "chunks sent to peers that fetched them",
+        );
+        describe(
+            "mesh_served_bytes_total",
+            Unit::Bytes,
+            "chunk bytes sent to peers that fetched them",
+        );
+        describe(
             "mesh_api_errors_total",
             Unit::Count,
             "control-API requests answered with an error, by code",
@@ -167,6 +182,9 @@ impl Metrics {
             delivered_chunks: counter("mesh_background_chunks_total"),
             hedged_fetches: counter("mesh_hedged_fetches_total"),
             deliveries_abandoned: counter("mesh_background_abandoned_total"),
+            served_chunks: counter("mesh_served_chunks_total"),
+            served_bytes: counter("mesh_served_bytes_total"),
+            served_totals: [AtomicU64::new(0), AtomicU64::new(0)],
             objects: gauge("mesh_objects"),
             chunks: gauge("mesh_chunks"),
             stored_bytes: gauge("mesh_stored_bytes"),
@@ -211,6 +229,21 @@ impl Metrics {
     }
     pub fn delivered_chunks(&self) -> &Counter {
         &self.inner.delivered_chunks
+    }
+    /// A chunk of `bytes` sent to a peer that fetched it.
+    pub fn served(&self, bytes: u64) {
+        self.inner.served_chunks.increment(1);
+        self.inner.served_bytes.increment(bytes);
+        self.inner.served_totals[0].fetch_add(1, Ordering::Relaxed);
+        self.inner.served_totals[1].fetch_add(bytes, Ordering::Relaxed);
+    }
+    /// Chunks and bytes served to peers since the node started.
+    pub fn served_totals(&self) -> (u64, u64) {
+        let [chunks, bytes] = &self.inner.served_totals;
+        (
+            chunks.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed),
+        )
     }
     pub fn hedged_fetches(&self) -> &Counter {
         &self.inner.hedged_fetches

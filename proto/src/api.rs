@@ -155,6 +155,11 @@ pub struct StatusResponse {
     /// completed in the background.
     #[serde(default)]
     pub objects_completing: u64,
+    /// Chunks, and their bytes, this node sent to peers that fetched them since it started.
+    #[serde(default)]
+    pub chunks_served: u64,
+    #[serde(default)]
+    pub bytes_served: u64,
 }
 
 /// Answer of `GET /v1/peers`.

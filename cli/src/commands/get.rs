@@ -7,6 +7,7 @@
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use indicatif::ProgressBar;
@@ -31,9 +32,14 @@ struct Report<'a> {
     path: &'a Path,
     size: u64,
     chunks: usize,
+    /// From the start of the command (manifest lookup included) to the first byte of data.
+    first_byte_ms: f64,
+    /// From the start of the command until the file was complete and synced.
+    seconds: f64,
 }
 
 pub async fn run(client: &Client, args: GetArgs, json: bool) -> Result<(), Error> {
+    let started = Instant::now();
     let GetArgs { id, output, force } = args;
     // An explicit destination is checked before any download, so a mistake costs nothing.
     let requested = match output {
@@ -66,10 +72,15 @@ pub async fn run(client: &Client, args: GetArgs, json: bool) -> Result<(), Error
         )));
     }
     let bar = output::transfer_bar("get", Some(manifest.size));
-    let copied = copy_verified(client, response, &manifest, &mut sink, &bar).await;
+    let mut first_byte = None;
+    let copied = copy_verified(client, response, &manifest, &mut sink, &bar, &mut || {
+        first_byte.get_or_insert_with(|| started.elapsed());
+    })
+    .await;
     bar.finish_and_clear();
     let size = copied?;
     sink.commit(force).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
 
     match target {
         Target::Stdout => Ok(()),
@@ -78,18 +89,22 @@ pub async fn run(client: &Client, args: GetArgs, json: bool) -> Result<(), Error
             path: &path,
             size,
             chunks: manifest.chunks.len(),
+            first_byte_ms: ms(first_byte.unwrap_or_else(|| started.elapsed())),
+            seconds: started.elapsed().as_secs_f64(),
         }),
         Target::File(path) => output::print(&format!("{}\n", path.display())),
     }
 }
 
-/// Streams the object into `sink`, releasing only verified chunks; returns the size.
+/// Streams the object into `sink`, releasing only verified chunks; returns the size. Calls
+/// `on_data` for every frame received.
 async fn copy_verified(
     client: &Client,
     response: reqwest::Response,
     manifest: &Manifest,
     sink: &mut Sink,
     bar: &ProgressBar,
+    on_data: &mut dyn FnMut(),
 ) -> Result<u64, Error> {
     let mut verifier = Verifier::new(manifest);
     let mut stream = response.bytes_stream();
@@ -104,6 +119,7 @@ async fn copy_verified(
         };
         let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| client.transport_error(e))?;
+        on_data();
         bar.inc(frame.len() as u64);
         let mut data = &frame[..];
         while !data.is_empty() {

@@ -67,6 +67,14 @@ fn render(status: &StatusResponse) -> String {
             "peers",
             format!("{} alive of {} known", status.peers_alive, status.peers),
         ),
+        (
+            "served to peers",
+            format!(
+                "{} chunks, {}",
+                status.chunks_served,
+                human_bytes(status.bytes_served)
+            ),
+        ),
     ];
     let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
     let mut text = String::new();
@@ -120,6 +128,8 @@ mod tests {
             peers: 3,
             peers_alive: 2,
             objects_completing: 1,
+            chunks_served: 4,
+            bytes_served: 3 << 20,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -128,6 +138,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("default redundancy  rep:3\n"), "{text}");
+        assert!(
+            text.contains("served to peers     4 chunks, 3.0 MiB\n"),
+            "{text}"
+        );
         assert!(text.contains("zone                eu-west\n"), "{text}");
         assert!(
             text.contains(
@@ -145,6 +159,6 @@ mod tests {
             text.contains("completing          1 objects (holders beyond the write quorum)\n"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 17);
+        assert_eq!(text.lines().count(), 18);
     }
 }

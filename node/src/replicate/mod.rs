@@ -48,6 +48,17 @@ use complete::Delivery;
 const AVOID_FOR: Duration = Duration::from_secs(300);
 /// Inbound requests served at once; more wait in the network's bounded queue.
 const INBOUND_WORKERS: usize = 32;
+/// Nearest peers asked for an object's manifest while the DHT lookup runs.
+const NEAR_PROBE: usize = 3;
+/// Peers asked directly, nearest first, when the DHT names no provider that has an object.
+const FALLBACK_ASK: usize = 16;
+/// Of those, asked at once.
+const FALLBACK_PARALLEL: usize = 4;
+/// How long a manifest and record opened from another node are reused: a download asks for
+/// the manifest first and the bytes second, and each would otherwise look the object up.
+const OPENED_TTL: Duration = Duration::from_secs(10);
+/// Most objects kept in that cache.
+const OPENED_MAX: usize = 256;
 
 /// Tuning of the replicated paths.
 #[derive(Debug, Clone)]
@@ -103,6 +114,29 @@ struct Placed {
     stragglers: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Runs `tasks` in order with a window that starts at one and doubles with every result
+/// delivered, up to `max`; yields the results in order.
+fn ramped<I, F, T>(tasks: I, max: usize) -> impl Stream<Item = T>
+where
+    I: Iterator<Item = F>,
+    F: std::future::Future<Output = T>,
+{
+    let max = max.max(1);
+    futures::stream::unfold(
+        (tasks, futures::stream::FuturesOrdered::new(), 1usize),
+        move |(mut tasks, mut running, window)| async move {
+            while running.len() < window {
+                match tasks.next() {
+                    Some(task) => running.push_back(task),
+                    None => break,
+                }
+            }
+            let item = running.next().await?;
+            Some((item, (tasks, running, (window * 2).min(max))))
+        },
+    )
+}
+
 /// Sends a chunk to `peer`; `Ok(new)` once the peer stored it durably.
 async fn store_remote(
     net: &Network,
@@ -142,6 +176,8 @@ struct Inner {
     /// The background completion: objects whose quorum-exceeding sends are still running
     /// (it waits for them), and a nudge to look at an object now.
     completion: complete::Shared,
+    /// Objects recently opened from another node (see [`OPENED_TTL`]).
+    opened: Mutex<HashMap<ObjectId, (Instant, Manifest, PlacementRecord)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +206,7 @@ impl Mesh {
                 settings,
                 avoid: Mutex::new(HashMap::new()),
                 completion: complete::Shared::new(),
+                opened: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -393,11 +430,9 @@ impl Mesh {
         })
         .await
         .map_err(|_| IngestError::WorkerGone)??;
-        if is_holder {
-            self.announce(object).await;
-        }
         // Every holder that stored something gets the manifest and the record now, in
-        // parallel; one that is only owed chunks gets them with its last chunk.
+        // parallel, while this node's announcement goes out; one that is only owed chunks
+        // gets them with its last chunk.
         let sends = acked_peers.iter().map(|peer| {
             let net = inner.net.clone();
             let request = Frame::with_payload(
@@ -409,7 +444,13 @@ impl Mesh {
             let peer = *peer;
             async move { (peer, complete::send_record(&net, peer, request).await) }
         });
-        for (peer, result) in futures::future::join_all(sends).await {
+        let announce = async {
+            if is_holder {
+                self.announce(object).await;
+            }
+        };
+        let ((), results) = tokio::join!(announce, futures::future::join_all(sends));
+        for (peer, result) in results {
             if let Err(e) = result {
                 warn!(%peer, %object, error = %e, "placement record not delivered; retrying in the background");
                 owed.entry(peer).or_default();
@@ -545,35 +586,168 @@ impl Mesh {
             let record = record.and_then(|r| PlacementRecord::decode(&r).ok());
             return Ok((manifest, record));
         }
-        let providers = self.inner.net.find_providers(id).await.unwrap_or_default();
-        let me = self.local_id();
-        let providers = self.by_distance(providers.into_iter().filter(|p| *p != me).collect());
-        for peer in providers {
-            let request = Frame::new(ControlRequest::GetObject { id });
-            match self.inner.net.control(peer, request).await {
-                Ok(Frame {
-                    header: ControlResponse::Object { record },
-                    payload,
-                }) => match Manifest::decode_verified(&id, &payload) {
-                    Ok(manifest)
-                        if record.object == id
-                            && record.validate(manifest.chunks.len()).is_ok() =>
-                    {
-                        return Ok((manifest, Some(record)));
-                    }
-                    _ => {
-                        warn!(%peer, object = %id, "provider sent a manifest or record that does not match the object");
-                        self.inner.metrics.bad_peer_data().increment(1);
-                        self.avoid(peer);
-                    }
-                },
-                Ok(other) => {
-                    debug!(%peer, object = %id, response = ?other.header, "provider has no copy")
+        if let Some((manifest, record)) = self.opened(&id) {
+            return Ok((manifest, Some(record)));
+        }
+        // The nearest peers are asked at once, while the DHT lookup (which may cross regions)
+        // runs: an object with a holder next door opens in one short round trip.
+        let near = self.nearest_peers(NEAR_PROBE);
+        let probe = async {
+            let mut asks: FuturesUnordered<_> =
+                near.iter().map(|&peer| self.ask_object(peer, id)).collect();
+            while let Some(answer) = asks.next().await {
+                if answer.is_some() {
+                    return answer;
                 }
-                Err(e) => debug!(%peer, object = %id, error = %e, "provider unreachable"),
+            }
+            None
+        };
+        let lookup = async {
+            let providers = self.inner.net.find_providers(id).await.unwrap_or_default();
+            let me = self.local_id();
+            let providers = self.by_distance(
+                providers
+                    .into_iter()
+                    .filter(|p| *p != me && !near.contains(p))
+                    .collect(),
+            );
+            for peer in &providers {
+                if let Some(found) = self.ask_object(*peer, id).await {
+                    return Some(found);
+                }
+            }
+            // Provider records are best effort: a partition while the object was announced
+            // can leave them where this node's lookup does not reach. The peer table is the
+            // mesh's own view of who is alive: ask the nearest of those not asked yet.
+            let rest: Vec<PeerId> = self
+                .nearest_peers_unbanded(FALLBACK_ASK)
+                .into_iter()
+                .filter(|p| !near.contains(p) && !providers.contains(p))
+                .collect();
+            let mut asks =
+                futures::stream::iter(rest.into_iter().map(|peer| self.ask_object(peer, id)))
+                    .buffer_unordered(FALLBACK_PARALLEL);
+            while let Some(answer) = asks.next().await {
+                if answer.is_some() {
+                    debug!(object = %id, "found through the peer table, not the DHT");
+                    return answer;
+                }
+            }
+            None
+        };
+        tokio::pin!(probe, lookup);
+        let (mut probe_done, mut lookup_done) = (false, false);
+        let found = loop {
+            tokio::select! {
+                answer = &mut probe, if !probe_done => match answer {
+                    Some(found) => break Some(found),
+                    None => probe_done = true,
+                },
+                answer = &mut lookup, if !lookup_done => match answer {
+                    Some(found) => break Some(found),
+                    None => lookup_done = true,
+                },
+            }
+            if probe_done && lookup_done {
+                break None;
+            }
+        };
+        let (manifest, record) = found.ok_or(MeshError::NotFound(id))?;
+        self.remember_opened(id, &manifest, &record);
+        Ok((manifest, Some(record)))
+    }
+
+    /// Asks `peer` for an object's manifest and placement record; `None` when it has no copy,
+    /// cannot be reached, or sends one that does not match the object (it is then avoided).
+    async fn ask_object(&self, peer: PeerId, id: ObjectId) -> Option<(Manifest, PlacementRecord)> {
+        let request = Frame::new(ControlRequest::GetObject { id });
+        match self.inner.net.control(peer, request).await {
+            Ok(Frame {
+                header: ControlResponse::Object { record },
+                payload,
+            }) => match Manifest::decode_verified(&id, &payload) {
+                Ok(manifest)
+                    if record.object == id && record.validate(manifest.chunks.len()).is_ok() =>
+                {
+                    Some((manifest, record))
+                }
+                _ => {
+                    warn!(%peer, object = %id, "peer sent a manifest or record that does not match the object");
+                    self.inner.metrics.bad_peer_data().increment(1);
+                    self.avoid(peer);
+                    None
+                }
+            },
+            Ok(other) => {
+                debug!(%peer, object = %id, response = ?other.header, "peer has no copy");
+                None
+            }
+            Err(e) => {
+                debug!(%peer, object = %id, error = %e, "peer unreachable");
+                None
             }
         }
-        Err(MeshError::NotFound(id))
+    }
+
+    /// Up to `limit` alive storage peers inside the near band of the nearest one.
+    fn nearest_peers(&self, limit: usize) -> Vec<PeerId> {
+        let measured = self.alive_by_rtt();
+        let Some(&(best, _)) = measured.first() else {
+            return Vec::new();
+        };
+        let band = placement::near_band(best);
+        measured
+            .into_iter()
+            .take_while(|(rtt, _)| *rtt <= band)
+            .take(limit)
+            .map(|(_, peer)| peer)
+            .collect()
+    }
+
+    /// Up to `limit` alive storage peers, nearest first, however far.
+    fn nearest_peers_unbanded(&self, limit: usize) -> Vec<PeerId> {
+        self.alive_by_rtt()
+            .into_iter()
+            .take(limit)
+            .map(|(_, peer)| peer)
+            .collect()
+    }
+
+    /// Alive, measured storage peers that are not avoided, nearest first.
+    fn alive_by_rtt(&self) -> Vec<(Duration, PeerId)> {
+        let mut measured: Vec<(Duration, PeerId)> = self
+            .inner
+            .net
+            .peers()
+            .iter()
+            .filter(|p| p.role == Role::Storage && p.liveness == Liveness::Alive)
+            .filter(|p| !self.avoided(&p.id))
+            .filter_map(|p| Some((p.rtt?, p.id)))
+            .collect();
+        measured.sort();
+        measured
+    }
+
+    fn opened(&self, id: &ObjectId) -> Option<(Manifest, PlacementRecord)> {
+        let opened = lock(&self.inner.opened);
+        let (at, manifest, record) = opened.get(id)?;
+        (at.elapsed() < OPENED_TTL).then(|| (manifest.clone(), record.clone()))
+    }
+
+    fn remember_opened(&self, id: ObjectId, manifest: &Manifest, record: &PlacementRecord) {
+        let mut opened = lock(&self.inner.opened);
+        if opened.len() >= OPENED_MAX {
+            opened.retain(|_, (at, _, _)| at.elapsed() < OPENED_TTL);
+        }
+        if opened.len() >= OPENED_MAX
+            && let Some(oldest) = opened
+                .iter()
+                .min_by_key(|(_, (at, _, _))| *at)
+                .map(|(k, _)| *k)
+        {
+            opened.remove(&oldest);
+        }
+        opened.insert(id, (Instant::now(), manifest.clone(), record.clone()));
     }
 
     /// Announces a committed object in the DHT and waits (bounded) until the announcement is
@@ -689,7 +863,10 @@ impl Mesh {
         }
     }
 
-    /// Streams the planned parts of an object, fetching `read_ahead` chunks ahead.
+    /// Streams the planned parts of an object, fetching up to `read_ahead` chunks ahead. The
+    /// window opens from one chunk, doubling with each chunk delivered: the first chunk does
+    /// not share the link with a full window of others, so the first byte comes after about
+    /// one chunk's transfer, and the window is full after a handful of chunks.
     pub fn read_stream(
         &self,
         record: Option<PlacementRecord>,
@@ -698,28 +875,27 @@ impl Mesh {
     ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
         let this = self.clone();
         let record = record.map(Arc::new);
-        futures::stream::iter(plan)
-            .map(move |(index, id, part)| {
-                let this = this.clone();
-                let holders: Vec<PeerId> = record
-                    .as_ref()
-                    .map(|r| {
-                        r.holders_of(index)
-                            .filter_map(|n| PeerId::from_bytes(&n.0).ok())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                async move {
-                    let bytes = this
-                        .fetch_chunk(id, holders)
-                        .await
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    let part = bytes.slice(part);
-                    this.inner.metrics.get_bytes().increment(part.len() as u64);
-                    Ok(part)
-                }
-            })
-            .buffered(read_ahead)
+        let fetches = plan.into_iter().map(move |(index, id, part)| {
+            let this = this.clone();
+            let holders: Vec<PeerId> = record
+                .as_ref()
+                .map(|r| {
+                    r.holders_of(index)
+                        .filter_map(|n| PeerId::from_bytes(&n.0).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            async move {
+                let bytes = this
+                    .fetch_chunk(id, holders)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let part = bytes.slice(part);
+                this.inner.metrics.get_bytes().increment(part.len() as u64);
+                Ok(part)
+            }
+        });
+        ramped(fetches, read_ahead)
     }
 
     /// Serves other nodes' chunk and control requests until the channel closes.
@@ -791,7 +967,12 @@ impl Mesh {
         })
         .await;
         match result {
-            Ok(Ok(frame)) => frame,
+            Ok(Ok(frame)) => {
+                if let ChunkResponse::Data = frame.header {
+                    self.inner.metrics.served(frame.payload.len() as u64);
+                }
+                frame
+            }
             Ok(Err(e)) => {
                 warn!(%peer, error = %e, "chunk request failed");
                 refused(Refusal::Internal, e.to_string())
@@ -842,7 +1023,9 @@ impl Mesh {
                             // sending them; it sends the record again after the last one.
                             debug!(%peer, %object, missing = missing.len(), "placement record names chunks not here yet");
                         }
-                        self.announce(object).await;
+                        // The writer waits for its own announcement; a holder's only adds
+                        // providers, so the writer is not kept waiting for it.
+                        self.inner.net.provide(object).await;
                         Frame::new(ControlResponse::Stored)
                     }
                     Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
@@ -890,4 +1073,36 @@ fn spawn_local_writer(
         }
         upload
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ramped_window_starts_at_one_doubles_and_keeps_the_order() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let peaks = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..20).map(|i| {
+            let running = Arc::clone(&running);
+            let peaks = Arc::clone(&peaks);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                lock(&peaks).push(now);
+                // Later tasks finish first, so order comes from the stream, not from timing.
+                tokio::time::sleep(Duration::from_millis(20 - i)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                i
+            }
+        });
+        let out: Vec<u64> = ramped(tasks, 8).collect().await;
+        assert_eq!(out, (0..20).collect::<Vec<u64>>());
+        let peaks = lock(&peaks).clone();
+        // The first task runs alone; the window never exceeds its maximum.
+        assert_eq!(peaks[0], 1);
+        assert!(peaks.iter().all(|&p| p <= 8), "{peaks:?}");
+        assert!(peaks.contains(&8), "the window never opened fully: {peaks:?}");
+    }
 }
