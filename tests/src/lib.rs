@@ -3,6 +3,11 @@
 //! A [`TestNode`] is a real node started through `mesh_node::Node::start` in this process, with
 //! its own temporary data directory and its control API on an OS-assigned port. Tests wait on
 //! conditions with [`wait_until`], never on fixed sleeps.
+//!
+//! [`netsim::NetsimRun`] is the other kind of cluster: real `meshd` processes in network
+//! namespaces behind netsim's emulated WAN, for the latency tests.
+
+pub mod netsim;
 
 use std::future::Future;
 use std::path::Path;
