@@ -14,9 +14,11 @@
 //!   owns the child processes; [`control`] is the Unix socket through which `netsim kill`,
 //!   `partition`, `status`, ... talk to the running `netsim up`.
 //! - [`selftest`] measures the router itself (throughput, packets/s, delay precision);
-//!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer,
-//!   starting and stopping the run through [`driver`].
+//!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer;
+//!   [`bench`] runs whole-system benchmarks the same way. Both start and stop runs through
+//!   [`driver`].
 
+pub mod bench;
 pub mod cluster;
 pub mod control;
 pub mod demo;
