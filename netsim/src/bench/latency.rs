@@ -160,7 +160,12 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
         );
         let mut samples = Vec::new();
         let mut written = Vec::new();
+        let mut last_progress = Instant::now();
         for i in 0..count {
+            if last_progress.elapsed() >= super::PROGRESS_EVERY {
+                progress(NAME, &format!("put {i} of {count} from {}", writer.name));
+                last_progress = Instant::now();
+            }
             let stream = STREAM_BASE + (w * count + i) as u64;
             let bytes = data::bytes(setup.seed, stream, OBJECT_SIZE);
             let path = files.join(format!("{cloud}-{i}.bin"));
