@@ -316,39 +316,48 @@ fn plan(
 ) -> Result<Vec<NodeRecord>, Error> {
     let mut ports = PortPicker::default();
     let mut records = Vec::new();
-    let mut add =
-        |name: String, role: Role, region: usize, zone: String, slot: usize| -> Result<(), Error> {
-            let (namespace, address, listen_port, api) = match mode {
-                Mode::Netns => (
-                    Some(format!("netsim-{run}-{name}")),
-                    router::address(region, slot).to_string(),
-                    QUIC_PORT,
-                    NETNS_API.to_string(),
-                ),
-                Mode::Loopback => (
-                    None,
-                    "127.0.0.1".to_string(),
-                    ports.udp()?,
-                    format!("127.0.0.1:{}", ports.tcp()?),
-                ),
-            };
-            records.push(NodeRecord {
-                listen: format!("/ip4/{address}/udp/{listen_port}/quic-v1"),
-                data_dir: run_dir.join("nodes").join(&name),
-                log: run_dir.join("logs").join(format!("{name}.log")),
-                region: topology.regions[region].name.clone(),
-                name,
-                role,
-                zone,
-                namespace,
-                address,
-                api,
-                peer_id: None,
-                pid: None,
-                state: ProcessState::Starting,
-            });
-            Ok(())
+    let mut add = |name: String,
+                   role: Role,
+                   region: usize,
+                   zone: String,
+                   slot: usize,
+                   standby: bool|
+     -> Result<(), Error> {
+        let (namespace, address, listen_port, api) = match mode {
+            Mode::Netns => (
+                Some(format!("netsim-{run}-{name}")),
+                router::address(region, slot).to_string(),
+                QUIC_PORT,
+                NETNS_API.to_string(),
+            ),
+            Mode::Loopback => (
+                None,
+                "127.0.0.1".to_string(),
+                ports.udp()?,
+                format!("127.0.0.1:{}", ports.tcp()?),
+            ),
         };
+        records.push(NodeRecord {
+            listen: format!("/ip4/{address}/udp/{listen_port}/quic-v1"),
+            data_dir: run_dir.join("nodes").join(&name),
+            log: run_dir.join("logs").join(format!("{name}.log")),
+            region: topology.regions[region].name.clone(),
+            name,
+            role,
+            zone,
+            namespace,
+            address,
+            api,
+            peer_id: None,
+            pid: None,
+            state: if standby {
+                ProcessState::Standby
+            } else {
+                ProcessState::Starting
+            },
+        });
+        Ok(())
+    };
     if let Some(b) = &topology.bootstrap {
         add(
             "bootstrap".to_string(),
@@ -356,6 +365,7 @@ fn plan(
             b.region,
             b.zone.clone(),
             254,
+            false,
         )?;
     }
     for n in &topology.nodes {
@@ -365,6 +375,7 @@ fn plan(
             n.region,
             n.zone.clone(),
             n.index_in_region,
+            n.standby,
         )?;
     }
     Ok(records)
@@ -427,9 +438,11 @@ impl Cluster {
             .state
             .nodes
             .iter()
+            .filter(|n| n.state != ProcessState::Standby)
             .map(|n| (n.name.clone(), n.role))
             .collect();
-        // The bootstrap peer first (or, without one, the first node), then the rest at once.
+        // The bootstrap peer first (or, without one, the first node), then the rest at once;
+        // standby nodes wait for `netsim restart`.
         let (first, rest) = names.split_first().ok_or_else(|| Error::UnknownNode {
             name: "(any)".into(),
             known: "none".into(),
@@ -712,6 +725,10 @@ impl Cluster {
                 Err(e) => Response::error(e.to_string()),
             },
             Action::Restart { node } => {
+                let standby = self
+                    .state
+                    .node(node)
+                    .is_some_and(|n| n.state == ProcessState::Standby);
                 let restarted = self.kill(node).and_then(|()| {
                     self.spawn(node)?;
                     self.wait_started(node)?;
@@ -719,6 +736,7 @@ impl Cluster {
                     Ok(())
                 });
                 match restarted {
+                    Ok(()) if standby => Response::ok(format!("started standby node {node}")),
                     Ok(()) => Response::ok(format!("restarted {node}")),
                     Err(e) => Response::error(format!("restart of {node} failed: {e}")),
                 }
@@ -843,28 +861,70 @@ impl Drop for Cluster {
     }
 }
 
+/// A node's address with its QUIC port, as `address:port`: on loopback every node shares
+/// 127.0.0.1, so the port is what tells them apart.
+fn address_with_port(n: &NodeRecord) -> String {
+    let port = n
+        .listen
+        .split('/')
+        .skip_while(|part| *part != "udp" && *part != "tcp")
+        .nth(1);
+    match port {
+        Some(port) => format!("{}:{port}", n.address),
+        None => n.address.clone(),
+    }
+}
+
+/// The node table, one line per process.
+pub fn table(state: &RunState) -> String {
+    let rows: Vec<[String; 6]> = state
+        .nodes
+        .iter()
+        .map(|n| {
+            let api = match (n.role, &n.namespace) {
+                (Role::Bootstrap, _) => "-".to_string(),
+                (Role::Node, Some(_)) => format!("http://{} (in its namespace)", n.api),
+                (Role::Node, None) => format!("http://{}", n.api),
+            };
+            [
+                n.name.clone(),
+                n.zone.clone(),
+                address_with_port(n),
+                format!("{:?}", n.state).to_lowercase(),
+                n.peer_id.clone().unwrap_or_else(|| "-".to_string()),
+                api,
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ZONE", "ADDRESS", "STATE", "PEER ID", "API"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$} ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header);
+    for row in &rows {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
+}
+
 /// Prints the node table.
 pub fn print_table(state: &RunState) {
-    println!(
-        "{:<22} {:<24} {:<11} {:<8} {:<52} API",
-        "NAME", "ZONE", "ADDRESS", "STATE", "PEER ID"
-    );
-    for n in &state.nodes {
-        let api = match (n.role, &n.namespace) {
-            (Role::Bootstrap, _) => "-".to_string(),
-            (Role::Node, Some(_)) => format!("http://{} (in its namespace)", n.api),
-            (Role::Node, None) => format!("http://{}", n.api),
-        };
-        println!(
-            "{:<22} {:<24} {:<11} {:<8} {:<52} {}",
-            n.name,
-            n.zone,
-            n.address,
-            format!("{:?}", n.state).to_lowercase(),
-            n.peer_id.as_deref().unwrap_or("-"),
-            api
-        );
-    }
+    print!("{}", table(state));
 }
 
 /// `netsim exec NODE -- COMMAND...`: replaces this process with `COMMAND` inside the node's
@@ -977,6 +1037,44 @@ mod tests {
             bootstrap_addr(b),
             Some("/ip4/10.77.1.254/udp/4001/quic-v1/p2p/12D3X")
         );
+    }
+
+    #[test]
+    fn table_shows_loopback_ports() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/bench-throughput.toml");
+        let t = topology::load(&dir).expect("topology");
+        let nodes = plan(&t, "ab12", Path::new("/tmp/r"), Mode::Loopback).expect("plan");
+        let state = RunState {
+            version: state::VERSION,
+            run: "ab12".into(),
+            pid: 1,
+            mode: Mode::Loopback,
+            topology: "t.toml".into(),
+            namespaces: Vec::new(),
+            nodes,
+            partitions: Vec::new(),
+        };
+        let text = table(&state);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + state.nodes.len(), "{text}");
+        for (line, n) in lines[1..].iter().zip(&state.nodes) {
+            let port = n.listen.split('/').nth(4).expect("udp port");
+            assert!(
+                line.contains(&format!("127.0.0.1:{port} ")),
+                "{line:?} lacks port {port}"
+            );
+        }
+        // The standby reader is planned but not started.
+        let reader = lines.last().expect("rows");
+        assert!(
+            reader.starts_with("local-bench-4 ") && reader.contains(" standby "),
+            "{reader}"
+        );
+        // Columns line up: every row has ADDRESS where the header has it.
+        let column = lines[0].find("ADDRESS").expect("header");
+        for line in &lines[1..] {
+            assert_eq!(line[column..].find("127.0.0.1:"), Some(0), "{line}");
+        }
     }
 
     #[test]

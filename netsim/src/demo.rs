@@ -9,14 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use rand::RngCore;
-use serde_json::Value;
 
-use crate::state::{self, Mode, ProcessState, RunState};
+use crate::driver::Driver;
+use crate::state::{self, Mode};
 
 /// The topology the demo runs, shipped inside the binary.
 const THREE_CLOUDS: &str = include_str!("../topologies/three-clouds.toml");
@@ -30,120 +29,7 @@ pub struct Options {
     pub size_mib: usize,
 }
 
-/// The `netsim up` child; stopping it (with `netsim down`) however the demo ends.
-struct Up {
-    child: Child,
-    run_dir: PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = crate::cluster::down(&self.run_dir);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Demo {
-    exe: PathBuf,
-    run_dir: PathBuf,
-    bin_dir: Option<PathBuf>,
-}
-
-impl Demo {
-    /// `netsim exec NODE -- meshctl --json ARGS...`, parsed.
-    fn meshctl_json(&self, node: &str, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.meshctl(node, &[&["--json"], args].concat())?;
-        serde_json::from_str(&out).with_context(|| {
-            format!(
-                "meshctl {} on {node} printed no JSON: {out}",
-                args.join(" ")
-            )
-        })
-    }
-
-    fn meshctl(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
-        let mut command = Command::new(&self.exe);
-        command
-            .arg("exec")
-            .arg(node)
-            .arg("--run-dir")
-            .arg(&self.run_dir);
-        if let Some(bin) = &self.bin_dir {
-            command.arg("--bin-dir").arg(bin);
-        }
-        let out = command
-            .arg("--")
-            .arg("meshctl")
-            .args(args)
-            .output()
-            .context("cannot run netsim exec")?;
-        if !out.status.success() {
-            bail!(
-                "`netsim exec {node} -- meshctl {}` failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn netsim(&self, args: &[&str]) -> anyhow::Result<()> {
-        let out = Command::new(&self.exe)
-            .args(args)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .output()
-            .context("cannot run netsim")?;
-        if !out.status.success() {
-            bail!(
-                "`netsim {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-}
-
-fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {}s waiting for {what}", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the netsim executable")?;
-    std::fs::create_dir_all(&options.run_dir)
-        .with_context(|| format!("cannot create {}", options.run_dir.display()))?;
-    let run_dir = options.run_dir.canonicalize().context("run directory")?;
-    let topology = run_dir.join("three-clouds.toml");
-    std::fs::write(&topology, THREE_CLOUDS).context("cannot write the demo topology")?;
-    let demo = Demo {
-        exe: exe.clone(),
-        run_dir: run_dir.clone(),
-        bin_dir: options.bin_dir.clone(),
-    };
-
     println!("== 1. a mesh in three clouds");
     match options.mode {
         Mode::Netns => println!(
@@ -156,44 +42,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
              loopback mode emulates no latency, so placement sees every peer as equally near."
         ),
     }
-    let mut up = Command::new(&exe);
-    up.arg("up").arg(&topology).arg("--run-dir").arg(&run_dir);
-    if let Some(bin) = &options.bin_dir {
-        up.arg("--bin-dir").arg(bin);
-    }
-    if options.mode == Mode::Loopback {
-        up.arg("--loopback");
-    }
-    let log = std::fs::File::create(run_dir.join("netsim-up.log"))
-        .context("cannot create netsim-up.log")?;
-    let child = up
-        .stdout(log.try_clone().context("log")?)
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("cannot start netsim up")?;
-    let mut up = Up {
-        child,
-        run_dir: run_dir.clone(),
-    };
-
-    let state: RunState = wait_for(
-        "every node to start (see netsim-up.log)",
-        Duration::from_secs(60),
-        || {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                return Some(Err(anyhow!(
-                    "netsim up exited ({status}); see {}/netsim-up.log",
-                    run_dir.display()
-                )));
-            }
-            state::load(&run_dir)
-                .ok()
-                .filter(|s| s.nodes.iter().all(|n| n.state == ProcessState::Running))
-                .filter(|_| state::socket_path(&run_dir).exists())
-                .map(Ok)
-        },
-    )??;
+    let (demo, state) = Driver::up(
+        &options.run_dir,
+        options.bin_dir.as_deref(),
+        "three-clouds",
+        THREE_CLOUDS,
+        options.mode,
+    )?;
+    let run_dir = demo.run_dir().to_path_buf();
     crate::cluster::print_table(&state);
     let storage_nodes = state
         .nodes
@@ -202,33 +58,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .count();
 
     println!("\n== 2. the nodes find each other through the bootstrap peer");
-    let peers = wait_for(
-        "the nodes to discover each other",
-        Duration::from_secs(60),
-        || {
-            let v = demo.meshctl_json(WRITER, &["peers"]).ok()?;
-            let alive: Vec<(String, f64)> = v["peers"]
-                .as_array()?
-                .iter()
-                .filter(|p| {
-                    p["role"] == "storage" && p["liveness"] == "alive" && p["rtt_ms"].is_number()
-                })
-                .map(|p| {
-                    (
-                        p["zone"].as_str().unwrap_or("?").to_string(),
-                        p["rtt_ms"].as_f64().unwrap_or(0.0),
-                    )
-                })
-                .collect();
-            (alive.len() + 1 >= storage_nodes).then_some(alive)
-        },
-    )?;
+    let peers = demo.wait_peers(WRITER, storage_nodes - 1, Duration::from_secs(60))?;
     println!(
         "{WRITER} sees {} storage peers; measured RTTs:",
         peers.len()
     );
-    for (zone, rtt) in &peers {
-        println!("  {zone:<22} {rtt:>7.1} ms");
+    for peer in &peers {
+        println!("  {:<22} {:>7.1} ms", peer.zone, peer.rtt_ms);
     }
 
     println!(
@@ -331,7 +167,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     println!("same bytes, same BLAKE3: the mesh served the file with one holder down.");
 
     println!("\n== 7. tear down");
-    drop(up);
+    demo.down();
     println!(
         "everything netsim created is gone; logs and data stay in {}",
         run_dir.display()

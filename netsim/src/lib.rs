@@ -14,11 +14,15 @@
 //!   owns the child processes; [`control`] is the Unix socket through which `netsim kill`,
 //!   `partition`, `status`, ... talk to the running `netsim up`.
 //! - [`selftest`] measures the router itself (throughput, packets/s, delay precision);
-//!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer.
+//!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer;
+//!   [`bench`] runs whole-system benchmarks the same way. Both start and stop runs through
+//!   [`driver`].
 
+pub mod bench;
 pub mod cluster;
 pub mod control;
 pub mod demo;
+pub mod driver;
 pub mod link;
 pub mod netns;
 pub mod router;

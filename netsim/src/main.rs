@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use mesh_netsim::cluster;
 use mesh_netsim::control::{self, Request};
 use mesh_netsim::state::{self, Mode};
-use mesh_netsim::{demo, netns, selftest, topology};
+use mesh_netsim::{bench, demo, netns, selftest, topology};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -119,6 +119,43 @@ enum Command {
         /// Size of the file to put, in MiB
         #[arg(long, default_value_t = 16)]
         size_mib: usize,
+    },
+    /// Reproducible whole-system benchmarks (throughput, latency, ops); writes a JSON report
+    /// and a markdown table next to it; exits 1 if any step fails or any byte differs
+    Bench {
+        /// Scenarios to run, comma-separated: throughput, latency (needs root), ops, or all
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+        scenario: Vec<bench::Scenario>,
+        /// Run directory; each scenario runs in a subdirectory of it
+        #[arg(long, default_value = "/tmp/netsim-bench")]
+        run_dir: PathBuf,
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Where to write the JSON report (default RUN_DIR/bench.json); the markdown goes
+        /// next to it with the extension .md
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seed of the generated data (the same seed puts the same bytes)
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// throughput: size of the object, in MiB
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// latency: objects put per cloud, and so gets per (writer, reader) cloud pair
+        #[arg(long, default_value_t = 20)]
+        latency_count: usize,
+        /// latency: `meshctl status` calls per node that measure the start-up cost
+        #[arg(long, default_value_t = 10)]
+        latency_overhead_samples: usize,
+        /// ops: number of objects
+        #[arg(long, default_value_t = 10_000)]
+        ops_objects: usize,
+        /// ops: size of each object, in KiB
+        #[arg(long, default_value_t = 4)]
+        ops_size_kib: usize,
+        /// ops: concurrent clients (threads, one keep-alive connection each)
+        #[arg(long, default_value_t = 16)]
+        ops_clients: usize,
     },
     /// Internal: the trampoline that starts a child in its namespace
     #[command(name = "__enter", hide = true)]
@@ -270,6 +307,53 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("\ndemo failed: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Bench {
+            scenario,
+            run_dir,
+            bin_dir,
+            json,
+            seed,
+            size_mib,
+            latency_count,
+            latency_overhead_samples,
+            ops_objects,
+            ops_size_kib,
+            ops_clients,
+        } => {
+            let options = bench::Options {
+                scenarios: scenario,
+                json: json.unwrap_or_else(|| run_dir.join("bench.json")),
+                run_dir,
+                bin_dir,
+                seed,
+                throughput: bench::throughput::Options {
+                    size_mib: size_mib.clamp(1, 64 << 10),
+                },
+                latency: bench::latency::Options {
+                    count: latency_count.clamp(1, 10_000),
+                    overhead_samples: latency_overhead_samples.clamp(1, 10_000),
+                },
+                ops: bench::ops::Options {
+                    objects: ops_objects.clamp(1, 10_000_000),
+                    size_kib: ops_size_kib.clamp(1, 64 << 10),
+                    clients: ops_clients.clamp(1, 1024),
+                },
+                command: std::env::args_os()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+            };
+            match bench::run(&options) {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => {
+                    eprintln!("netsim bench: a scenario failed; see the report");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("netsim bench: {e:#}");
                     Ok(ExitCode::FAILURE)
                 }
             }

@@ -43,6 +43,8 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProcessState {
+    /// Planned but not started yet: a standby node, started by `netsim restart`.
+    Standby,
     Starting,
     Running,
     Killed,

@@ -52,6 +52,9 @@ pub struct Node {
     pub index_in_region: usize,
     /// `cloud/region/az`, what `meshd --zone` gets.
     pub zone: String,
+    /// Planned (address, ports, data directory) but not started by `up`; `netsim restart`
+    /// starts it. A node that joins after the others, e.g. a reader that holds nothing.
+    pub standby: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +193,8 @@ struct RawBootstrap {
 struct RawRegion {
     name: Spanned<String>,
     nodes: Spanned<i64>,
+    /// How many of the region's nodes (the last ones) are standby.
+    standby: Option<Spanned<i64>>,
     zones: Option<Spanned<Vec<String>>>,
     rtt: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
@@ -368,6 +373,19 @@ impl Validator<'_> {
                     ),
                 ));
             }
+            let standby = match &region.standby {
+                None => 0,
+                Some(s) if (0..=count).contains(s.get_ref()) => *s.get_ref(),
+                Some(s) => {
+                    return Err(self.err(
+                        s,
+                        format_args!(
+                            "field `standby`: {} is not between 0 and the region's {count} nodes",
+                            s.get_ref()
+                        ),
+                    ));
+                }
+            };
             let zones = match &region.zones {
                 Some(z) => {
                     if z.get_ref().is_empty() || z.get_ref().iter().any(|a| !is_simple_name(a)) {
@@ -409,12 +427,28 @@ impl Validator<'_> {
                     region: index,
                     index_in_region: i + 1,
                     zone: format!("{name}/{az}"),
+                    standby: (i as i64) >= count - standby,
                 });
             }
             regions.push(Region { name });
         }
         if nodes.is_empty() {
             return Err(self.err(&raw.regions[0], "no nodes: every region has `nodes = 0`"));
+        }
+        // Without a bootstrap peer the first node is everyone's; it cannot wait on standby.
+        if raw.bootstrap.is_none() && nodes[0].standby {
+            let first = &raw.regions[nodes[0].region];
+            let at = first.get_ref().standby.as_ref();
+            return Err(match at {
+                Some(at) => self.err(
+                    at,
+                    format_args!(
+                        "field `standby`: {} is the others' bootstrap peer (there is no [bootstrap]) and must start with them",
+                        nodes[0].name
+                    ),
+                ),
+                None => self.err(first, "the first node must not be standby"),
+            });
         }
 
         let n = regions.len();
@@ -911,6 +945,41 @@ node = "aws-us-east-1-2"
     }
 
     #[test]
+    fn standby_marks_the_last_nodes_of_a_region() {
+        let text = SMALL.replacen("nodes = 2", "nodes = 3\nstandby = 1", 1);
+        let t = parse(&text, "t.toml").expect("valid");
+        let standby: Vec<(&str, bool)> = t
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.standby))
+            .collect();
+        assert_eq!(
+            standby,
+            [
+                ("aws-us-east-1-1", false),
+                ("aws-us-east-1-2", false),
+                ("aws-us-east-1-3", true),
+                ("gcp-us-central1-1", false)
+            ]
+        );
+        assert_invalid(
+            &SMALL.replacen("nodes = 2", "nodes = 2\nstandby = 3", 1),
+            Some("standby = 3"),
+            &["`standby`"],
+        );
+        // Without a bootstrap peer, the first node is everyone's and cannot wait.
+        let start = SMALL.find("[bootstrap]").expect("bootstrap");
+        let end = SMALL[start..].find("[[region]]").expect("region") + start;
+        let no_bootstrap = format!("{}{}", &SMALL[..start], &SMALL[end..]);
+        parse(&no_bootstrap, "t.toml").expect("valid without a bootstrap peer");
+        assert_invalid(
+            &no_bootstrap.replacen("nodes = 2", "nodes = 2\nstandby = 2", 1),
+            Some("standby = 2"),
+            &["bootstrap"],
+        );
+    }
+
+    #[test]
     fn shipped_topologies_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies");
         let three = load(&dir.join("three-clouds.toml")).expect("three-clouds");
@@ -920,5 +989,10 @@ node = "aws-us-east-1-2"
         let large = load(&dir.join("six-regions.toml")).expect("six-regions");
         assert_eq!(large.regions.len(), 6);
         assert!((20..=28).contains(&large.nodes.len()));
+        let throughput = load(&dir.join("bench-throughput.toml")).expect("bench-throughput");
+        let standby: Vec<bool> = throughput.nodes.iter().map(|n| n.standby).collect();
+        assert_eq!(standby, [false, false, false, true]);
+        let ops = load(&dir.join("bench-ops.toml")).expect("bench-ops");
+        assert_eq!(ops.nodes.len(), 3);
     }
 }
