@@ -1041,7 +1041,7 @@ mod tests {
 
     #[test]
     fn table_shows_loopback_ports() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/bench-throughput.toml");
+        let dir = topology::shipped("bench-throughput.toml");
         let t = topology::load(&dir).expect("topology");
         let nodes = plan(&t, "ab12", Path::new("/tmp/r"), Mode::Loopback).expect("plan");
         let state = RunState {
@@ -1079,7 +1079,7 @@ mod tests {
 
     #[test]
     fn plan_gives_distinct_addresses_and_ports() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/three-clouds.toml");
+        let dir = topology::shipped("three-clouds.toml");
         let t = topology::load(&dir).expect("topology");
         let netns = plan(&t, "ab12", Path::new("/tmp/r"), Mode::Netns).expect("plan");
         assert_eq!(netns.len(), 7);

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -133,6 +133,21 @@ impl Topology {
     pub fn link(&self, from_region: usize, to_region: usize) -> &LinkParams {
         &self.links[from_region][to_region]
     }
+}
+
+/// A topology shipped in `netsim/topologies/`, for tests: found through `CARGO_MANIFEST_DIR`
+/// as cargo sets it when running them (the compiled-in path is the fallback; it is wrong
+/// when the build was reused from a clone in another directory).
+pub fn shipped(file: &str) -> PathBuf {
+    let compiled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topologies");
+    let running = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    // This crate's own tests, or another workspace member's.
+    running
+        .iter()
+        .flat_map(|dir| [dir.join("topologies"), dir.join("../netsim/topologies")])
+        .find(|dir| dir.is_dir())
+        .unwrap_or(compiled)
+        .join(file)
 }
 
 /// Reads and validates a topology file.
@@ -981,7 +996,7 @@ node = "aws-us-east-1-2"
 
     #[test]
     fn shipped_topologies_are_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies");
+        let dir = shipped("");
         let three = load(&dir.join("three-clouds.toml")).expect("three-clouds");
         assert_eq!(three.nodes.len(), 6);
         assert_eq!(three.regions.len(), 3);

@@ -41,7 +41,7 @@ fn fake_bin_dir(dir: &Path) -> PathBuf {
 }
 
 fn topology() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/three-clouds.toml")
+    mesh_netsim::topology::shipped("three-clouds.toml")
 }
 
 fn netsim(run_dir: &Path, args: &[&str]) -> Output {

@@ -493,7 +493,11 @@ mod tests {
 
     #[test]
     fn the_example_file_documents_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../meshd.example.toml");
+        // CARGO_MANIFEST_DIR at run time: the compiled-in one is stale in a reused build.
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        let path = dir.join("../meshd.example.toml");
         assert_eq!(Config::load(Some(&path), []).unwrap(), Config::default());
     }
 

@@ -279,8 +279,8 @@ impl Drop for NetsimRun {
     }
 }
 
-/// Calls `check` every 250 ms until it returns `Ok(Some(_))`; fails with its last complaint
-/// after `limit`.
+/// Calls `check` every 500 ms (each call starts processes, on a 2-core machine) until it
+/// returns `Ok(Some(_))`; fails with its last complaint after `limit`.
 pub fn wait_for<T>(
     what: &str,
     limit: Duration,
@@ -300,6 +300,6 @@ pub fn wait_for<T>(
                 limit.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

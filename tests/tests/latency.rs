@@ -18,9 +18,8 @@ const GCP: &str = "gcp/us-central1";
 const AZURE: &str = "azure/westeurope";
 
 fn topology(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../netsim/topologies")
-        .join(name)
+    // Not through CARGO_MANIFEST_DIR at run time: that is this crate's, not netsim's.
+    mesh_netsim::topology::shipped(name)
 }
 
 fn json<T: DeserializeOwned>(run: &NetsimRun, node: &str, args: &[&str]) -> anyhow::Result<T> {

@@ -21,6 +21,8 @@ use crate::placement::Liveness;
 
 /// Weight of a new RTT sample in the EWMA.
 const RTT_ALPHA: f64 = 0.25;
+/// The EWMA is fed the median of this many latest samples.
+const RTT_MEDIAN_OF: usize = 3;
 /// Exchanges up to this many payload bytes are timed as round trips.
 pub const SMALL_EXCHANGE: u64 = 16 * 1024;
 /// Most addresses remembered per peer (a peer may announce many; we keep the latest).
@@ -53,6 +55,8 @@ struct Entry {
     version: String,
     rtt: Option<f64>,
     last_rtt: Option<Duration>,
+    /// The last three samples (seconds), newest last; the EWMA takes their median.
+    recent: Vec<f64>,
     last_seen: Instant,
     load: Option<LoadReport>,
     connected: bool,
@@ -129,6 +133,7 @@ impl PeerTable {
             version: String::new(),
             rtt: None,
             last_rtt: None,
+            recent: Vec::new(),
             last_seen: now,
             load: None,
             connected: true,
@@ -164,7 +169,14 @@ impl PeerTable {
 
     pub fn rtt_sample(&mut self, peer: &PeerId, rtt: Duration, now: Instant) {
         if let Some(entry) = self.peers.get_mut(peer) {
-            let sample = rtt.as_secs_f64();
+            // A single slow sample (the peer's or this node's scheduler, a queue) is noise;
+            // the median of the last three ignores it, and follows a real change of the path
+            // from its second sample on.
+            if entry.recent.len() == RTT_MEDIAN_OF {
+                entry.recent.remove(0);
+            }
+            entry.recent.push(rtt.as_secs_f64());
+            let sample = median(&entry.recent);
             entry.rtt = Some(match entry.rtt {
                 None => sample,
                 Some(old) => old + RTT_ALPHA * (sample - old),
@@ -263,6 +275,16 @@ impl Entry {
     }
 }
 
+/// The median of up to three samples (the lower middle of two).
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+        .get((sorted.len().saturating_sub(1)) / 2)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,17 +333,26 @@ mod tests {
     }
 
     #[test]
-    fn rtt_is_an_ewma_that_keeps_the_last_sample() {
+    fn rtt_is_an_ewma_of_the_median_of_recent_samples_and_keeps_the_last_one() {
         let mut t = table();
         let p = PeerId::random();
         let now = Instant::now();
         t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.unwrap().as_secs_f64() * 1000.0;
         t.rtt_sample(&p, Duration::from_millis(10), now);
+        t.rtt_sample(&p, Duration::from_millis(10), now);
+        // One slow sample is ignored...
+        t.rtt_sample(&p, Duration::from_millis(100), now);
+        assert!((ms(&t) - 10.0).abs() < 0.01, "{}", ms(&t));
+        assert_eq!(
+            t.snapshot(now)[0].last_rtt,
+            Some(Duration::from_millis(100))
+        );
+        // ...while a path that really got slower moves the estimate.
         t.rtt_sample(&p, Duration::from_millis(30), now);
-        let view = &t.snapshot(now)[0];
-        assert_eq!(view.last_rtt, Some(Duration::from_millis(30)));
-        let ewma = view.rtt.unwrap().as_secs_f64() * 1000.0;
-        assert!((ewma - 15.0).abs() < 0.01, "{ewma}");
+        assert!((ms(&t) - 15.0).abs() < 0.01, "{}", ms(&t));
+        t.rtt_sample(&p, Duration::from_millis(30), now);
+        assert!((ms(&t) - 18.75).abs() < 0.01, "{}", ms(&t));
     }
 
     #[test]

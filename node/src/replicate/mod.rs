@@ -1103,6 +1103,9 @@ mod tests {
         // The first task runs alone; the window never exceeds its maximum.
         assert_eq!(peaks[0], 1);
         assert!(peaks.iter().all(|&p| p <= 8), "{peaks:?}");
-        assert!(peaks.contains(&8), "the window never opened fully: {peaks:?}");
+        assert!(
+            peaks.contains(&8),
+            "the window never opened fully: {peaks:?}"
+        );
     }
 }
