@@ -53,9 +53,13 @@ fn netsim(run_dir: &Path, args: &[&str]) -> Output {
 }
 
 fn start_up(run_dir: &Path, bin: &Path) -> Child {
+    start_topology(run_dir, bin, &topology())
+}
+
+fn start_topology(run_dir: &Path, bin: &Path, topology: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_netsim"))
         .arg("up")
-        .arg(topology())
+        .arg(topology)
         .arg("--run-dir")
         .arg(run_dir)
         .arg("--bin-dir")
@@ -201,4 +205,72 @@ fn up_commands_crash_and_cleanup() {
         assert!(!mesh_netsim::netns::exists(ns), "{ns} is left");
     }
     assert!(!state::state_path(&run_dir).exists());
+}
+
+#[test]
+fn scripted_events_kill_restart_partition_and_heal_on_time() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = fake_bin_dir(dir.path());
+    let run_dir = dir.path().join("run");
+    let mut text = std::fs::read_to_string(topology()).expect("three-clouds");
+    text.push_str(
+        r#"
+[[event]]
+at = "1s"
+action = "kill"
+node = "aws-us-east-1-2"
+
+[[event]]
+at = "2s"
+action = "partition"
+regions = ["azure/westeurope"]
+from = ["aws/us-east-1", "gcp/us-central1"]
+
+[[event]]
+at = "4s"
+action = "restart"
+node = "aws-us-east-1-2"
+
+[[event]]
+at = "5s"
+action = "heal"
+"#,
+    );
+    let scripted = dir.path().join("scripted.toml");
+    std::fs::write(&scripted, text).expect("write topology");
+
+    let mut up = start_topology(&run_dir, &bin, &scripted);
+    wait_for("every process to start", Duration::from_secs(30), || {
+        all_running(&run_dir)
+    });
+    let first_pid = state::load(&run_dir)
+        .expect("state")
+        .node("aws-us-east-1-2")
+        .and_then(|n| n.pid);
+    // Each event's effect shows in the run's state, in order.
+    let node_state = || {
+        state::load(&run_dir)
+            .ok()
+            .and_then(|s| s.node("aws-us-east-1-2").map(|n| (n.state.clone(), n.pid)))
+    };
+    wait_for("the scripted kill", Duration::from_secs(15), || {
+        node_state().is_some_and(|(s, _)| s == ProcessState::Killed)
+    });
+    wait_for("the scripted partition", Duration::from_secs(15), || {
+        state::load(&run_dir).is_ok_and(|s| {
+            s.partitions
+                .iter()
+                .any(|(a, b)| a == &["azure/westeurope"] && b.len() == 2)
+        })
+    });
+    wait_for("the scripted restart", Duration::from_secs(15), || {
+        node_state().is_some_and(|(s, pid)| s == ProcessState::Running && pid != first_pid)
+    });
+    wait_for("the scripted heal", Duration::from_secs(15), || {
+        state::load(&run_dir).is_ok_and(|s| s.partitions.is_empty())
+    });
+    let out = netsim(&run_dir, &["down"]);
+    assert!(out.status.success(), "{}", self::text(&out));
+    assert!(up.wait().expect("up exits").success());
 }
