@@ -48,6 +48,19 @@ impl Driver {
         mode: Mode,
     ) -> anyhow::Result<(Self, RunState)> {
         let exe = std::env::current_exe().context("cannot find the netsim executable")?;
+        Self::up_with(exe, run_dir, bin_dir, name, topology, mode)
+    }
+
+    /// [`Driver::up`] through the `netsim` executable `exe`, for drivers that are not netsim
+    /// itself (the latency tests).
+    pub fn up_with(
+        exe: PathBuf,
+        run_dir: &Path,
+        bin_dir: Option<&Path>,
+        name: &str,
+        topology: &str,
+        mode: Mode,
+    ) -> anyhow::Result<(Self, RunState)> {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
         let run_dir = run_dir

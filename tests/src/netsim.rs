@@ -9,17 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use mesh_netsim::state::{self, NodeRecord, ProcessState, Role, RunState};
+use mesh_netsim::driver::Driver;
+use mesh_netsim::state::{Mode, NodeRecord, Role, RunState};
 use mesh_netsim::topology::{self, Topology};
 use serde_json::Value;
-
-/// Longest `netsim up` may take to start every process.
-const UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// netsim runs are heavy (a router and a process per node on a 2-core machine) and share the
 /// machine's namespaces: tests take turns.
@@ -45,13 +42,12 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// A running `netsim up`; dropping it runs `netsim down`. The run directory, with every
-/// process's log, is removed only after [`NetsimRun::passed`]; a failed test leaves it.
+/// A running `netsim up` (a [`Driver`]); dropping it runs `netsim down`. The run directory,
+/// with every process's log, is removed only after [`NetsimRun::passed`]; a failed test
+/// leaves it.
 #[derive(Debug)]
 pub struct NetsimRun {
-    child: Child,
-    run_dir: PathBuf,
-    bin_dir: PathBuf,
+    driver: Option<Driver>,
     pub topology: Topology,
     pub state: RunState,
     passed: bool,
@@ -72,69 +68,32 @@ impl NetsimRun {
         }
         let bin_dir = bin_dir()?;
         let topology = topology::load(topology_file)?;
+        let text = std::fs::read_to_string(topology_file)
+            .with_context(|| format!("cannot read {}", topology_file.display()))?;
+        let name = topology_file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("topology");
         let run_dir = std::env::temp_dir().join(format!(
             "mesh-netsim-test-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         ));
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        let log = std::fs::File::create(run_dir.join("netsim-up.log"))
-            .context("cannot create netsim-up.log")?;
-        let child = Command::new(bin_dir.join("netsim"))
-            .arg("up")
-            .arg(topology_file)
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--bin-dir")
-            .arg(&bin_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("log")?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start netsim up")?;
-        let mut run = Self {
-            child,
-            run_dir,
-            bin_dir,
+        let (driver, state) = Driver::up_with(
+            bin_dir.join("netsim"),
+            &run_dir,
+            Some(&bin_dir),
+            name,
+            &text,
+            Mode::Netns,
+        )?;
+        Ok(Self {
+            driver: Some(driver),
             topology,
-            state: RunState {
-                version: state::VERSION,
-                run: String::new(),
-                pid: 0,
-                mode: state::Mode::Netns,
-                topology: String::new(),
-                namespaces: Vec::new(),
-                nodes: Vec::new(),
-                partitions: Vec::new(),
-            },
+            state,
             passed: false,
             _turn: turn,
-        };
-        let deadline = Instant::now() + UP_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = run.child.try_wait() {
-                bail!(
-                    "netsim up exited ({status}); see {}/netsim-up.log",
-                    run.run_dir.display()
-                );
-            }
-            if let Ok(s) = state::load(&run.run_dir)
-                && s.nodes.iter().all(|n| n.state == ProcessState::Running)
-                && state::socket_path(&run.run_dir).exists()
-            {
-                run.state = s;
-                return Ok(run);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "netsim up did not start every node within {}s; see {}",
-                    UP_TIMEOUT.as_secs(),
-                    run.run_dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        })
     }
 
     /// The test passed: tear down and remove the run directory.
@@ -142,8 +101,13 @@ impl NetsimRun {
         self.passed = true;
     }
 
+    fn driver(&self) -> &Driver {
+        // Only `drop` takes the driver out.
+        self.driver.as_ref().expect("the run is up until dropped")
+    }
+
     pub fn run_dir(&self) -> &Path {
-        &self.run_dir
+        self.driver().run_dir()
     }
 
     /// The storage nodes (not the bootstrap peer).
@@ -170,63 +134,18 @@ impl NetsimRun {
 
     /// `netsim exec NODE -- meshctl ARGS...`: its standard output, or an error with its output.
     pub fn meshctl(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(self.bin_dir.join("netsim"))
-            .arg("exec")
-            .arg(node)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .arg("--bin-dir")
-            .arg(&self.bin_dir)
-            .arg("--")
-            .arg("meshctl")
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run netsim exec")?;
-        if !out.status.success() {
-            bail!(
-                "`meshctl {}` on {node} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.driver().meshctl(node, args)
     }
 
     /// `meshctl --json ARGS...` on `node`, parsed.
     pub fn meshctl_json(&self, node: &str, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.meshctl(node, &[&["--json"], args].concat())?;
-        serde_json::from_str(&out).with_context(|| {
-            format!(
-                "meshctl {} on {node} printed no JSON: {out}",
-                args.join(" ")
-            )
-        })
+        self.driver().meshctl_json(node, args)
     }
 
-    /// `netsim ARGS... --run-dir DIR` (kill, restart, partition, heal).
+    /// `netsim ARGS... --run-dir DIR` (kill, restart, partition, heal), then the new state.
     pub fn netsim(&mut self, args: &[&str]) -> anyhow::Result<()> {
-        let out = Command::new(self.bin_dir.join("netsim"))
-            .args(args)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .output()
-            .context("cannot run netsim")?;
-        if !out.status.success() {
-            bail!(
-                "`netsim {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        self.refresh()
-    }
-
-    /// Re-reads the run's state (process states, peer ids after a restart).
-    pub fn refresh(&mut self) -> anyhow::Result<()> {
-        self.state = state::load(&self.run_dir)?;
+        self.driver().netsim(args)?;
+        self.state = self.driver().state()?;
         Ok(())
     }
 
@@ -246,7 +165,7 @@ impl NetsimRun {
         use rand::RngCore;
         let mut data = vec![0u8; size];
         rand::rng().fill_bytes(&mut data);
-        let path = self.run_dir.join(name);
+        let path = self.run_dir().join(name);
         std::fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
         Ok((path, data))
     }
@@ -254,26 +173,17 @@ impl NetsimRun {
 
 impl Drop for NetsimRun {
     fn drop(&mut self) {
-        let _ = Command::new(self.bin_dir.join("netsim"))
-            .arg("down")
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .output();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(driver) = self.driver.take() else {
+            return;
+        };
+        let run_dir = driver.run_dir().to_path_buf();
+        driver.down();
         if self.passed {
-            let _ = std::fs::remove_dir_all(&self.run_dir);
+            let _ = std::fs::remove_dir_all(&run_dir);
         } else {
             eprintln!(
                 "netsim run kept for inspection (logs in {}/logs)",
-                self.run_dir.display()
+                run_dir.display()
             );
         }
     }
