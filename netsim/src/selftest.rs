@@ -62,6 +62,8 @@ pub struct Report {
     pub delay_error_p50_ms: f64,
     pub delay_error_p99_ms: f64,
     pub delay_error_max_ms: f64,
+    /// Probes that arrived sooner than the configured delay: the router must never do that.
+    pub early_probes: usize,
     pub router_drops: u64,
     pub passed: bool,
     pub failures: Vec<String>,
@@ -169,6 +171,12 @@ pub fn run(options: &Options) -> Result<Report, Error> {
             options.probes
         ));
     }
+    if precision.early > 0 {
+        failures.push(format!(
+            "{} probes arrived before their configured delay",
+            precision.early
+        ));
+    }
     Ok(Report {
         small_datagram_bytes: SMALL,
         small_packets_per_sec: small.packets_per_sec,
@@ -183,6 +191,7 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         delay_error_p50_ms: ms(percentile(&precision.errors_ns, 0.5)),
         delay_error_p99_ms: ms(p99),
         delay_error_max_ms: ms(precision.errors_ns.iter().copied().max().unwrap_or(0)),
+        early_probes: precision.early,
         router_drops: drops.dropped_overflow + drops.dropped_queue + drops.write_errors,
         passed: failures.is_empty(),
         failures,
@@ -287,6 +296,8 @@ fn throughput(
 struct Precision {
     /// |measured one-way delay - configured|, per probe received.
     errors_ns: Vec<u64>,
+    /// How many probes arrived before their configured delay had passed.
+    early: usize,
 }
 
 fn precision(
@@ -322,6 +333,7 @@ fn precision(
         })
     };
     let mut errors_ns = Vec::with_capacity(probes);
+    let mut early = 0;
     while errors_ns.len() < probes {
         let Ok(len) = receiver.recv(&mut buf) else {
             break; // timed out: the rest were lost
@@ -333,10 +345,13 @@ fn precision(
         let mut stamp = [0u8; 8];
         stamp.copy_from_slice(&buf[8..16]);
         let one_way = arrived.saturating_sub(u64::from_be_bytes(stamp));
+        if one_way < configured {
+            early += 1;
+        }
         errors_ns.push(one_way.abs_diff(configured));
     }
     let _ = tx.join();
-    Ok(Precision { errors_ns })
+    Ok(Precision { errors_ns, early })
 }
 
 /// Prints the report as a short table.
@@ -354,13 +369,14 @@ pub fn print(report: &Report) {
         report.large_datagram_bytes, report.large_packets_per_sec, report.large_mb_per_sec
     );
     println!(
-        "  delay {:.1} ms one way: error p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} of {} probes)",
+        "  delay {:.1} ms one way: error p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} of {} probes, {} early)",
         report.configured_delay_ms,
         report.delay_error_p50_ms,
         report.delay_error_p99_ms,
         report.delay_error_max_ms,
         report.probes_received,
-        report.probes_sent
+        report.probes_sent,
+        report.early_probes
     );
     println!(
         "  goals: >= {GOAL_PACKETS_PER_SEC:.0} packets/s, >= {GOAL_MB_PER_SEC:.0} MB/s, p99 error <= {} ms",
