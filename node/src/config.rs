@@ -36,6 +36,7 @@ pub struct Config {
     pub store: crate::store::Config,
     pub api: ApiConfig,
     pub net: NetConfig,
+    pub durability: DurabilityConfig,
 }
 
 /// Networking: where to listen, how to join, and the mesh's timing.
@@ -175,6 +176,35 @@ impl NetConfig {
     }
 }
 
+/// Repair, scrub and garbage collection: how fast they may go and how long deleted data
+/// lingers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DurabilityConfig {
+    /// Bytes per second repair may send (copies and rebuilt shards); 0 = unthrottled.
+    pub repair_rate: bytesize::ByteSize,
+    /// Bytes per second the scrubber re-hashes; 0 = scrubbing off.
+    pub scrub_rate: bytesize::ByteSize,
+    /// A scrub pass starts this long after the previous one started.
+    #[serde(with = "humantime_serde")]
+    pub scrub_interval: Duration,
+    /// Chunks no live object references are deleted this long after their last reference
+    /// went away.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: Duration,
+}
+
+impl Default for DurabilityConfig {
+    fn default() -> Self {
+        Self {
+            repair_rate: bytesize::ByteSize::mib(64),
+            scrub_rate: bytesize::ByteSize::mib(4),
+            scrub_interval: Duration::from_secs(24 * 3600),
+            gc_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Control-API limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -230,6 +260,7 @@ impl Default for Config {
             chunker: ChunkerSpec::DEFAULT_CDC,
             store: crate::store::Config::default(),
             api: ApiConfig::default(),
+            durability: DurabilityConfig::default(),
             net: NetConfig::default(),
         }
     }

@@ -256,19 +256,19 @@ fn a_placed_object_takes_references_on_chunks_that_arrive_after_its_record() {
     // This node holds chunks 0 and 1; only chunk 0 has arrived when the record does.
     store.put_chunk_verified(&ChunkId::of(&a), &a).unwrap();
     let (id, missing) = store
-        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .commit_placed(&manifest, b"record-1", &[0, 1], &[])
         .unwrap();
     assert_eq!(missing, vec![ChunkId::of(&b)]);
 
     // Chunk 1 arrives late, then the same record again: it takes a reference on chunk 1.
     store.put_chunk_verified(&ChunkId::of(&b), &b).unwrap();
     let (_, missing) = store
-        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .commit_placed(&manifest, b"record-1", &[0, 1], &[])
         .unwrap();
     assert!(missing.is_empty());
     // Applying it once more adds nothing.
     store
-        .commit_placed(&manifest, b"record-1", &[0, 1])
+        .commit_placed(&manifest, b"record-1", &[0, 1], &[])
         .unwrap();
     assert_eq!(store.record(&id).unwrap().unwrap(), b"record-1");
 
@@ -281,6 +281,34 @@ fn a_placed_object_takes_references_on_chunks_that_arrive_after_its_record() {
     let freed = store.delete_object(&id).unwrap().unwrap();
     assert_eq!(freed.chunks, 2);
     assert_eq!(store.stats().unwrap().chunks, 0);
+}
+
+#[test]
+fn an_erasure_coded_share_references_the_shards_its_part_indices_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let chunk = vec![4u8; 70_000];
+    let mut manifest = manifest_of(&[&chunk], 11);
+    manifest.redundancy = Redundancy::Erasure { data: 2, parity: 1 };
+    // Three shards of the one chunk; this node holds parts 0 and 2.
+    let shards: Vec<Vec<u8>> = (0u8..3).map(|i| vec![i + 10; 35_000]).collect();
+    let parts: Vec<ChunkId> = shards.iter().map(|s| ChunkId::of(s)).collect();
+    for i in [0, 2] {
+        store.put_chunk_verified(&parts[i], &shards[i]).unwrap();
+    }
+    let (id, missing) = store
+        .commit_placed(&manifest, b"record", &[0, 2], &parts)
+        .unwrap();
+    assert!(missing.is_empty(), "{missing:?}");
+    assert_eq!(store.parts(&id).unwrap(), parts);
+    // The chunk itself was never stored here, and is not needed.
+    assert!(!store.has_chunk(&ChunkId::of(&chunk)).unwrap());
+    drop(store);
+    let store = open(dir.path());
+    assert!(store.has_chunk(&parts[0]).unwrap() && store.has_chunk(&parts[2]).unwrap());
+    let freed = store.delete_object(&id).unwrap().unwrap();
+    assert_eq!(freed.chunks, 2);
+    assert!(store.parts(&id).unwrap().is_empty());
 }
 
 #[test]

@@ -366,8 +366,27 @@ pub struct PlacementRecord {
     pub tombstone: bool,
     /// Every distinct holder, once.
     pub nodes: Vec<NodeId>,
-    /// For each chunk of the manifest, in order, indices into `nodes`.
+    /// For each part, in order, indices into `nodes`. A part is a chunk of the manifest for
+    /// `rep:N`, and a shard for `ec:K+M` (see `parts`).
     pub holders: Vec<Vec<u16>>,
+    /// `ec:K+M` only: the id of every shard, K+M per chunk in manifest order (shard `s` of
+    /// chunk `c` is part `c * (K+M) + s`). Empty for `rep:N`. Shards are a deterministic
+    /// function of the chunk, so these ids are checkable by anyone holding the chunk, and a
+    /// reader verifies every rebuilt chunk against the manifest.
+    pub parts: Vec<ChunkId>,
+}
+
+/// The record layout before `parts` existed (wire version 1 without it), still read from
+/// stores written by earlier builds.
+#[derive(Deserialize)]
+struct LegacyRecord {
+    object: ObjectId,
+    version: u64,
+    writer: NodeId,
+    redundancy: Redundancy,
+    tombstone: bool,
+    nodes: Vec<NodeId>,
+    holders: Vec<Vec<u16>>,
 }
 
 impl PlacementRecord {
@@ -376,7 +395,21 @@ impl PlacementRecord {
         (self.version, &self.writer) > (other.version, &other.writer)
     }
 
-    /// The holders of chunk `index`.
+    /// How many parts the object has: chunks for `rep:N`, shards for `ec:K+M`.
+    pub fn part_count(&self) -> usize {
+        self.holders.len()
+    }
+
+    /// The chunk id of part `index`: the manifest's chunk for `rep:N`, the shard otherwise.
+    pub fn part_id(&self, manifest_chunks: &[crate::ChunkRef], index: usize) -> Option<ChunkId> {
+        if self.parts.is_empty() {
+            manifest_chunks.get(index).map(|c| c.id)
+        } else {
+            self.parts.get(index).copied()
+        }
+    }
+
+    /// The holders of part `index`.
     pub fn holders_of(&self, index: usize) -> impl Iterator<Item = &NodeId> {
         self.holders
             .get(index)
@@ -407,11 +440,34 @@ impl PlacementRecord {
                 max: MAX_RECORD_NODES,
             });
         }
-        if !self.tombstone && self.holders.len() != chunk_count {
-            return Err(WireError::Malformed(format!(
-                "record lists holders for {} chunks, the manifest has {chunk_count}",
-                self.holders.len()
-            )));
+        if !self.tombstone {
+            let parts = match self.redundancy {
+                Redundancy::Replicas(_) => {
+                    if !self.parts.is_empty() {
+                        return Err(WireError::Malformed(
+                            "a rep:N record lists shard ids".into(),
+                        ));
+                    }
+                    chunk_count
+                }
+                Redundancy::Erasure { .. } => {
+                    let parts = chunk_count.saturating_mul(self.redundancy.width());
+                    if self.parts.len() != parts {
+                        return Err(WireError::Malformed(format!(
+                            "record lists {} shard ids, {chunk_count} chunks of {} need {parts}",
+                            self.parts.len(),
+                            self.redundancy
+                        )));
+                    }
+                    parts
+                }
+            };
+            if self.holders.len() != parts {
+                return Err(WireError::Malformed(format!(
+                    "record lists holders for {} parts, the manifest needs {parts}",
+                    self.holders.len()
+                )));
+            }
         }
         for (chunk, holders) in self.holders.iter().enumerate() {
             if holders.len() > usize::from(u8::MAX) {
@@ -446,7 +502,22 @@ impl PlacementRecord {
         if version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion { found: version });
         }
-        decode_header(rest)
+        match decode_header(rest) {
+            Ok(record) => Ok(record),
+            Err(e) => match decode_header::<LegacyRecord>(rest) {
+                Ok(old) => Ok(PlacementRecord {
+                    object: old.object,
+                    version: old.version,
+                    writer: old.writer,
+                    redundancy: old.redundancy,
+                    tombstone: old.tombstone,
+                    nodes: old.nodes,
+                    holders: old.holders,
+                    parts: Vec::new(),
+                }),
+                Err(_) => Err(e),
+            },
+        }
     }
 }
 
@@ -464,6 +535,7 @@ mod tests {
             tombstone: false,
             nodes: vec![NodeId(vec![1; 38]), NodeId(vec![2; 38])],
             holders: vec![vec![0, 1], vec![1]],
+            parts: Vec::new(),
         }
     }
 
@@ -545,6 +617,51 @@ mod tests {
         let mut bad = a.clone();
         bad.holders[1] = vec![7];
         assert!(bad.validate(2).is_err());
+    }
+
+    #[test]
+    fn erasure_records_list_every_shard_and_legacy_records_still_decode() {
+        let ec = PlacementRecord {
+            redundancy: Redundancy::Erasure { data: 2, parity: 1 },
+            holders: vec![vec![0], vec![1], vec![0], vec![1], vec![0], vec![1]],
+            parts: (0..6u8).map(|i| ChunkId::of(&[i])).collect(),
+            ..record()
+        };
+        ec.validate(2).unwrap();
+        assert_eq!(PlacementRecord::decode(&ec.encode()).unwrap(), ec);
+        assert_eq!(ec.part_count(), 6);
+        assert_eq!(ec.part_id(&[], 4), Some(ChunkId::of(&[4])));
+        let mut short = ec.clone();
+        short.parts.pop();
+        assert!(short.validate(2).is_err());
+        let mut rep_with_parts = record();
+        rep_with_parts.parts = vec![ChunkId::of(b"x")];
+        assert!(rep_with_parts.validate(2).is_err());
+
+        // A record persisted by a build without `parts`.
+        #[derive(Serialize)]
+        struct Old {
+            object: ObjectId,
+            version: u64,
+            writer: NodeId,
+            redundancy: Redundancy,
+            tombstone: bool,
+            nodes: Vec<NodeId>,
+            holders: Vec<Vec<u16>>,
+        }
+        let r = record();
+        let mut bytes = vec![WIRE_VERSION];
+        bytes.extend_from_slice(&encode_header(&Old {
+            object: r.object,
+            version: r.version,
+            writer: r.writer.clone(),
+            redundancy: r.redundancy,
+            tombstone: r.tombstone,
+            nodes: r.nodes.clone(),
+            holders: r.holders.clone(),
+        }));
+        assert_eq!(PlacementRecord::decode(&bytes).unwrap(), r);
+        assert!(PlacementRecord::decode(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

@@ -410,6 +410,7 @@ impl Mesh {
             tombstone: false,
             nodes: nodes.iter().map(|p| NodeId(p.to_bytes())).collect(),
             holders,
+            parts: Vec::new(),
         };
         let manifest_bytes = Bytes::from(manifest.encode());
         let size = manifest.size;
@@ -422,7 +423,7 @@ impl Mesh {
         let is_holder = nodes.contains(&me) || manifest.chunks.is_empty();
         tokio::task::spawn_blocking(move || {
             if is_holder {
-                upload.commit_placed(&commit_manifest, &encoded, &local_held)
+                upload.commit_placed(&commit_manifest, &encoded, &local_held, &[])
             } else {
                 drop(upload);
                 Ok((object, Vec::new()))
@@ -1012,7 +1013,8 @@ impl Mesh {
                     // The same record again (the writer's background completion delivered the
                     // rest of this node's chunks) takes references on the chunks now here.
                     let held = record.chunks_held_by(&me);
-                    let (_, missing) = store.commit_placed(&manifest, &record.encode(), &held)?;
+                    let (_, missing) =
+                        store.commit_placed(&manifest, &record.encode(), &held, &record.parts)?;
                     Ok::<_, StoreError>(missing)
                 })
                 .await;

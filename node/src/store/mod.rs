@@ -122,9 +122,10 @@ pub trait MetaStore: Send + Sync {
     /// Records the object and takes a reference on each of its chunks, atomically. Every
     /// chunk must be stored. Committing the same manifest twice is a no-op.
     fn commit_object(&self, manifest: &Manifest) -> Result<ObjectId, StoreError>;
-    /// Records an object this node holds part of: references only the chunks at the manifest
-    /// indices in `held` (skipping, and returning, those that are not stored), and keeps the
-    /// encoded placement record, atomically. If the object is already committed, the record is
+    /// Records an object this node holds part of: references only the parts at the indices
+    /// in `held` (skipping, and returning, those that are not stored), and keeps the encoded
+    /// placement record, atomically. Parts are the manifest's chunks when `parts` is empty
+    /// (`rep:N`), else the shard ids it lists (`ec:K+M`). If the object is already committed, the record is
     /// replaced and references are added for held chunks that arrived since (the caller
     /// decides which record wins).
     fn commit_placed(
@@ -132,6 +133,7 @@ pub trait MetaStore: Send + Sync {
         manifest: &Manifest,
         record: &[u8],
         held: &[usize],
+        parts: &[ChunkId],
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError>;
     /// The encoded placement record of an object, if this node keeps one.
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;

@@ -9,6 +9,9 @@
 //! | `manifests` | ObjectId             | canonical manifest bytes (versioned by the manifest)|
 //! | `objects`   | ObjectId             | [`ObjectRecord`]: the summary `ls` shows            |
 //! | `pending`   | kind byte + key      | durable work queue; today GC candidates            |
+//! | `records`   | ObjectId             | the placement record this node keeps               |
+//! | `held`      | ObjectId             | part indices referenced here (partial holders)     |
+//! | `parts`     | ObjectId             | shard ids of an `ec:K+M` object (what `held` indexes)|
 //! | `meta`      | name                 | schema version and counters (merge operator `add`) |
 //!
 //! Every stored chunk has a `refs` entry, so "is this chunk stored" is a small point lookup that
@@ -41,9 +44,12 @@ const CF_PENDING: &str = "pending";
 const CF_META: &str = "meta";
 /// Placement records (ObjectId -> encoded `PlacementRecord`), kept by every holder.
 const CF_RECORDS: &str = "records";
-/// For objects this node holds only part of: the manifest indices it took references on
+/// For objects this node holds only part of: the part indices it took references on
 /// (absent = every chunk, as for a local put).
 const CF_HELD: &str = "held";
+/// `ec:K+M` objects: the id of every part (shard), which `held` indexes; absent for `rep:N`,
+/// whose parts are the manifest's chunks.
+const CF_PARTS: &str = "parts";
 
 /// Layout version of everything this module writes; checked at open.
 const SCHEMA_VERSION: u32 = 1;
@@ -184,6 +190,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_META, meta_opts(true)),
             ColumnFamilyDescriptor::new(CF_RECORDS, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_HELD, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_PARTS, meta_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let text = e.into_string();
@@ -452,19 +459,19 @@ impl RocksStore {
     }
 
     /// Where the store lives.
-    /// Commits `manifest`. With `placed`, only the chunks at the given manifest indices are
-    /// referenced (this node holds part of the object), chunks among them that are not
-    /// stored are skipped and returned, and the placement record is stored in the same batch.
+    /// Commits `manifest`. With `placed`, only the parts at the given indices are referenced
+    /// (this node holds part of the object), parts among them that are not stored are
+    /// skipped and returned, and the placement record is stored in the same batch.
     fn commit(
         &self,
         manifest: &Manifest,
-        placed: Option<(&[u8], &[usize])>,
+        placed: Option<(&[u8], &[usize], &[ChunkId])>,
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
         let bytes = manifest.encode();
         let id = ObjectId::of(&bytes);
         let uses = match placed {
             None => chunk_uses(manifest),
-            Some((_, held)) => held_uses(manifest, held),
+            Some((_, held, parts)) => held_uses(&Parts::new(manifest, parts), held),
         };
         let _guards = self.lock_stripes(uses.keys());
         if self
@@ -473,7 +480,9 @@ impl RocksStore {
             .is_some()
         {
             return match placed {
-                Some((record, held)) => self.extend_placed(&id, manifest, record, held),
+                Some((record, held, parts)) => {
+                    self.extend_placed(&id, &Parts::new(manifest, parts), record, held)
+                }
                 None => Ok((id, Vec::new())),
             };
         }
@@ -499,19 +508,18 @@ impl RocksStore {
             rec.count += uses[chunk];
             batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
         }
-        if let Some((record, held)) = placed {
+        if let Some((record, held, parts)) = placed {
             batch.put_cf(self.cf(CF_RECORDS), id.as_bytes(), record);
+            let lookup = Parts::new(manifest, parts);
             let held: Vec<u32> = held
                 .iter()
-                .filter(|&&i| {
-                    manifest
-                        .chunks
-                        .get(i)
-                        .is_some_and(|c| !missing.contains(&c.id))
-                })
+                .filter(|&&i| lookup.get(i).is_some_and(|c| !missing.contains(&c)))
                 .map(|&i| i as u32)
                 .collect();
             batch.put_cf(self.cf(CF_HELD), id.as_bytes(), encode(&held));
+            if !parts.is_empty() {
+                batch.put_cf(self.cf(CF_PARTS), id.as_bytes(), encode_parts(parts));
+            }
         }
         batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &bytes);
         let record = ObjectRecord {
@@ -537,7 +545,7 @@ impl RocksStore {
     fn extend_placed(
         &self,
         id: &ObjectId,
-        manifest: &Manifest,
+        parts: &Parts<'_>,
         record: &[u8],
         held: &[usize],
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
@@ -553,13 +561,15 @@ impl RocksStore {
         let added: Vec<usize> = held
             .iter()
             .copied()
-            .filter(|&i| manifest.chunks.get(i).is_some() && !previous.contains(&(i as u32)))
+            .filter(|&i| parts.get(i).is_some() && !previous.contains(&(i as u32)))
             .collect();
         let mut missing = Vec::new();
         let refs = self.cf(CF_REFS);
         let mut updated: HashMap<ChunkId, RefRecord> = HashMap::new();
         for i in added {
-            let chunk = manifest.chunks[i].id;
+            let Some(chunk) = parts.get(i) else {
+                continue;
+            };
             let rec = match updated.get(&chunk) {
                 Some(rec) => Some(*rec),
                 None => self.ref_record(&chunk)?,
@@ -598,8 +608,17 @@ impl RocksStore {
             Some(v) => {
                 let held: Vec<u32> = decode(id.as_bytes(), &v)?;
                 let held: Vec<usize> = held.into_iter().map(|i| i as usize).collect();
-                Ok(held_uses(manifest, &held))
+                let parts = self.parts(id)?;
+                Ok(held_uses(&Parts::new(manifest, &parts), &held))
             }
+        }
+    }
+
+    /// The shard ids of an `ec:K+M` object this node keeps a share of; empty otherwise.
+    pub fn parts(&self, id: &ObjectId) -> Result<Vec<ChunkId>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_PARTS), id.as_bytes())? {
+            None => Ok(Vec::new()),
+            Some(v) => decode_parts(id, &v),
         }
     }
 
@@ -656,8 +675,9 @@ impl MetaStore for RocksStore {
         manifest: &Manifest,
         record: &[u8],
         held: &[usize],
+        parts: &[ChunkId],
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
-        self.commit(manifest, Some((record, held)))
+        self.commit(manifest, Some((record, held, parts)))
     }
 
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -794,6 +814,7 @@ impl MetaStore for RocksStore {
         batch.delete_cf(self.cf(CF_OBJECTS), id.as_bytes());
         batch.delete_cf(self.cf(CF_RECORDS), id.as_bytes());
         batch.delete_cf(self.cf(CF_HELD), id.as_bytes());
+        batch.delete_cf(self.cf(CF_PARTS), id.as_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, (-1i64).to_le_bytes());
         self.write(batch, true)?;
         debug!(object = %id, freed_chunks = freed.chunks, "deleted object");
@@ -818,12 +839,51 @@ fn delivery_key(id: &ObjectId) -> [u8; 33] {
 
 /// How many times the manifest references each chunk: the amount its commit adds to (and its
 /// delete takes from) each reference count.
-fn held_uses(manifest: &Manifest, held: &[usize]) -> HashMap<ChunkId, u64> {
+fn held_uses(parts: &Parts<'_>, held: &[usize]) -> HashMap<ChunkId, u64> {
     let mut uses = HashMap::new();
-    for chunk in held.iter().filter_map(|&i| manifest.chunks.get(i)) {
-        *uses.entry(chunk.id).or_insert(0) += 1;
+    for chunk in held.iter().filter_map(|&i| parts.get(i)) {
+        *uses.entry(chunk).or_insert(0) += 1;
     }
     uses
+}
+
+/// The parts of an object, by index: its manifest's chunks (`rep:N`), or its shards.
+struct Parts<'a> {
+    manifest: &'a Manifest,
+    shards: &'a [ChunkId],
+}
+
+impl<'a> Parts<'a> {
+    fn new(manifest: &'a Manifest, shards: &'a [ChunkId]) -> Self {
+        Self { manifest, shards }
+    }
+
+    fn get(&self, index: usize) -> Option<ChunkId> {
+        if self.shards.is_empty() {
+            self.manifest.chunks.get(index).map(|c| c.id)
+        } else {
+            self.shards.get(index).copied()
+        }
+    }
+}
+
+/// Shard ids are stored as their raw bytes back to back: no length limit to trip over.
+fn encode_parts(parts: &[ChunkId]) -> Vec<u8> {
+    parts.iter().flat_map(|p| *p.as_bytes()).collect()
+}
+
+fn decode_parts(id: &ObjectId, bytes: &[u8]) -> Result<Vec<ChunkId>, StoreError> {
+    if bytes.len() % 32 != 0 {
+        return Err(StoreError::BadRecord {
+            key: hex::encode(id.as_bytes()),
+            reason: format!("shard list of {} bytes is not whole ids", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .map(ChunkId::from_bytes)
+        .collect())
 }
 
 fn chunk_uses(manifest: &Manifest) -> HashMap<ChunkId, u64> {
@@ -872,8 +932,9 @@ impl Upload {
         manifest: &Manifest,
         record: &[u8],
         held: &[usize],
+        parts: &[ChunkId],
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
-        let done = self.store.commit_placed(manifest, record, held)?;
+        let done = self.store.commit_placed(manifest, record, held, parts)?;
         self.committed = true;
         // Unpin; chunks this upload stored but the record does not place here are removed.
         if let Err(e) = self.store.release(&self.pinned) {
