@@ -873,7 +873,7 @@ fn encode_parts(parts: &[ChunkId]) -> Vec<u8> {
 }
 
 fn decode_parts(id: &ObjectId, bytes: &[u8]) -> Result<Vec<ChunkId>, StoreError> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(StoreError::BadRecord {
             key: hex::encode(id.as_bytes()),
             reason: format!("shard list of {} bytes is not whole ids", bytes.len()),
