@@ -12,6 +12,7 @@
 //! - [`net`]: libp2p over QUIC; one task owns the swarm (Kademlia, identify, ping, gossiped
 //!   load reports, the chunk/control/membership protocols) and keeps the peer table.
 //! - [`placement`]: the pure function that picks the holders of a chunk.
+//! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
 //! - [`replicate`]: replicated put and remote get over the network, and the service that
 //!   answers other nodes' chunk and control requests.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
@@ -29,6 +30,7 @@
 pub mod api;
 pub mod chunker;
 pub mod config;
+pub mod erasure;
 pub mod identity;
 pub mod metrics;
 pub mod net;
