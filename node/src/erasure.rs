@@ -77,9 +77,12 @@ impl Codec for RsErasure {
     }
 }
 
+/// Codecs built so far, by shape.
+type Codecs = Mutex<HashMap<(usize, usize), Arc<dyn Codec>>>;
+
 /// The codec of shape `ec:data+parity`, built on first use and shared.
 pub fn codec(data: usize, parity: usize) -> Result<Arc<dyn Codec>, ErasureError> {
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<dyn Codec>>>> = OnceLock::new();
+    static CACHE: OnceLock<Codecs> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(codec) = cache.get(&(data, parity)) {
