@@ -335,3 +335,239 @@ fn queued_deliveries_are_listed_in_order_and_removed() {
     let store = open(dir.path());
     assert_eq!(store.deliveries(None, 10).unwrap().len(), 4);
 }
+
+/// Distinct chunks of assorted sizes (some below the blob threshold, most above).
+fn assorted_chunks(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let len = 1_000 + (i * 37_003) % 200_000;
+            (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_scrub_walk_visits_every_chunk_once_in_bounded_batches_across_a_reopen() {
+    use mesh_node::store::rocks::scrub::ScrubBatch;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = assorted_chunks(60);
+    let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    let mut all: Vec<ChunkId> = refs.iter().map(|c| ChunkId::of(c)).collect();
+    all.sort();
+    let total_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+
+    let mut seen: Vec<ChunkId> = Vec::new();
+    let mut bytes = 0;
+    let mut cursor: Option<ChunkId> = None;
+    {
+        let store = open(dir.path());
+        put_object(&*store, &refs, 1);
+        // Half the walk, then the store closes as a restarting node's would.
+        while seen.len() < 30 {
+            let batch: ScrubBatch = store.scrub_batch(cursor.as_ref(), 150_000, 7).unwrap();
+            assert!(batch.chunks >= 1 && batch.chunks <= 7, "{batch:?}");
+            assert!(batch.quarantined.is_empty());
+            // A batch stops once its byte budget is spent: at most one chunk past it.
+            assert!(batch.bytes < 150_000 + 200_000, "{batch:?}");
+            let last = batch.last.unwrap();
+            seen.extend(
+                all.iter()
+                    .filter(|id| Some(*id) > cursor.as_ref() && **id <= last),
+            );
+            bytes += batch.bytes;
+            cursor = Some(last);
+        }
+    }
+    let store = open(dir.path());
+    loop {
+        let batch = store.scrub_batch(cursor.as_ref(), 150_000, 7).unwrap();
+        bytes += batch.bytes;
+        if let Some(last) = batch.last {
+            seen.extend(
+                all.iter()
+                    .filter(|id| Some(*id) > cursor.as_ref() && **id <= last),
+            );
+            cursor = Some(last);
+        }
+        if batch.done {
+            break;
+        }
+    }
+    assert_eq!(seen, all, "every chunk once, in key order");
+    assert_eq!(bytes, total_bytes);
+    // At the end, a walk from the last key finds nothing more.
+    let tail = store.scrub_batch(cursor.as_ref(), 1, 1).unwrap();
+    assert_eq!((tail.chunks, tail.done), (0, true));
+}
+
+#[test]
+fn a_corrupt_chunk_is_quarantined_reads_as_missing_and_is_restored_verified() {
+    use mesh_node::store::rocks::scrub::Restored;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let chunks = assorted_chunks(5);
+    let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    let object = put_object(&*store, &refs, 2);
+    let good = chunks[3].clone();
+    let id = ChunkId::of(&good);
+    let mut rotten = good.clone();
+    rotten[100] ^= 1;
+    store.overwrite_chunk_unchecked(&id, &rotten).unwrap();
+    let before = store.stats().unwrap();
+
+    let batch = store.scrub_batch(None, u64::MAX, 100).unwrap();
+    assert_eq!(batch.chunks, 5);
+    assert!(batch.done);
+    assert_eq!(batch.quarantined, vec![id]);
+    let entry = store.quarantine_entry(&id).unwrap().unwrap();
+    assert_eq!(entry.actual, ChunkId::of(&rotten));
+    assert_eq!(entry.bad_len as usize, rotten.len());
+    assert_eq!(store.quarantined_count().unwrap(), 1);
+    // No read returns the bad bytes: the chunk reads as absent, so readers go elsewhere.
+    assert!(store.get_chunk(&id).unwrap().is_none());
+    assert!(!store.has_chunk(&id).unwrap());
+    // The object and the counts are untouched: the reference stays.
+    assert_eq!(store.stats().unwrap(), before);
+    assert!(store.object(&object).unwrap().is_some());
+    // A second walk neither sees it nor counts it again.
+    let again = store.scrub_batch(None, u64::MAX, 100).unwrap();
+    assert_eq!((again.chunks, again.quarantined.len()), (4, 0));
+    assert!(store.quarantine_chunk(&id).unwrap().is_none());
+
+    // It survives a reopen, and only the right bytes come back.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.quarantined(None, 10).unwrap().len(), 1);
+    assert!(matches!(
+        store.restore_chunk(&id, &rotten),
+        Err(StoreError::HashMismatch { .. })
+    ));
+    assert!(store.get_chunk(&id).unwrap().is_none());
+    assert_eq!(store.restore_chunk(&id, &good).unwrap(), Restored::Replaced);
+    assert_eq!(store.get_chunk(&id).unwrap().unwrap(), good);
+    assert!(store.has_chunk(&id).unwrap());
+    assert_eq!(store.quarantined_count().unwrap(), 0);
+    assert!(store.quarantined(None, 10).unwrap().is_empty());
+    assert_eq!(
+        store.restore_chunk(&id, &good).unwrap(),
+        Restored::AlreadyGood
+    );
+    assert_eq!(store.stats().unwrap(), before);
+}
+
+#[test]
+fn a_verified_write_of_a_quarantined_chunk_heals_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = vec![6u8; 120_000];
+    put_object(&*store, &[&data], 3);
+    let id = ChunkId::of(&data);
+    store.overwrite_chunk_unchecked(&id, b"rot").unwrap();
+    assert!(store.quarantine_chunk(&id).unwrap().is_some());
+    assert!(
+        !store.has_chunk(&id).unwrap(),
+        "a writer asking should resend it"
+    );
+    let stored = store.put_chunk_verified(&id, &data).unwrap();
+    assert!(!stored.new, "still the same stored chunk for the counts");
+    assert_eq!(store.get_chunk(&id).unwrap().unwrap(), data);
+    assert_eq!(store.quarantined_count().unwrap(), 0);
+    assert_eq!(store.stats().unwrap().chunks, 1);
+}
+
+#[test]
+fn a_quarantined_chunk_of_a_deleted_object_is_settled_not_restored() {
+    use mesh_node::store::rocks::scrub::Restored;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = vec![8u8; 90_000];
+    let object = put_object(&*store, &[&data], 4);
+    let id = ChunkId::of(&data);
+    store.overwrite_chunk_unchecked(&id, b"rot").unwrap();
+    store.quarantine_chunk(&id).unwrap().unwrap();
+    assert!(!store.settle_quarantined(&id).unwrap(), "still referenced");
+    let freed = store.delete_object(&object).unwrap().unwrap();
+    assert_eq!(freed.chunks, 1);
+    assert_eq!(store.stats().unwrap().chunks, 0);
+    assert!(store.settle_quarantined(&id).unwrap());
+    assert_eq!(store.quarantined_count().unwrap(), 0);
+    // A late good copy writes nothing for a chunk nobody references.
+    store.overwrite_chunk_unchecked(&id, b"rot").unwrap();
+    store.quarantine_chunk(&id).unwrap();
+    assert_eq!(
+        store.restore_chunk(&id, &data).unwrap(),
+        Restored::NoLongerStored
+    );
+    assert_eq!(store.quarantined_count().unwrap(), 0);
+}
+
+#[test]
+fn the_parts_using_a_chunk_are_found_among_whole_placed_and_sharded_objects() {
+    use mesh_node::store::rocks::scrub::PartUse;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let shared = vec![1u8; 70_000];
+    let other = vec![2u8; 70_000];
+    // Whole: the chunk twice. Placed: this node holds index 1 only (not the shared chunk).
+    let whole = put_object(&*store, &[&shared, &other, &shared], 5);
+    store
+        .put_chunk_verified(&ChunkId::of(&other), &other)
+        .unwrap();
+    let (placed, _) = store
+        .commit_placed(&manifest_of(&[&shared, &other], 6), b"r", &[1], &[])
+        .unwrap();
+    // Sharded: the shared bytes are also shard 1 of an ec:2+1 object held here.
+    let mut manifest = manifest_of(&[&[9u8; 70_000]], 7);
+    manifest.redundancy = Redundancy::Erasure { data: 2, parity: 1 };
+    let parts = vec![
+        ChunkId::of(&[3u8; 1000]),
+        ChunkId::of(&shared),
+        ChunkId::of(&[4u8; 1000]),
+    ];
+    let (sharded, _) = store.commit_placed(&manifest, b"r", &[1], &parts).unwrap();
+
+    let mut uses = store.part_uses(&ChunkId::of(&shared), 10).unwrap();
+    uses.sort_by_key(|u| (u.object, u.index));
+    let mut expected = vec![
+        PartUse {
+            object: whole,
+            index: 0,
+        },
+        PartUse {
+            object: whole,
+            index: 2,
+        },
+        PartUse {
+            object: sharded,
+            index: 1,
+        },
+    ];
+    expected.sort_by_key(|u| (u.object, u.index));
+    assert_eq!(uses, expected);
+    assert_eq!(store.part_uses(&ChunkId::of(&shared), 1).unwrap().len(), 1);
+    let uses = store.part_uses(&ChunkId::of(&other), 10).unwrap();
+    assert!(uses.contains(&PartUse {
+        object: placed,
+        index: 1
+    }));
+    assert!(
+        store
+            .part_uses(&ChunkId::of(b"unknown"), 10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn the_scrub_state_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        assert!(store.scrub_state().unwrap().is_none());
+        store.put_scrub_state(b"\x01state").unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.scrub_state().unwrap().unwrap(), b"\x01state");
+    // The counters sharing the family are unaffected.
+    assert_eq!(store.stats().unwrap().chunks, 0);
+}

@@ -13,6 +13,7 @@
 //! | `held`      | ObjectId             | part indices referenced here (partial holders)     |
 //! | `parts`     | ObjectId             | shard ids of an `ec:K+M` object (what `held` indexes)|
 //! | `meta`      | name                 | schema version and counters (merge operator `add`) |
+//! | `quarantine`| ChunkId              | chunks whose bytes failed verification ([`scrub`]) |
 //!
 //! Every stored chunk has a `refs` entry, so "is this chunk stored" is a small point lookup that
 //! never touches the chunk's blob. Mutations of one chunk's existence or count happen under a
@@ -35,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::{ChunkStore, Config, Freed, MetaStore, Stats, StoreError, StoredChunk};
+
+pub mod scrub;
 
 const CF_CHUNKS: &str = "chunks";
 const CF_REFS: &str = "refs";
@@ -191,6 +194,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_RECORDS, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_HELD, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_PARTS, meta_opts(false)),
+            ColumnFamilyDescriptor::new(scrub::CF_QUARANTINE, meta_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let text = e.into_string();
@@ -319,6 +323,8 @@ impl RocksStore {
     /// Writes a chunk whose id is known to match. Caller holds the chunk's stripe.
     fn insert_chunk(&self, id: &ChunkId, data: &[u8], sync: bool) -> Result<bool, StoreError> {
         if self.ref_record(id)?.is_some() {
+            // Verified bytes of a chunk whose stored copy went bad put it back.
+            self.heal_if_quarantined(id, data, sync)?;
             return Ok(false);
         }
         let len = u32::try_from(data.len())
@@ -445,6 +451,7 @@ impl RocksStore {
             CF_META,
             CF_RECORDS,
             CF_HELD,
+            scrub::CF_QUARANTINE,
         ] {
             self.db.flush_cf(self.cf(cf))?;
         }
@@ -636,13 +643,7 @@ impl ChunkStore for RocksStore {
     }
 
     fn put_chunk_verified(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk, StoreError> {
-        let actual = ChunkId::of(data);
-        if &actual != id {
-            return Err(StoreError::HashMismatch {
-                claimed: *id,
-                actual,
-            });
-        }
+        check_hash(id, data)?;
         let _guard = lock(&self.stripes[self.stripe(id)]);
         let new = self.insert_chunk(id, data, true)?;
         Ok(StoredChunk { id: *id, new })
@@ -661,7 +662,8 @@ impl ChunkStore for RocksStore {
     }
 
     fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self.ref_record(id)?.is_some())
+        // A quarantined chunk is referenced but not readable: a writer asking should send it.
+        Ok(self.ref_record(id)?.is_some() && self.quarantine_entry(id)?.is_none())
     }
 }
 
@@ -828,6 +830,18 @@ impl MetaStore for RocksStore {
             bytes: self.counter(KEY_BYTES)?,
         })
     }
+}
+
+/// Refuses bytes that do not hash to the id they are offered under.
+fn check_hash(id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
+    let actual = ChunkId::of(data);
+    if &actual != id {
+        return Err(StoreError::HashMismatch {
+            claimed: *id,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 fn delivery_key(id: &ObjectId) -> [u8; 33] {
