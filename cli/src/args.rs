@@ -74,6 +74,12 @@ pub enum Command {
     Status,
     /// List the mesh peers this node knows, nearest (lowest RTT) first.
     Peers,
+    /// Show the scrubber's progress (it re-hashes stored chunks and replaces corrupt ones).
+    Scrub {
+        /// Start a pass now (unless one is running) and return.
+        #[arg(long)]
+        now: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use mesh_proto::api::{
     DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, PeersResponse, PutQuery,
-    PutResponse, StatResponse, StatusResponse, TOKEN_FILE,
+    PutResponse, ScrubStartResponse, ScrubStatus, StatResponse, StatusResponse, TOKEN_FILE,
 };
 use mesh_proto::manifest::MAX_MANIFEST_LEN;
 use mesh_proto::{Manifest, ObjectId};
@@ -178,6 +178,20 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<StatusResponse, Error> {
         let request = self.http.get(self.url("/v1/status"));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `GET /v1/scrub`.
+    pub async fn scrub_status(&self) -> Result<ScrubStatus, Error> {
+        let request = self.http.get(self.url("/v1/scrub"));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `POST /v1/scrub`: starts a pass.
+    pub async fn scrub_start(&self) -> Result<ScrubStartResponse, Error> {
+        let request = self.http.post(self.url("/v1/scrub"));
         let response = self.send(request, None).await?;
         self.json(response).await
     }

@@ -20,8 +20,8 @@ use axum::{Json, Router};
 use futures::TryStreamExt;
 use mesh_proto::api::{
     ChunkStat, DeleteResponse, ErrorBody, ErrorCode, HolderStat, ListQuery, ListResponse,
-    MAX_LIST_LIMIT, PeerLoad, PeerSummary, PeersResponse, PutQuery, PutResponse, StatResponse,
-    StatusResponse,
+    MAX_LIST_LIMIT, PeerLoad, PeerSummary, PeersResponse, PutQuery, PutResponse,
+    ScrubStartResponse, ScrubStatus, StatResponse, StatusResponse,
 };
 use mesh_proto::{ChunkerSpec, ObjectId, Redundancy};
 use subtle::ConstantTimeEq;
@@ -40,6 +40,8 @@ use crate::store::{MetaStore, RocksStore, StoreError};
 #[derive(Clone)]
 pub struct ApiState {
     inner: Arc<Inner>,
+    /// Status and start of scrub passes (`/v1/scrub`); see [`ApiState::with_scrub`].
+    scrub: Option<crate::scrub::Handle>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -85,7 +87,26 @@ impl ApiState {
                 started: Instant::now(),
                 uploads,
             }),
+            scrub: None,
         }
+    }
+}
+
+impl ApiState {
+    /// Serves the scrubber's status and start switch.
+    pub fn with_scrub(mut self, scrub: crate::scrub::Handle) -> Self {
+        self.scrub = Some(scrub);
+        self
+    }
+
+    fn scrub(&self) -> Result<crate::scrub::Handle, ApiError> {
+        self.scrub.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "this node has no scrubber",
+            )
+        })
     }
 }
 
@@ -98,6 +119,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}/stat", get(stat_object))
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
+        .route("/v1/scrub", get(scrub_status).post(scrub_start))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
@@ -672,6 +694,10 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
     .await?;
     let mesh = inner.mesh.clone();
     let completing = blocking(move || mesh.pending_deliveries()).await?;
+    let scrub = match state.scrub.clone() {
+        Some(scrub) => Some(blocking(move || scrub.status()).await?),
+        None => None,
+    };
     let (served_chunks, served_bytes) = inner.metrics.served_totals();
     Ok(Json(StatusResponse {
         node_id: inner.node_id.clone(),
@@ -697,7 +723,23 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
         objects_completing: completing as u64,
         chunks_served: served_chunks,
         bytes_served: served_bytes,
+        scrub,
     }))
+}
+
+async fn scrub_status(State(state): State<ApiState>) -> Result<Json<ScrubStatus>, ApiError> {
+    let scrub = state.scrub()?;
+    Ok(Json(blocking(move || scrub.status()).await?))
+}
+
+/// Starts a scrub pass unless one runs; answers at once (the pass goes on in the background).
+async fn scrub_start(State(state): State<ApiState>) -> Result<Json<ScrubStartResponse>, ApiError> {
+    let scrub = state.scrub()?;
+    let started = scrub
+        .request_pass()
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, ErrorCode::BadRequest, e.to_string()))?;
+    let status = blocking(move || scrub.status()).await?;
+    Ok(Json(ScrubStartResponse { started, status }))
 }
 
 async fn peers(State(state): State<ApiState>) -> Json<PeersResponse> {

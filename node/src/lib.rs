@@ -15,6 +15,8 @@
 //! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
 //! - [`replicate`]: replicated put and remote get over the network, and the service that
 //!   answers other nodes' chunk and control requests.
+//! - [`scrub`]: the background worker that re-hashes stored chunks at a bounded rate,
+//!   quarantines those that went bad and replaces them from other holders.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
@@ -37,6 +39,7 @@ pub mod net;
 pub mod objects;
 pub mod placement;
 pub mod replicate;
+pub mod scrub;
 pub mod store;
 
 use std::future::Future;
@@ -93,6 +96,8 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    scrub: scrub::Handle,
+    scrub_task: Option<JoinHandle<()>>,
     _lock: std::fs::File,
 }
 
@@ -163,6 +168,15 @@ impl Node {
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
+        let scrub = open_scrub(Arc::clone(&store), &config).await?;
+        let scrub_task = scrub.enabled().then(|| {
+            tokio::spawn(scrub::run(
+                scrub.clone(),
+                mesh.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ))
+        });
         let state = api::ApiState::new(
             Arc::clone(&store),
             mesh.clone(),
@@ -171,7 +185,8 @@ impl Node {
             token.clone(),
             peer_id.to_string(),
             api_addr.to_string(),
-        );
+        )
+        .with_scrub(scrub.clone());
         let app = api::router(state);
         let serve_stop = stop.clone();
         let server = tokio::spawn(async move {
@@ -213,6 +228,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            scrub,
+            scrub_task,
             _lock: lock,
         })
     }
@@ -251,6 +268,11 @@ impl Node {
         &self.store
     }
 
+    /// The scrubber's status and its start-a-pass switch.
+    pub fn scrub(&self) -> &scrub::Handle {
+        &self.scrub
+    }
+
     /// Stops accepting requests, lets those in flight finish for up to
     /// `api.shutdown_grace`, aborts the rest, and flushes the store.
     pub async fn shutdown(self) {
@@ -262,6 +284,7 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            scrub_task,
             mesh,
             store,
             config,
@@ -279,6 +302,10 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        // The scrubber stops between batches; its cursor is in the store.
+        if let Some(task) = scrub_task {
+            let _ = task.await;
+        }
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
         // With the swarm gone the inbound queue closes and the service drains.
@@ -301,6 +328,18 @@ impl Node {
         }
         drop(_lock);
     }
+}
+
+/// Loads the scrubber's persisted state.
+async fn open_scrub(store: Arc<RocksStore>, config: &Config) -> Result<scrub::Handle, StartError> {
+    let durability = config.durability.clone();
+    let path = store.path().to_owned();
+    let opened = tokio::task::spawn_blocking(move || scrub::Handle::open(store, &durability))
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()));
+    opened
+        .and_then(|r| r)
+        .map_err(|source| StartError::Store { path, source })
 }
 
 /// Builds the load report gossiped every few seconds.

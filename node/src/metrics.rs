@@ -148,6 +148,7 @@ impl Metrics {
             Unit::Count,
             "control-API requests answered with an error, by code",
         );
+        describe_scrub(&recorder);
         recorder.describe_histogram(
             KeyName::from_const_str("mesh_api_request_duration_seconds"),
             Some(Unit::Seconds),
@@ -287,5 +288,74 @@ impl Metrics {
     /// Drains histogram buffers; run every few seconds.
     pub fn upkeep(&self) {
         self.inner.handle.run_upkeep();
+    }
+}
+
+const SCRUB_CHECKED_CHUNKS: &str = "mesh_scrub_checked_chunks_total";
+const SCRUB_CHECKED_BYTES: &str = "mesh_scrub_checked_bytes_total";
+const SCRUB_CORRUPT: &str = "mesh_scrub_corrupt_chunks_total";
+const SCRUB_REPAIRED: &str = "mesh_scrub_repaired_chunks_total";
+const SCRUB_QUARANTINED: &str = "mesh_scrub_quarantined_chunks";
+
+fn describe_scrub(recorder: &PrometheusRecorder) {
+    for (name, unit, help) in [
+        (
+            SCRUB_CHECKED_CHUNKS,
+            Unit::Count,
+            "stored chunks the scrubber re-hashed",
+        ),
+        (
+            SCRUB_CHECKED_BYTES,
+            Unit::Bytes,
+            "stored bytes the scrubber re-hashed",
+        ),
+        (
+            SCRUB_CORRUPT,
+            Unit::Count,
+            "stored chunks the scrubber found corrupt and quarantined",
+        ),
+        (
+            SCRUB_REPAIRED,
+            Unit::Count,
+            "quarantined chunks replaced with verified bytes from another holder",
+        ),
+    ] {
+        recorder.describe_counter(KeyName::from_const_str(name), Some(unit), help.into());
+    }
+    recorder.describe_gauge(
+        KeyName::from_const_str(SCRUB_QUARANTINED),
+        Some(Unit::Count),
+        "chunks in quarantine: corrupt here and not replaced yet".into(),
+    );
+}
+
+/// The scrubber's figures (see [`crate::scrub`]); registered on first use, as they change a
+/// few times a second at most.
+impl Metrics {
+    fn scrub_counter(&self, name: &'static str) -> Counter {
+        self.inner
+            .recorder
+            .register_counter(&Key::from_static_name(name), &METADATA)
+    }
+
+    /// A scrub batch re-hashed `chunks` chunks of `bytes` bytes.
+    pub fn scrub_checked(&self, chunks: u64, bytes: u64) {
+        self.scrub_counter(SCRUB_CHECKED_CHUNKS).increment(chunks);
+        self.scrub_counter(SCRUB_CHECKED_BYTES).increment(bytes);
+    }
+
+    pub fn scrub_corrupt(&self) {
+        self.scrub_counter(SCRUB_CORRUPT).increment(1);
+    }
+
+    pub fn scrub_repaired(&self) {
+        self.scrub_counter(SCRUB_REPAIRED).increment(1);
+    }
+
+    pub fn set_scrub_quarantined(&self, chunks: u64) {
+        self.inner
+            .recorder
+            .register_gauge(&Key::from_static_name(SCRUB_QUARANTINED), &METADATA)
+            .set(chunks as f64);
     }
 }

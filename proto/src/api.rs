@@ -14,6 +14,8 @@
 //! | `GET /v1/objects/{id}/stat`       |                     | [`StatResponse`]              |
 //! | `DELETE /v1/objects/{id}`         |                     | [`DeleteResponse`]            |
 //! | `GET /v1/status`                  |                     | [`StatusResponse`]            |
+//! | `GET /v1/scrub`                   |                     | [`ScrubStatus`]               |
+//! | `POST /v1/scrub`                  |                     | [`ScrubStartResponse`]        |
 //!
 //! Errors come back as an HTTP status with an [`ErrorBody`].
 
@@ -160,6 +162,59 @@ pub struct StatusResponse {
     pub chunks_served: u64,
     #[serde(default)]
     pub bytes_served: u64,
+    /// The scrubber's progress (absent from nodes that predate it).
+    #[serde(default)]
+    pub scrub: Option<ScrubStatus>,
+}
+
+/// Answer of `GET /v1/scrub`: what the scrubber (which re-hashes stored chunks and replaces
+/// those that went bad) has done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// False when `durability.scrub_rate` is 0: no pass runs, not even on request.
+    pub enabled: bool,
+    /// Bytes re-hashed per second at most.
+    pub rate_bytes_per_sec: u64,
+    /// A pass starts this long after the previous one started.
+    pub interval_secs: u64,
+    /// The pass in progress, or else the last one.
+    pub pass: Option<ScrubPass>,
+    /// When the last finished pass finished (ms since the Unix epoch).
+    pub last_finished_ms: Option<u64>,
+    /// When the next pass is due (ms since the Unix epoch); `None` while one runs or when off.
+    pub next_pass_ms: Option<u64>,
+    /// Chunks stored on the node, what a whole pass checks.
+    pub chunks_stored: u64,
+    /// Chunks whose bytes went bad and are not replaced yet: reads of them go to other
+    /// holders, and every pass tries again to fetch or rebuild them.
+    pub quarantined: u64,
+    /// Since the store was created: chunks found corrupt, and of those replaced.
+    pub corrupt_total: u64,
+    pub repaired_total: u64,
+    pub passes_completed: u64,
+}
+
+/// One scrub pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubPass {
+    /// Ms since the Unix epoch.
+    pub started_ms: u64,
+    /// `None` while the pass runs.
+    pub finished_ms: Option<u64>,
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Chunks found corrupt in this pass, and of those (or of earlier passes' quarantined
+    /// ones) replaced with verified bytes in this pass.
+    pub corrupt: u64,
+    pub repaired: u64,
+}
+
+/// Answer of `POST /v1/scrub`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStartResponse {
+    /// False when a pass was already running (it goes on; no second one starts).
+    pub started: bool,
+    pub status: ScrubStatus,
 }
 
 /// Answer of `GET /v1/peers`.

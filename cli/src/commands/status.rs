@@ -10,6 +10,8 @@ use crate::client::Client;
 use crate::error::Error;
 use crate::output::{self, human_bytes};
 
+use super::scrub;
+
 pub async fn run(client: &Client, json: bool) -> Result<(), Error> {
     let status = client.status().await?;
     if json {
@@ -75,7 +77,21 @@ fn render(status: &StatusResponse) -> String {
                 human_bytes(status.bytes_served)
             ),
         ),
+        (
+            "scrub",
+            status
+                .scrub
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |s| scrub::summary(s, scrub::now_ms())),
+        ),
     ];
+    render_rows(rows)
+}
+
+/// `key  value` lines with the values aligned; a multi-line value continues under its first
+/// line.
+pub(super) fn render_rows(rows: impl IntoIterator<Item = (&'static str, String)>) -> String {
+    let rows: Vec<_> = rows.into_iter().collect();
     let width = rows.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
     let mut text = String::new();
     for (key, value) in rows {
@@ -130,6 +146,7 @@ mod tests {
             objects_completing: 1,
             chunks_served: 4,
             bytes_served: 3 << 20,
+            scrub: None,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -159,6 +176,7 @@ mod tests {
             text.contains("completing          1 objects (holders beyond the write quorum)\n"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 18);
+        assert!(text.contains("scrub               -\n"), "{text}");
+        assert_eq!(text.lines().count(), 19);
     }
 }
