@@ -125,6 +125,42 @@ pub fn api_client(node: &TestNode) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
+/// `POST /v1/objects?{query}` with `body` on `node`.
+pub async fn api_put(
+    node: &TestNode,
+    query: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .post(format!("{}/v1/objects?{query}", node.api_url()))
+        .body(body)
+        .send()
+        .await?)
+}
+
+/// `GET /v1/objects/{id}` on `node`.
+pub async fn api_get(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .get(format!("{}/v1/objects/{id}", node.api_url()))
+        .send()
+        .await?)
+}
+
+/// The placement record `node` keeps for object `id`, if any.
+pub fn record_on(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<Option<mesh_proto::wire::PlacementRecord>> {
+    use mesh_node::store::MetaStore;
+    match node.node().store().record(id)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(mesh_proto::wire::PlacementRecord::decode(&bytes)?)),
+    }
+}
+
 /// Object `seed` of the crash test: a 128 KiB prefix shared by every object (so that chunks
 /// are deduplicated and reference-counted) followed by up to 900 KiB unique to `seed`.
 pub fn prefixed_object(seed: u64) -> Vec<u8> {
