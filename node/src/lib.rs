@@ -93,6 +93,7 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    repair_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -158,10 +159,13 @@ impl Node {
                 // A get that finds no provider asks the peer table too, so a put need not
                 // wait out an announcement that a partition or a dead peer holds up.
                 announce_timeout: config.net.request_timeout.min(ANNOUNCE_WAIT),
+                dead_after: config.net.dead_after,
+                repair_rate: config.durability.repair_rate.as_u64(),
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
+        let repair_task = tokio::spawn(mesh.clone().run_repair(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
             Arc::clone(&store),
@@ -213,6 +217,7 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            repair_task,
             _lock: lock,
         })
     }
@@ -262,6 +267,7 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            repair_task,
             mesh,
             store,
             config,
@@ -279,6 +285,7 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        let _ = repair_task.await;
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
         // With the swarm gone the inbound queue closes and the service drains.

@@ -56,6 +56,15 @@ impl TestNode {
         Ok(Self { node, dir })
     }
 
+    /// Stops the node but keeps its data directory, to start it again later with
+    /// [`Parked::start`] (a node that was down and comes back).
+    pub async fn park(self) -> Parked {
+        let Self { node, dir } = self;
+        let config = node.config().clone();
+        node.shutdown().await;
+        Parked { config, dir }
+    }
+
     /// The node itself.
     pub fn node(&self) -> &Node {
         &self.node
@@ -84,6 +93,25 @@ impl TestNode {
     /// Stops the node gracefully.
     pub async fn stop(self) {
         self.node.shutdown().await;
+    }
+}
+
+/// A stopped node whose data directory is kept (see [`TestNode::park`]).
+#[derive(Debug)]
+pub struct Parked {
+    config: Config,
+    dir: tempfile::TempDir,
+}
+
+impl Parked {
+    /// Starts the node again on its data directory (new API port and listen port).
+    pub async fn start(self) -> anyhow::Result<TestNode> {
+        let Self { mut config, dir } = self;
+        config.api_addr = "127.0.0.1:0".parse()?;
+        let node = Node::start(config)
+            .await
+            .context("starting the parked node")?;
+        Ok(TestNode { node, dir })
     }
 }
 

@@ -449,6 +449,7 @@ impl Mesh {
                         }
                     }
                     .map_err(|e| e.to_string())?;
+                    self.inner.pace.take(data.len() as u64).await;
                     store_remote(net, peer, id, data).await
                 }
             })

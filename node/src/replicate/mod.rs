@@ -41,6 +41,7 @@ use crate::store::rocks::Upload;
 use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
 
 pub mod complete;
+pub mod repair;
 
 use complete::Delivery;
 
@@ -71,6 +72,10 @@ pub struct Settings {
     pub min_free_bytes: u64,
     /// Longest a put waits for its DHT announcement to be stored.
     pub announce_timeout: Duration,
+    /// A holder silent this long is dead and its parts are repaired.
+    pub dead_after: Duration,
+    /// Bytes per second of background sends (put completion and repair); 0 = unthrottled.
+    pub repair_rate: u64,
 }
 
 /// Why a replicated put or get failed.
@@ -215,6 +220,10 @@ struct Inner {
     completion: complete::Shared,
     /// Objects recently opened from another node (see [`OPENED_TTL`]).
     opened: Mutex<HashMap<ObjectId, (Instant, Manifest, PlacementRecord)>>,
+    /// What the repair worker last saw.
+    repair: repair::Shared,
+    /// Paces background sends at `repair_rate`.
+    pace: repair::Pace,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -240,10 +249,12 @@ impl Mesh {
                 store,
                 net,
                 metrics,
-                settings,
                 avoid: Mutex::new(HashMap::new()),
                 completion: complete::Shared::new(),
                 opened: Mutex::new(HashMap::new()),
+                repair: repair::Shared::default(),
+                pace: repair::Pace::new(settings.repair_rate),
+                settings,
             }),
         }
     }
