@@ -96,6 +96,7 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    repair_task: JoinHandle<()>,
     scrub: scrub::Handle,
     scrub_task: Option<JoinHandle<()>>,
     _lock: std::fs::File,
@@ -163,10 +164,13 @@ impl Node {
                 // A get that finds no provider asks the peer table too, so a put need not
                 // wait out an announcement that a partition or a dead peer holds up.
                 announce_timeout: config.net.request_timeout.min(ANNOUNCE_WAIT),
+                dead_after: config.net.dead_after,
+                repair_rate: config.durability.repair_rate.as_u64(),
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
+        let repair_task = tokio::spawn(mesh.clone().run_repair(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let scrub = open_scrub(Arc::clone(&store), &config).await?;
         let scrub_task = scrub.enabled().then(|| {
@@ -228,6 +232,7 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            repair_task,
             scrub,
             scrub_task,
             _lock: lock,
@@ -284,6 +289,7 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            repair_task,
             scrub_task,
             mesh,
             store,
@@ -302,6 +308,7 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        let _ = repair_task.await;
         // The scrubber stops between batches; its cursor is in the store.
         if let Some(task) = scrub_task {
             let _ = task.await;

@@ -93,6 +93,16 @@ pub struct ChunkStat {
     /// The same holders with their zone, RTT from the answering node and liveness.
     #[serde(default)]
     pub placed: Vec<HolderStat>,
+    /// `ec:K+M` objects: the chunk's K+M shards and where each is; empty for `rep:N`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStat>,
+}
+
+/// One shard of an erasure-coded chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStat {
+    pub id: ChunkId,
+    pub placed: Vec<HolderStat>,
 }
 
 /// One holder of a chunk, as the answering node sees it.

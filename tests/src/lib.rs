@@ -56,6 +56,15 @@ impl TestNode {
         Ok(Self { node, dir })
     }
 
+    /// Stops the node but keeps its data directory, to start it again later with
+    /// [`Parked::start`] (a node that was down and comes back).
+    pub async fn park(self) -> Parked {
+        let Self { node, dir } = self;
+        let config = node.config().clone();
+        node.shutdown().await;
+        Parked { config, dir }
+    }
+
     /// The node itself.
     pub fn node(&self) -> &Node {
         &self.node
@@ -84,6 +93,25 @@ impl TestNode {
     /// Stops the node gracefully.
     pub async fn stop(self) {
         self.node.shutdown().await;
+    }
+}
+
+/// A stopped node whose data directory is kept (see [`TestNode::park`]).
+#[derive(Debug)]
+pub struct Parked {
+    config: Config,
+    dir: tempfile::TempDir,
+}
+
+impl Parked {
+    /// Starts the node again on its data directory (new API port and listen port).
+    pub async fn start(self) -> anyhow::Result<TestNode> {
+        let Self { mut config, dir } = self;
+        config.api_addr = "127.0.0.1:0".parse()?;
+        let node = Node::start(config)
+            .await
+            .context("starting the parked node")?;
+        Ok(TestNode { node, dir })
     }
 }
 
@@ -123,6 +151,42 @@ pub fn api_client(node: &TestNode) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .default_headers(headers)
         .build()?)
+}
+
+/// `POST /v1/objects?{query}` with `body` on `node`.
+pub async fn api_put(
+    node: &TestNode,
+    query: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .post(format!("{}/v1/objects?{query}", node.api_url()))
+        .body(body)
+        .send()
+        .await?)
+}
+
+/// `GET /v1/objects/{id}` on `node`.
+pub async fn api_get(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .get(format!("{}/v1/objects/{id}", node.api_url()))
+        .send()
+        .await?)
+}
+
+/// The placement record `node` keeps for object `id`, if any.
+pub fn record_on(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<Option<mesh_proto::wire::PlacementRecord>> {
+    use mesh_node::store::MetaStore;
+    match node.node().store().record(id)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(mesh_proto::wire::PlacementRecord::decode(&bytes)?)),
+    }
 }
 
 /// Object `seed` of the crash test: a 128 KiB prefix shared by every object (so that chunks
