@@ -25,11 +25,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use libp2p::PeerId;
+use mesh_proto::ChunkId;
 use mesh_proto::api::{ScrubPass, ScrubStatus};
 use mesh_proto::wire::PlacementRecord;
-use mesh_proto::{ChunkId, Manifest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DurabilityConfig;
 use crate::metrics::Metrics;
-use crate::replicate::{Mesh, MeshError};
+use crate::replicate::Mesh;
 use crate::store::rocks::scrub::{PartUse, Restored};
 use crate::store::{MetaStore, RocksStore, StoreError};
 
@@ -564,7 +562,7 @@ impl Worker {
             };
             let attempt = tokio::time::timeout(
                 REPAIR_TIMEOUT,
-                recover(&self.mesh, &manifest, &record, index),
+                self.mesh.recover_part(&manifest, &record, index),
             );
             let bytes = tokio::select! {
                 biased;
@@ -603,30 +601,6 @@ impl Worker {
             Err(e) => debug!(error = %e, "cannot read the quarantine count"),
         }
     }
-}
-
-/// A verified copy of part `index` of an object, from anywhere but this node.
-async fn recover(
-    mesh: &Mesh,
-    manifest: &Manifest,
-    record: &PlacementRecord,
-    index: usize,
-) -> Result<Bytes, MeshError> {
-    // Until the mesh offers part recovery (rebuilding erasure shards), fetch the part from
-    // the other holders the record names; the store verifies it again before writing.
-    let Some(id) = record.part_id(&manifest.chunks, index) else {
-        return Err(MeshError::ChunkUnavailable {
-            chunk: ChunkId::from_bytes([0; 32]),
-            reason: format!("the object has no part {index}"),
-        });
-    };
-    let me = mesh.network().local_peer_id();
-    let holders: Vec<PeerId> = record
-        .holders_of(index)
-        .filter_map(|n| PeerId::from_bytes(&n.0).ok())
-        .filter(|p| *p != me)
-        .collect();
-    mesh.fetch_chunk(id, holders).await
 }
 
 #[cfg(test)]
