@@ -16,25 +16,14 @@ const JOIN: Duration = Duration::from_secs(60);
 const SCRUB: Duration = Duration::from_secs(60);
 
 async fn put(node: &TestNode, query: &str, body: Vec<u8>) -> PutResponse {
-    let response = api_client(node)
-        .unwrap()
-        .post(format!("{}/v1/objects?{query}", node.api_url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = mesh_tests::api_put(node, query, body).await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     response.json().await.unwrap()
 }
 
 /// The object's bytes, or `None` when the node could not serve all of them.
 async fn get(node: &TestNode, id: &ObjectId) -> Option<Vec<u8>> {
-    let response = api_client(node)
-        .unwrap()
-        .get(format!("{}/v1/objects/{id}", node.api_url()))
-        .send()
-        .await
-        .ok()?;
+    let response = mesh_tests::api_get(node, id).await.ok()?;
     if !response.status().is_success() {
         return None;
     }
@@ -113,35 +102,42 @@ fn rotten(data: &[u8]) -> Vec<u8> {
     bad
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rotten_replica_is_found_by_scrub_and_replaced_from_another_holder() {
-    let cluster = Cluster::start(3, |_, config| {
+/// Flips a bit of a chunk stored on `node` (through the store's test hook); returns the good
+/// bytes.
+fn rot(node: &TestNode, id: &ChunkId) -> Vec<u8> {
+    let store = node.node().store();
+    let good = store.get_chunk(id).unwrap().unwrap().to_vec();
+    store.overwrite_chunk_unchecked(id, &rotten(&good)).unwrap();
+    good
+}
+
+/// `n` joined nodes scrubbing at 1 GiB/s, once `data`, put on the first with `query`, is on
+/// all its holders.
+async fn cluster_holding(n: usize, query: &str, data: Vec<u8>) -> (Cluster, PutResponse) {
+    let cluster = Cluster::start(n, |_, config| {
         config.durability.scrub_rate = bytesize::ByteSize::gib(1);
     })
     .await
     .unwrap();
     cluster.wait_joined(JOIN).await.unwrap();
-    let data = random_bytes(300 * 1024, 21);
-    let put = put(
-        &cluster.nodes[0],
-        "redundancy=rep:3&chunker=fixed:64KiB",
-        data.clone(),
-    )
-    .await;
-    assert_eq!(put.chunks, 5);
+    let stored = put(&cluster.nodes[0], query, data).await;
     cluster.wait_settled(JOIN).await.unwrap();
+    (cluster, stored)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotten_replica_is_found_by_scrub_and_replaced_from_another_holder() {
+    let data = random_bytes(300 * 1024, 21);
+    let (cluster, put) =
+        cluster_holding(3, "redundancy=rep:3&chunker=fixed:64KiB", data.clone()).await;
+    assert_eq!(put.chunks, 5);
 
     // Node 1 holds a replica of every chunk; one of them rots there.
     let holder = &cluster.nodes[1];
     wait_idle(holder).await;
     let chunks = chunk_ids(holder, &put.id);
     let victim = chunks[2];
-    let good = holder.node().store().get_chunk(&victim).unwrap().unwrap();
-    holder
-        .node()
-        .store()
-        .overwrite_chunk_unchecked(&victim, &rotten(&good))
-        .unwrap();
+    let good = rot(holder, &victim);
 
     // Before any scrub, a read on that node already gets the right bytes (from another
     // holder) and never the rotten ones.
@@ -198,6 +194,50 @@ async fn a_rotten_replica_is_found_by_scrub_and_replaced_from_another_holder() {
     cluster.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotten_erasure_shard_is_rebuilt_from_the_other_shards() {
+    let data = random_bytes(200 * 1024, 24);
+    // Four chunks of 64 KiB or less, each cut into 2 data + 1 parity shards on 3 holders.
+    let (cluster, put) =
+        cluster_holding(4, "redundancy=ec:2%2B1&chunker=fixed:64KiB", data.clone()).await;
+    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.parts.len(), 12);
+    // Shard 1 of chunk 2: its only holder loses it to rot, so it can only be rebuilt.
+    let part = 2 * 3 + 1;
+    let shard = record.parts[part];
+    let holders: Vec<_> = record.holders_of(part).collect();
+    assert_eq!(holders.len(), 1);
+    let holder = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node().peer_id().to_bytes() == holders[0].0)
+        .unwrap();
+    wait_idle(holder).await;
+    let good = rot(holder, &shard);
+    assert_eq!(get(holder, &put.id).await.as_deref(), Some(&data[..]));
+
+    let status = full_pass(holder).await;
+    assert_eq!(
+        (
+            status.corrupt_total,
+            status.repaired_total,
+            status.quarantined
+        ),
+        (1, 1, 0),
+        "{status:?}"
+    );
+    assert_eq!(
+        holder.node().store().get_chunk(&shard).unwrap().unwrap(),
+        good
+    );
+    for node in &cluster.nodes {
+        assert_eq!(get(node, &put.id).await.as_deref(), Some(&data[..]));
+    }
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_nobody_else_holds_stays_quarantined_and_is_never_served() {
     let node = scrubbing_node(bytesize::ByteSize::gib(1)).await;
@@ -205,12 +245,7 @@ async fn a_chunk_nobody_else_holds_stays_quarantined_and_is_never_served() {
     let data = random_bytes(200 * 1024, 22);
     let stored = put(&node, "redundancy=rep:1&chunker=fixed:64KiB", data.clone()).await;
     let victim = chunk_ids(&node, &stored.id)[1];
-    let good = node.node().store().get_chunk(&victim).unwrap().unwrap();
-    let bad = rotten(&good);
-    node.node()
-        .store()
-        .overwrite_chunk_unchecked(&victim, &bad)
-        .unwrap();
+    let bad = rotten(&rot(&node, &victim));
 
     let status = full_pass(&node).await;
     assert_eq!(
