@@ -97,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}/manifest", get(get_manifest))
         .route("/v1/objects/{id}/stat", get(stat_object))
         .route("/v1/status", get(status))
+        .route("/v1/repair", get(repair))
         .route("/v1/peers", get(peers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -641,6 +642,10 @@ async fn delete_object(
         freed_chunks: freed.chunks,
         freed_bytes: freed.bytes,
     }))
+}
+
+async fn repair(State(state): State<ApiState>) -> Json<mesh_proto::api::RepairStatus> {
+    Json(state.inner.mesh.repair_state())
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, ApiError> {

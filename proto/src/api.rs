@@ -229,3 +229,22 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
 }
+
+/// `GET /v1/repair`: what the node's repair worker last saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepairStatus {
+    /// Objects kept here that have fewer live holders than their policy wants.
+    pub below_target: u64,
+    /// Of those, the ones this node repairs (it is their lowest live holder).
+    pub backlog: u64,
+    /// Parts (replicas or shards) repair has queued for new holders since the node started.
+    pub parts_queued: u64,
+    /// Bytes of those parts.
+    pub bytes_queued: u64,
+    /// Seconds from an object going below target to its repair completing, last one.
+    pub last_repair_seconds: Option<f64>,
+    /// Milliseconds since the epoch of the last completed walk over the records (0: none yet).
+    pub last_scan_ms: u64,
+    /// Bytes per second background sends are paced at (0 = unthrottled).
+    pub rate_bytes_per_sec: u64,
+}

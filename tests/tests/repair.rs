@@ -132,6 +132,30 @@ async fn a_killed_rep3_holder_is_repaired_and_a_returning_one_keeps_no_surplus()
     .await
     .unwrap();
     assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
+    // One node did the repair, and `GET /v1/repair` says so; nothing is left below target.
+    let mut queued = 0;
+    for node in &alive {
+        let state: mesh_proto::api::RepairStatus = mesh_tests::api_client(node)
+            .unwrap()
+            .get(format!("{}/v1/repair", node.api_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued += state.parts_queued;
+    }
+    assert!(queued >= 1, "no node reports queued repair parts");
+    wait_until(REPAIR, "the repair backlog to drain", || {
+        let backlog: u64 = alive
+            .iter()
+            .map(|n| n.node().mesh().repair_state().backlog)
+            .sum();
+        async move { Ok(backlog == 0) }
+    })
+    .await
+    .unwrap();
     for node in &alive {
         let response = mesh_tests::api_get(node, &put.id).await.unwrap();
         assert_eq!(response.status(), 200);

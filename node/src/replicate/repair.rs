@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use mesh_proto::wire::{NodeId, PlacementRecord};
 use mesh_proto::{Manifest, ObjectId, Redundancy};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -44,24 +43,7 @@ pub(crate) struct Shared {
     since: Mutex<HashMap<ObjectId, Instant>>,
 }
 
-/// The repair state of one node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct RepairState {
-    /// Objects kept here that have fewer live holders than their policy wants.
-    pub below_target: u64,
-    /// Of those, the ones this node is responsible for repairing.
-    pub backlog: u64,
-    /// Parts (replicas or shards) repair has queued for new holders since start.
-    pub parts_queued: u64,
-    /// Bytes of those parts.
-    pub bytes_queued: u64,
-    /// Seconds from an object going below target to its repair completing, last one.
-    pub last_repair_seconds: Option<f64>,
-    /// Milliseconds since the epoch of the last completed walk.
-    pub last_scan_ms: u64,
-    /// Bytes per second background sends are paced at (0 = unthrottled).
-    pub rate_bytes_per_sec: u64,
-}
+pub use mesh_proto::api::RepairStatus as RepairState;
 
 impl Mesh {
     /// The repair worker's last view.
