@@ -155,6 +155,22 @@ impl Delivery {
         }
         Ok(delivery)
     }
+
+    /// Whether a queued entry still owes some holder parts (not only the record), and the
+    /// peers it owes anything. An unreadable entry owes parts (leave it to the worker).
+    pub(crate) fn summary(bytes: &[u8]) -> (bool, Vec<PeerId>) {
+        match Self::decode(bytes) {
+            Err(_) => (true, Vec::new()),
+            Ok(delivery) => (
+                delivery.owed.iter().any(|o| !o.chunks.is_empty()),
+                delivery
+                    .owed
+                    .iter()
+                    .filter_map(|o| PeerId::from_bytes(&o.peer).ok())
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Delay before attempt `attempts + 1`.
