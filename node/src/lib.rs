@@ -13,18 +13,21 @@
 //!   load reports, the chunk/control/membership protocols) and keeps the peer table.
 //! - [`placement`]: the pure function that picks the holders of a chunk.
 //! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
-//! - [`replicate`]: replicated put and remote get over the network, and the service that
-//!   answers other nodes' chunk and control requests.
+//! - [`replicate`]: replicated and erasure-coded put and remote get over the network, the
+//!   durable background completion, repair of what dead holders took with them, and the
+//!   service that answers other nodes' chunk and control requests.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
-//! holders (this node and its nearest peers, spread over zones) and counts once `W` of them
-//! stored it durably; then every holder commits its part with the placement record and
+//! holders (this node and its nearest peers, spread over zones), or cut into `ec:K+M` shards
+//! on K+M holders, and counts once `W` of them stored it durably; then every holder commits its part with the placement record and
 //! announces the object in the DHT. Holders beyond `W` are finished in the background from a
 //! durable queue ([`replicate::complete`]). A get reads local chunks first; otherwise it asks
 //! the nearest peers and the DHT's providers at once for the manifest and placement record
 //! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
-//! nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
+//! nearest holders, each chunk verified against its BLAKE3 (for `ec:`, the K nearest shards,
+//! decoded). When a holder dies, the lowest live holder of each object it held re-creates the
+//! lost parts elsewhere ([`replicate::repair`]). [`Node::start`] brings all of
 //! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
 
 pub mod api;

@@ -1,7 +1,8 @@
-//! Replicated objects: the write path (place each chunk on `rep:N` holders, succeed when `W`
-//! have it durably), the read path (local chunks first, else the nearest holder, hedged,
-//! verified, with fallback), and the storage service that answers other nodes' chunk and
-//! control requests.
+//! Objects across the mesh: the write path (place each chunk on `rep:N` holders, or its
+//! `ec:K+M` shards on K+M holders, succeed when `W` have it durably), the read path (local
+//! chunks first, else the nearest holder, hedged, verified, with fallback; for `ec:` the
+//! nearest K shards, decoded), [`repair`] of what dead holders took with them, and the
+//! storage service that answers other nodes' chunk and control requests.
 //!
 //! Data flow of a put: the chunker cuts the stream; each chunk goes through
 //! `placement::choose_targets` over the live peer table plus this node, and is sent to its
