@@ -717,6 +717,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
             .filter(|p| p.liveness == crate::placement::Liveness::Alive)
             .count() as u64,
         objects_completing: completing as u64,
+        repair_backlog: inner.mesh.repair_state().backlog,
         chunks_served: served_chunks,
         bytes_served: served_bytes,
     }))

@@ -170,6 +170,9 @@ pub struct StatusResponse {
     pub chunks_served: u64,
     #[serde(default)]
     pub bytes_served: u64,
+    /// Objects below target that this node is the repairer of (see `GET /v1/repair`).
+    #[serde(default)]
+    pub repair_backlog: u64,
 }
 
 /// Answer of `GET /v1/peers`.

@@ -59,6 +59,10 @@ fn render(status: &StatusResponse) -> String {
                 status.objects_completing
             ),
         ),
+        (
+            "repair backlog",
+            format!("{} objects (this node repairs them)", status.repair_backlog),
+        ),
         ("default redundancy", status.default_redundancy.to_string()),
         ("zone", output::cell(&status.zone)),
         ("listen addresses", list(&status.listen_addrs)),
@@ -130,6 +134,7 @@ mod tests {
             objects_completing: 1,
             chunks_served: 4,
             bytes_served: 3 << 20,
+            repair_backlog: 2,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -159,6 +164,10 @@ mod tests {
             text.contains("completing          1 objects (holders beyond the write quorum)\n"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 18);
+        assert!(
+            text.contains("repair backlog      2 objects (this node repairs them)\n"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 19);
     }
 }
