@@ -13,8 +13,11 @@
 //!   load reports, the chunk/control/membership protocols) and keeps the peer table.
 //! - [`placement`]: the pure function that picks the holders of a chunk.
 //! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
-//! - [`replicate`]: replicated put and remote get over the network, and the service that
-//!   answers other nodes' chunk and control requests.
+//! - [`replicate`]: replicated put and remote get over the network, deletes (tombstones
+//!   delivered to every holder), and the service that answers other nodes' chunk and control
+//!   requests.
+//! - [`gc`]: deletes chunks no live object references once `gc_grace` has passed, compacts
+//!   their space back, and drops old tombstones.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
@@ -24,13 +27,17 @@
 //! durable queue ([`replicate::complete`]). A get reads local chunks first; otherwise it asks
 //! the nearest peers and the DHT's providers at once for the manifest and placement record
 //! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
-//! nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
-//! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
+//! nearest holders, each chunk verified against its BLAKE3. A delete writes a tombstone
+//! version of the placement record that every holder applies (durably queued until each has
+//! it, [`replicate::delete`]); chunks left unreferenced are deleted by [`gc`] after
+//! `gc_grace`. [`Node::start`] brings all of this up and [`Node::shutdown`] stops it
+//! gracefully; several nodes can run in one process.
 
 pub mod api;
 pub mod chunker;
 pub mod config;
 pub mod erasure;
+pub mod gc;
 pub mod identity;
 pub mod metrics;
 pub mod net;
@@ -93,6 +100,8 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    tombstone_task: JoinHandle<()>,
+    gc_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -162,6 +171,20 @@ impl Node {
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
+        let durability = &config.durability;
+        let tombstone_task = tokio::spawn(
+            mesh.clone()
+                .run_tombstone_delivery(durability.tombstone_retention, stop.clone()),
+        );
+        let collector = gc::Collector::new(
+            Arc::clone(&store),
+            metrics.clone(),
+            gc::Settings {
+                grace: durability.gc_grace,
+                tombstone_retention: durability.tombstone_retention,
+            },
+        );
+        let gc_task = tokio::spawn(collector.run(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
             Arc::clone(&store),
@@ -213,6 +236,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             _lock: lock,
         })
     }
@@ -262,6 +287,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             mesh,
             store,
             config,
@@ -279,6 +306,9 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        // So do tombstone deliveries; the collector finishes its pass (it holds the store).
+        let _ = tombstone_task.await;
+        let _ = gc_task.await;
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
         // With the swarm gone the inbound queue closes and the service drains.

@@ -46,14 +46,15 @@ impl TestNode {
 
     /// Restarts the node on the same data directory after `configure` adjusts its config.
     pub async fn restart_with(self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        self.stop_keeping_data().await.start_with(configure).await
+    }
+
+    /// Stops the node gracefully, keeping its data directory for [`StoppedNode::start`].
+    pub async fn stop_keeping_data(self) -> StoppedNode {
         let Self { node, dir } = self;
         let config = node.config().clone();
         node.shutdown().await;
-        let mut config = config;
-        config.api_addr = "127.0.0.1:0".parse()?;
-        configure(&mut config);
-        let node = Node::start(config).await.context("restarting the node")?;
-        Ok(Self { node, dir })
+        StoppedNode { config, dir }
     }
 
     /// The node itself.
@@ -84,6 +85,29 @@ impl TestNode {
     /// Stops the node gracefully.
     pub async fn stop(self) {
         self.node.shutdown().await;
+    }
+}
+
+/// A [`TestNode`] that is down, with its data directory.
+#[derive(Debug)]
+pub struct StoppedNode {
+    config: Config,
+    dir: tempfile::TempDir,
+}
+
+impl StoppedNode {
+    /// Starts the node again on its data directory (new API port).
+    pub async fn start(self) -> anyhow::Result<TestNode> {
+        self.start_with(|_| {}).await
+    }
+
+    /// Starts the node again after `configure` adjusts its config.
+    pub async fn start_with(self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<TestNode> {
+        let Self { mut config, dir } = self;
+        config.api_addr = "127.0.0.1:0".parse()?;
+        configure(&mut config);
+        let node = Node::start(config).await.context("restarting the node")?;
+        Ok(TestNode { node, dir })
     }
 }
 
@@ -123,6 +147,40 @@ pub fn api_client(node: &TestNode) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .default_headers(headers)
         .build()?)
+}
+
+/// `GET /v1/objects/{id}` on `node`, whatever the answer.
+pub async fn get_object(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .get(format!("{}/v1/objects/{id}", node.api_url()))
+        .send()
+        .await?)
+}
+
+/// `GET /v1/status` on `node`.
+pub async fn status(node: &TestNode) -> anyhow::Result<mesh_proto::api::StatusResponse> {
+    Ok(api_client(node)?
+        .get(format!("{}/v1/status", node.api_url()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// The placement record `node` keeps for `id`, decoded.
+pub fn record_on(
+    node: &TestNode,
+    id: &mesh_proto::ObjectId,
+) -> anyhow::Result<Option<mesh_proto::wire::PlacementRecord>> {
+    use mesh_node::store::MetaStore;
+    match node.node().store().record(id)? {
+        Some(bytes) => Ok(Some(mesh_proto::wire::PlacementRecord::decode(&bytes)?)),
+        None => Ok(None),
+    }
 }
 
 /// Object `seed` of the crash test: a 128 KiB prefix shared by every object (so that chunks
