@@ -74,6 +74,8 @@ pub enum Command {
     Status,
     /// List the mesh peers this node knows, nearest (lowest RTT) first.
     Peers,
+    /// Show the repair state: objects below target, the backlog this node repairs, progress.
+    Repair,
 }
 
 #[derive(Debug, Args)]

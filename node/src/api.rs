@@ -20,8 +20,8 @@ use axum::{Json, Router};
 use futures::TryStreamExt;
 use mesh_proto::api::{
     ChunkStat, DeleteResponse, ErrorBody, ErrorCode, HolderStat, ListQuery, ListResponse,
-    MAX_LIST_LIMIT, PeerLoad, PeerSummary, PeersResponse, PutQuery, PutResponse, StatResponse,
-    StatusResponse,
+    MAX_LIST_LIMIT, PeerLoad, PeerSummary, PeersResponse, PutQuery, PutResponse, ShardStat,
+    StatResponse, StatusResponse,
 };
 use mesh_proto::{ChunkerSpec, ObjectId, Redundancy};
 use subtle::ConstantTimeEq;
@@ -97,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}/manifest", get(get_manifest))
         .route("/v1/objects/{id}/stat", get(stat_object))
         .route("/v1/status", get(status))
+        .route("/v1/repair", get(repair))
         .route("/v1/peers", get(peers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -314,11 +315,6 @@ async fn put_object_from<R: AsyncRead + Unpin>(
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let inner = &state.inner;
     let redundancy = query.redundancy.unwrap_or(inner.config.redundancy);
-    if let Redundancy::Erasure { .. } = redundancy {
-        return Err(ApiError::bad_request(format!(
-            "{redundancy}: erasure coding is not supported by this version of meshd; use rep:N"
-        )));
-    }
     let chunker = match &query.chunker {
         Some(spec) => spec
             .parse::<ChunkerSpec>()
@@ -359,9 +355,15 @@ async fn put_object_from<R: AsyncRead + Unpin>(
     let quorum = query
         .quorum
         .map_or_else(|| redundancy.default_write_quorum(), usize::from);
-    if quorum == 0 || quorum > redundancy.width() {
+    // An erasure-coded chunk needs K shards to be readable at all; the quorum keeps one more
+    // so that a single lost holder right after the put loses nothing.
+    let min_quorum = match redundancy {
+        Redundancy::Replicas(_) => 1,
+        Redundancy::Erasure { .. } => redundancy.default_write_quorum(),
+    };
+    if quorum < min_quorum || quorum > redundancy.width() {
         return Err(ApiError::bad_request(format!(
-            "quorum {quorum} is outside 1..={} for {redundancy}",
+            "quorum {quorum} is outside {min_quorum}..={} for {redundancy}",
             redundancy.width()
         )));
     }
@@ -441,7 +443,7 @@ async fn get_object(
     } else {
         inner.config.api.read_ahead_chunks
     };
-    let stream = inner.mesh.read_stream(record, plan, window);
+    let stream = inner.mesh.read_stream(&manifest, record, plan, window);
     let mut response = Response::new(Body::from_stream(stream));
     let h = response.headers_mut();
     h.insert(
@@ -566,32 +568,56 @@ async fn stat_object(
             },
         }
     };
-    let mut chunks = Vec::with_capacity(manifest.chunks.len());
-    for (index, (offset, chunk)) in manifest.chunk_offsets().enumerate() {
-        let holder_ids: Vec<libp2p::PeerId> = match &record {
+    let holders_of = |part: usize| -> Vec<libp2p::PeerId> {
+        match &record {
             Some(record) => record
-                .holders_of(index)
+                .holders_of(part)
                 .filter_map(|n| libp2p::PeerId::from_bytes(&n.0).ok())
                 .collect(),
             None => vec![me],
+        }
+    };
+    let live = |placed: &[HolderStat]| {
+        placed
+            .iter()
+            .filter(|h| h.liveness == "self" || h.liveness == "alive")
+            .count()
+    };
+    let width = manifest.redundancy.width();
+    let erasure = record.as_ref().filter(|r| !r.parts.is_empty());
+    let mut chunks = Vec::with_capacity(manifest.chunks.len());
+    let mut meets_target = true;
+    for (index, (offset, chunk)) in manifest.chunk_offsets().enumerate() {
+        let (holder_ids, shards) = match erasure {
+            None => (holders_of(index), Vec::new()),
+            Some(record) => {
+                let shards: Vec<ShardStat> = (index * width..(index + 1) * width)
+                    .map(|part| ShardStat {
+                        id: record.parts.get(part).copied().unwrap_or(chunk.id),
+                        placed: holders_of(part).into_iter().map(describe).collect(),
+                    })
+                    .collect();
+                let ids = (index * width..(index + 1) * width)
+                    .flat_map(holders_of)
+                    .collect();
+                (ids, shards)
+            }
         };
         let placed: Vec<HolderStat> = holder_ids.iter().map(|p| describe(*p)).collect();
+        meets_target &= if shards.is_empty() {
+            live(&placed) >= width
+        } else {
+            shards.iter().all(|s| live(&s.placed) >= 1)
+        };
         chunks.push(ChunkStat {
             id: chunk.id,
             offset,
             len: chunk.len,
             holders: holder_ids.iter().map(ToString::to_string).collect(),
             placed,
+            shards,
         });
     }
-    let target = manifest.redundancy.width();
-    let meets_target = chunks.iter().all(|c| {
-        c.placed
-            .iter()
-            .filter(|h| h.liveness == "self" || h.liveness == "alive")
-            .count()
-            >= target
-    });
     Ok(Json(StatResponse {
         object,
         chunker: manifest.chunker,
@@ -615,6 +641,10 @@ async fn delete_object(
         holders_told: deleted.told,
         holders_pending: deleted.pending,
     }))
+}
+
+async fn repair(State(state): State<ApiState>) -> Json<mesh_proto::api::RepairStatus> {
+    Json(state.inner.mesh.repair_state())
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, ApiError> {
@@ -644,17 +674,9 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
                     None => width > 1,
                     Some(bytes) => match mesh_proto::wire::PlacementRecord::decode(&bytes) {
                         Err(_) => true,
-                        Ok(record) => record.holders.iter().any(|h| {
-                            h.iter()
-                                .filter(|&&i| {
-                                    record
-                                        .nodes
-                                        .get(usize::from(i))
-                                        .is_some_and(|n| alive.contains(&n.0))
-                                })
-                                .count()
-                                < width
-                        }),
+                        Ok(record) => !record
+                            .parts_below_target(|n| alive.contains(&n.0))
+                            .is_empty(),
                     },
                 };
                 below += u64::from(short);

@@ -102,6 +102,7 @@ pub struct Node {
     completion_task: JoinHandle<()>,
     tombstone_task: JoinHandle<()>,
     gc_task: JoinHandle<()>,
+    repair_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
 
@@ -167,6 +168,8 @@ impl Node {
                 // A get that finds no provider asks the peer table too, so a put need not
                 // wait out an announcement that a partition or a dead peer holds up.
                 announce_timeout: config.net.request_timeout.min(ANNOUNCE_WAIT),
+                dead_after: config.net.dead_after,
+                repair_rate: config.durability.repair_rate.as_u64(),
             },
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
@@ -185,6 +188,7 @@ impl Node {
             },
         );
         let gc_task = tokio::spawn(collector.run(stop.clone()));
+        let repair_task = tokio::spawn(mesh.clone().run_repair(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
             Arc::clone(&store),
@@ -238,6 +242,7 @@ impl Node {
             completion_task,
             tombstone_task,
             gc_task,
+            repair_task,
             _lock: lock,
         })
     }
@@ -289,6 +294,7 @@ impl Node {
             completion_task,
             tombstone_task,
             gc_task,
+            repair_task,
             mesh,
             store,
             config,
@@ -309,6 +315,7 @@ impl Node {
         // So do tombstone deliveries; the collector finishes its pass (it holds the store).
         let _ = tombstone_task.await;
         let _ = gc_task.await;
+        let _ = repair_task.await;
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
         // With the swarm gone the inbound queue closes and the service drains.

@@ -43,6 +43,12 @@ struct Inner {
     pub delivered_chunks: Counter,
     pub hedged_fetches: Counter,
     pub deliveries_abandoned: Counter,
+    rebuilt_shards: Counter,
+    repair_bytes: Counter,
+    repaired_parts: Counter,
+    below_target: Gauge,
+    repair_backlog: Gauge,
+    repair_seconds: Gauge,
     served_chunks: Counter,
     served_bytes: Counter,
     /// The served totals again, readable for `status` (Prometheus counters are write-only).
@@ -144,6 +150,21 @@ impl Metrics {
             "holders the background completion gave up on (left to repair)",
         );
         describe(
+            "mesh_rebuilt_shards_total",
+            Unit::Count,
+            "erasure-coded shards rebuilt from other shards",
+        );
+        describe(
+            "mesh_repair_bytes_total",
+            Unit::Bytes,
+            "bytes repair sent to new holders",
+        );
+        describe(
+            "mesh_repaired_parts_total",
+            Unit::Count,
+            "replicas and shards repair re-created on new holders",
+        );
+        describe(
             "mesh_served_chunks_total",
             Unit::Count,
             "chunks sent to peers that fetched them",
@@ -209,6 +230,18 @@ impl Metrics {
                 "mesh_disk_free_bytes",
                 "free space on the data directory's file system",
             ),
+            (
+                "mesh_objects_below_target",
+                "objects this node repairs that have fewer live holders than their policy wants",
+            ),
+            (
+                "mesh_repair_backlog_objects",
+                "objects queued for repair on this node",
+            ),
+            (
+                "mesh_repair_last_duration_seconds",
+                "time from a holder being declared dead to its objects being repaired, last repair",
+            ),
         ] {
             recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
         }
@@ -230,6 +263,12 @@ impl Metrics {
             delivered_chunks: counter("mesh_background_chunks_total"),
             hedged_fetches: counter("mesh_hedged_fetches_total"),
             deliveries_abandoned: counter("mesh_background_abandoned_total"),
+            rebuilt_shards: counter("mesh_rebuilt_shards_total"),
+            repair_bytes: counter("mesh_repair_bytes_total"),
+            repaired_parts: counter("mesh_repaired_parts_total"),
+            below_target: gauge("mesh_objects_below_target"),
+            repair_backlog: gauge("mesh_repair_backlog_objects"),
+            repair_seconds: gauge("mesh_repair_last_duration_seconds"),
             served_chunks: counter("mesh_served_chunks_total"),
             served_bytes: counter("mesh_served_bytes_total"),
             served_totals: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -286,6 +325,24 @@ impl Metrics {
     }
     pub fn delivered_chunks(&self) -> &Counter {
         &self.inner.delivered_chunks
+    }
+    pub fn rebuilt_shards(&self) -> &Counter {
+        &self.inner.rebuilt_shards
+    }
+    pub fn repair_bytes(&self) -> &Counter {
+        &self.inner.repair_bytes
+    }
+    pub fn repaired_parts(&self) -> &Counter {
+        &self.inner.repaired_parts
+    }
+    pub fn below_target(&self) -> &Gauge {
+        &self.inner.below_target
+    }
+    pub fn repair_backlog(&self) -> &Gauge {
+        &self.inner.repair_backlog
+    }
+    pub fn repair_seconds(&self) -> &Gauge {
+        &self.inner.repair_seconds
     }
     /// A chunk of `bytes` sent to a peer that fetched it.
     pub fn served(&self, bytes: u64) {

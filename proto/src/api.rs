@@ -91,6 +91,16 @@ pub struct ChunkStat {
     /// The same holders with their zone, RTT from the answering node and liveness.
     #[serde(default)]
     pub placed: Vec<HolderStat>,
+    /// `ec:K+M` objects: the chunk's K+M shards and where each is; empty for `rep:N`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStat>,
+}
+
+/// One shard of an erasure-coded chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStat {
+    pub id: ChunkId,
+    pub placed: Vec<HolderStat>,
 }
 
 /// One holder of a chunk, as the answering node sees it.
@@ -234,4 +244,23 @@ pub enum ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+}
+
+/// `GET /v1/repair`: what the node's repair worker last saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepairStatus {
+    /// Objects kept here that have fewer live holders than their policy wants.
+    pub below_target: u64,
+    /// Of those, the ones this node repairs (it is their lowest live holder).
+    pub backlog: u64,
+    /// Parts (replicas or shards) repair has queued for new holders since the node started.
+    pub parts_queued: u64,
+    /// Bytes of those parts.
+    pub bytes_queued: u64,
+    /// Seconds from an object going below target to its repair completing, last one.
+    pub last_repair_seconds: Option<f64>,
+    /// Milliseconds since the epoch of the last completed walk over the records (0: none yet).
+    pub last_scan_ms: u64,
+    /// Bytes per second background sends are paced at (0 = unthrottled).
+    pub rate_bytes_per_sec: u64,
 }

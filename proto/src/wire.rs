@@ -443,6 +443,23 @@ impl PlacementRecord {
         }
     }
 
+    /// Live holders each part needs to meet the policy: N for `rep:N`, 1 per shard for
+    /// `ec:K+M` (each of the K+M shards on its own holder).
+    pub fn holders_wanted(&self) -> usize {
+        match self.redundancy {
+            Redundancy::Replicas(n) => usize::from(n),
+            Redundancy::Erasure { .. } => 1,
+        }
+    }
+
+    /// Parts with fewer live holders than [`PlacementRecord::holders_wanted`].
+    pub fn parts_below_target(&self, alive: impl Fn(&NodeId) -> bool) -> Vec<usize> {
+        let wanted = self.holders_wanted();
+        (0..self.holders.len())
+            .filter(|&i| self.holders_of(i).filter(|n| alive(n)).count() < wanted)
+            .collect()
+    }
+
     /// The holders of part `index`.
     pub fn holders_of(&self, index: usize) -> impl Iterator<Item = &NodeId> {
         self.holders

@@ -46,15 +46,23 @@ impl TestNode {
 
     /// Restarts the node on the same data directory after `configure` adjusts its config.
     pub async fn restart_with(self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
-        self.stop_keeping_data().await.start_with(configure).await
-    }
-
-    /// Stops the node gracefully, keeping its data directory for [`StoppedNode::start`].
-    pub async fn stop_keeping_data(self) -> StoppedNode {
         let Self { node, dir } = self;
         let config = node.config().clone();
         node.shutdown().await;
-        StoppedNode { config, dir }
+        let mut config = config;
+        config.api_addr = "127.0.0.1:0".parse()?;
+        configure(&mut config);
+        let node = Node::start(config).await.context("restarting the node")?;
+        Ok(Self { node, dir })
+    }
+
+    /// Stops the node but keeps its data directory, to start it again later with
+    /// [`Parked::start`] (a node that was down and comes back).
+    pub async fn park(self) -> Parked {
+        let Self { node, dir } = self;
+        let config = node.config().clone();
+        node.shutdown().await;
+        Parked { config, dir }
     }
 
     /// The node itself.
@@ -88,25 +96,21 @@ impl TestNode {
     }
 }
 
-/// A [`TestNode`] that is down, with its data directory.
+/// A stopped node whose data directory is kept (see [`TestNode::park`]).
 #[derive(Debug)]
-pub struct StoppedNode {
+pub struct Parked {
     config: Config,
     dir: tempfile::TempDir,
 }
 
-impl StoppedNode {
-    /// Starts the node again on its data directory (new API port).
+impl Parked {
+    /// Starts the node again on its data directory (new API port and listen port).
     pub async fn start(self) -> anyhow::Result<TestNode> {
-        self.start_with(|_| {}).await
-    }
-
-    /// Starts the node again after `configure` adjusts its config.
-    pub async fn start_with(self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<TestNode> {
         let Self { mut config, dir } = self;
         config.api_addr = "127.0.0.1:0".parse()?;
-        configure(&mut config);
-        let node = Node::start(config).await.context("restarting the node")?;
+        let node = Node::start(config)
+            .await
+            .context("starting the parked node")?;
         Ok(TestNode { node, dir })
     }
 }
@@ -149,8 +153,21 @@ pub fn api_client(node: &TestNode) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// `GET /v1/objects/{id}` on `node`, whatever the answer.
-pub async fn get_object(
+/// `POST /v1/objects?{query}` with `body` on `node`.
+pub async fn api_put(
+    node: &TestNode,
+    query: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api_client(node)?
+        .post(format!("{}/v1/objects?{query}", node.api_url()))
+        .body(body)
+        .send()
+        .await?)
+}
+
+/// `GET /v1/objects/{id}` on `node`.
+pub async fn api_get(
     node: &TestNode,
     id: &mesh_proto::ObjectId,
 ) -> anyhow::Result<reqwest::Response> {
@@ -161,7 +178,7 @@ pub async fn get_object(
 }
 
 /// `GET /v1/status` on `node`.
-pub async fn status(node: &TestNode) -> anyhow::Result<mesh_proto::api::StatusResponse> {
+pub async fn api_status(node: &TestNode) -> anyhow::Result<mesh_proto::api::StatusResponse> {
     Ok(api_client(node)?
         .get(format!("{}/v1/status", node.api_url()))
         .send()
@@ -171,15 +188,15 @@ pub async fn status(node: &TestNode) -> anyhow::Result<mesh_proto::api::StatusRe
         .await?)
 }
 
-/// The placement record `node` keeps for `id`, decoded.
+/// The placement record `node` keeps for object `id`, if any.
 pub fn record_on(
     node: &TestNode,
     id: &mesh_proto::ObjectId,
 ) -> anyhow::Result<Option<mesh_proto::wire::PlacementRecord>> {
     use mesh_node::store::MetaStore;
     match node.node().store().record(id)? {
-        Some(bytes) => Ok(Some(mesh_proto::wire::PlacementRecord::decode(&bytes)?)),
         None => Ok(None),
+        Some(bytes) => Ok(Some(mesh_proto::wire::PlacementRecord::decode(&bytes)?)),
     }
 }
 

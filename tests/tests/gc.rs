@@ -12,7 +12,7 @@ use mesh_proto::api::{DeleteResponse, PutResponse};
 use mesh_proto::wire::{ControlRequest, ControlResponse};
 use mesh_proto::{ChunkId, ObjectId};
 use mesh_tests::{
-    Cluster, TestNode, api_client, get_object, random_bytes, record_on, status, wait_until,
+    Cluster, TestNode, api_client, api_get, api_status, random_bytes, record_on, wait_until,
 };
 use reqwest::StatusCode;
 
@@ -156,10 +156,10 @@ async fn rm_reaches_every_holder_and_after_the_grace_only_the_shared_chunk_stays
             "ls shows B only"
         );
         assert_eq!(
-            get_object(node, &a.id).await.unwrap().status(),
+            api_get(node, &a.id).await.unwrap().status(),
             StatusCode::NOT_FOUND
         );
-        let response = get_object(node, &b.id).await.unwrap();
+        let response = api_get(node, &b.id).await.unwrap();
         assert!(response.status().is_success());
         assert_eq!(response.bytes().await.unwrap().as_ref(), &b_bytes[..]);
     }
@@ -178,7 +178,7 @@ async fn rm_reaches_every_holder_and_after_the_grace_only_the_shared_chunk_stays
     let first = &nodes[0];
     wait_until(JOIN, "the GC metrics and an empty backlog", || async {
         let text = metrics(first).await;
-        let status = status(first).await?;
+        let status = api_status(first).await?;
         Ok(text.contains("mesh_gc_deleted_chunks_total 2\n")
             && text.contains(&format!("mesh_gc_deleted_bytes_total {}\n", 2 * CHUNK))
             && text.contains("mesh_gc_compactions_total 1\n")
@@ -188,7 +188,7 @@ async fn rm_reaches_every_holder_and_after_the_grace_only_the_shared_chunk_stays
     })
     .await
     .unwrap();
-    assert_eq!(status(&nodes[2]).await.unwrap().deletes_delivering, 0);
+    assert_eq!(api_status(&nodes[2]).await.unwrap().deletes_delivering, 0);
     cluster.stop().await;
 }
 
@@ -205,7 +205,7 @@ async fn a_holder_that_was_down_gets_the_tombstone_after_the_deleting_node_resta
     } = cluster;
 
     // Holder 2 is down when node 1 deletes A: node 0 is told, node 2 stays owed.
-    let down = nodes.remove(2).stop_keeping_data().await;
+    let down = nodes.remove(2).park().await;
     let deleted = rm(&nodes[1], &a.id).await;
     assert_eq!(deleted.holders_told + deleted.holders_pending, 2);
     assert!(deleted.holders_pending >= 1, "{deleted:?}");
@@ -254,7 +254,7 @@ async fn a_holder_that_was_down_gets_the_tombstone_after_the_deleting_node_resta
     .await
     .unwrap();
     assert_eq!(
-        get_object(&back, &a.id).await.unwrap().status(),
+        api_get(&back, &a.id).await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
     for node in nodes.into_iter().chain([deleter, back]) {

@@ -14,25 +14,6 @@ use mesh_tests::{Cluster, TestNode, api_client, random_bytes, wait_until};
 
 const JOIN: Duration = Duration::from_secs(60);
 
-async fn put(node: &TestNode, query: &str, body: Vec<u8>) -> reqwest::Response {
-    api_client(node)
-        .unwrap()
-        .post(format!("{}/v1/objects?{query}", node.api_url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn get(node: &TestNode, id: &ObjectId) -> reqwest::Response {
-    api_client(node)
-        .unwrap()
-        .get(format!("{}/v1/objects/{id}", node.api_url()))
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn status(node: &TestNode) -> StatusResponse {
     api_client(node)
         .unwrap()
@@ -45,9 +26,16 @@ async fn status(node: &TestNode) -> StatusResponse {
         .unwrap()
 }
 
+async fn put(node: &TestNode, query: &str, body: Vec<u8>) -> reqwest::Response {
+    mesh_tests::api_put(node, query, body).await.unwrap()
+}
+
+async fn get(node: &TestNode, id: &ObjectId) -> reqwest::Response {
+    mesh_tests::api_get(node, id).await.unwrap()
+}
+
 fn record_on(node: &TestNode, id: &ObjectId) -> Option<PlacementRecord> {
-    let bytes = node.node().store().record(id).unwrap()?;
-    Some(PlacementRecord::decode(&bytes).unwrap())
+    mesh_tests::record_on(node, id).unwrap()
 }
 
 fn holders(record: &PlacementRecord) -> Vec<HashSet<PeerId>> {

@@ -5,6 +5,7 @@ mod get;
 mod objects;
 mod peers;
 mod put;
+mod repair;
 mod status;
 
 use crate::args::{Cli, Command};
@@ -22,5 +23,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Rm { id } => objects::rm(&client, id, cli.json).await,
         Command::Status => status::run(&client, cli.json).await,
         Command::Peers => peers::run(&client, cli.json).await,
+        Command::Repair => repair::run(&client, cli.json).await,
     }
 }

@@ -123,8 +123,21 @@ fn render_stat(stat: &StatResponse) -> String {
     let _ = writeln!(text, "chunker     {}", stat.chunker);
     let _ = writeln!(text, "redundancy  {}", object.redundancy);
     let _ = writeln!(text, "chunks      {}", object.chunks);
-    let target = if stat.meets_target {
+    let erasure = stat.chunks.iter().any(|c| !c.shards.is_empty());
+    let target = if stat.meets_target && erasure {
+        format!("met: every chunk has its {width} shards on live holders")
+    } else if stat.meets_target {
         format!("met: every chunk has at least {width} holders")
+    } else if erasure {
+        let short = stat
+            .chunks
+            .iter()
+            .filter(|c| live_shards(c) < width)
+            .count();
+        format!(
+            "NOT met: {short} of {} chunks have fewer than {width} live shards",
+            stat.chunks.len()
+        )
     } else {
         let short = stat
             .chunks
@@ -150,19 +163,48 @@ fn render_stat(stat: &StatResponse) -> String {
     let flat: Vec<Vec<String>> = per_chunk.iter().flatten().cloned().collect();
     let mut holder_lines = output::align_rows(&HOLDER_ALIGN, &flat).into_iter();
     for ((index, chunk), rows) in stat.chunks.iter().enumerate().zip(&per_chunk) {
+        let count = if chunk.shards.is_empty() {
+            holder_count(chunk)
+        } else {
+            live_shards(chunk)
+        };
         let _ = writeln!(
             text,
-            "{index:>6}  {:<8}  {:>14}  {:>10}  {}/{width}",
+            "{index:>6}  {:<8}  {:>14}  {:>10}  {count}/{width}",
             chunk.id.short(),
             chunk.offset,
             human_bytes(u64::from(chunk.len)),
-            holder_count(chunk),
         );
-        for line in holder_lines.by_ref().take(rows.len()) {
-            let _ = writeln!(text, "{:8}{line}", "");
+        if chunk.shards.is_empty() {
+            for line in holder_lines.by_ref().take(rows.len()) {
+                let _ = writeln!(text, "{:8}{line}", "");
+            }
+        } else {
+            // One line per shard: its index and id, then its holder.
+            let mut shard_of_line =
+                chunk.shards.iter().enumerate().flat_map(|(s, shard)| {
+                    std::iter::repeat_n((s, shard), shard.placed.len().max(1))
+                });
+            for line in holder_lines.by_ref().take(rows.len()) {
+                let (s, shard) = shard_of_line.next().unwrap_or((0, &chunk.shards[0]));
+                let _ = writeln!(text, "{:8}s{s:<3} {:<8}  {line}", "", shard.id.short());
+            }
         }
     }
     text
+}
+
+/// Shards of an erasure-coded chunk that have a live holder (or the answering node).
+fn live_shards(chunk: &ChunkStat) -> usize {
+    chunk
+        .shards
+        .iter()
+        .filter(|s| {
+            s.placed
+                .iter()
+                .any(|h| h.liveness == "self" || h.liveness == "alive")
+        })
+        .count()
 }
 
 /// Holder lines: id, zone, RTT (right-aligned), liveness.
@@ -171,6 +213,18 @@ const HOLDER_ALIGN: [Align; 4] = [Align::Left, Align::Left, Align::Right, Align:
 /// A chunk's holders as table cells: from `placed` when the node sent it, else just the ids
 /// of `holders` (an older node).
 fn holder_rows(chunk: &ChunkStat) -> Vec<Vec<String>> {
+    if !chunk.shards.is_empty() {
+        return chunk
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                if shard.placed.is_empty() {
+                    return vec![vec!["(no holder)".to_owned()]];
+                }
+                shard.placed.iter().map(holder_cells).collect()
+            })
+            .collect();
+    }
     if chunk.placed.is_empty() {
         chunk
             .holders
@@ -178,19 +232,17 @@ fn holder_rows(chunk: &ChunkStat) -> Vec<Vec<String>> {
             .map(|id| vec![short_peer_id(id)])
             .collect()
     } else {
-        chunk
-            .placed
-            .iter()
-            .map(|holder| {
-                vec![
-                    short_peer_id(&holder.id),
-                    cell(&holder.zone),
-                    output::rtt(holder.rtt_ms),
-                    cell(&holder.liveness),
-                ]
-            })
-            .collect()
+        chunk.placed.iter().map(holder_cells).collect()
     }
+}
+
+fn holder_cells(holder: &mesh_proto::api::HolderStat) -> Vec<String> {
+    vec![
+        short_peer_id(&holder.id),
+        cell(&holder.zone),
+        output::rtt(holder.rtt_ms),
+        cell(&holder.liveness),
+    ]
 }
 
 fn holder_count(chunk: &ChunkStat) -> usize {
@@ -228,7 +280,7 @@ fn removed_text(deleted: &DeleteResponse) -> String {
 
 #[cfg(test)]
 mod tests {
-    use mesh_proto::api::HolderStat;
+    use mesh_proto::api::{HolderStat, ShardStat};
     use mesh_proto::{ChunkId, ChunkerSpec, Redundancy};
 
     use super::*;
@@ -307,6 +359,7 @@ mod tests {
                         holder(node, "eu-west", None, "self"),
                         holder(peer, "", Some(12.34), "alive"),
                     ],
+                    shards: Vec::new(),
                 },
                 ChunkStat {
                     id: ChunkId::of(b"b"),
@@ -314,6 +367,7 @@ mod tests {
                     len: 1 << 20,
                     holders: vec![node.into()],
                     placed: vec![holder(node, "eu-west", None, "self")],
+                    shards: Vec::new(),
                 },
                 // An older node sends no `placed`.
                 ChunkStat {
@@ -322,6 +376,7 @@ mod tests {
                     len: 1 << 20,
                     holders: vec![peer.into()],
                     placed: Vec::new(),
+                    shards: Vec::new(),
                 },
             ],
             meets_target: false,
@@ -352,6 +407,62 @@ mod tests {
                 third.as_str(),
                 "        …PPPPPPPPPP",
             ]
+        );
+    }
+
+    #[test]
+    fn stat_of_an_erasure_coded_object_lists_each_shard_and_its_holder() {
+        let node = "12D3KooWselfSSSSSSSSSSSSSSSS";
+        let peer = "12D3KooWpeerPPPPPPPPPPPPPPPP";
+        let shards = vec![
+            ShardStat {
+                id: ChunkId::of(b"s0"),
+                placed: vec![holder(node, "eu-west", None, "self")],
+            },
+            ShardStat {
+                id: ChunkId::of(b"s1"),
+                placed: vec![holder(peer, "us-east", Some(80.0), "dead")],
+            },
+            ShardStat {
+                id: ChunkId::of(b"s2"),
+                placed: vec![holder(peer, "us-east", Some(80.0), "alive")],
+            },
+        ];
+        let stat = StatResponse {
+            object: ObjectSummary {
+                id: ObjectId::of(b"x"),
+                name: None,
+                size: 1000,
+                chunks: 1,
+                redundancy: Redundancy::Erasure { data: 2, parity: 1 },
+                created_ms: 0,
+            },
+            chunker: ChunkerSpec::DEFAULT_CDC,
+            chunks: vec![ChunkStat {
+                id: ChunkId::of(b"a"),
+                offset: 0,
+                len: 1000,
+                holders: vec![node.into(), peer.into(), peer.into()],
+                placed: Vec::new(),
+                shards,
+            }],
+            meets_target: false,
+        };
+        let text = render_stat(&stat);
+        assert!(
+            text.contains("NOT met: 1 of 1 chunks have fewer than 3 live shards"),
+            "{text}"
+        );
+        assert!(text.contains("2/3\n"), "{text}");
+        let s1 = format!(
+            "s1   {:<8}  …PPPPPPPPPP  us-east",
+            ChunkId::of(b"s1").short()
+        );
+        assert!(text.contains(&s1), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("s1 ") && l.ends_with("dead")),
+            "{text}"
         );
     }
 }

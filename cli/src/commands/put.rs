@@ -167,6 +167,13 @@ fn check_quorum(quorum: Option<u8>, redundancy: Option<Redundancy>) -> Result<()
                 policy.width()
             )))
         }
+        (Some(quorum), Some(policy @ Redundancy::Erasure { data, .. })) if quorum <= data => {
+            Err(Error::Usage(format!(
+                "--quorum {quorum} is too low for {policy}: a chunk needs {data} shards to be \
+                 readable, and the quorum keeps at least one more ({})",
+                policy.default_write_quorum()
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -207,6 +214,13 @@ mod tests {
         let ec = Some(Redundancy::Erasure { data: 4, parity: 2 });
         assert!(check_quorum(Some(6), ec).is_ok());
         assert!(check_quorum(Some(7), ec).is_err());
+        assert!(check_quorum(Some(5), ec).is_ok());
+        assert!(
+            check_quorum(Some(4), ec)
+                .unwrap_err()
+                .to_string()
+                .contains("too low")
+        );
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Schedule {
     }
 }
 
-/// One holder and the manifest indices of the chunks it is owed (none: only the record).
+/// One holder and the part indices (chunks, or shards for ec) it is owed (none: only the record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Owed {
     peer: Vec<u8>,
@@ -154,6 +154,22 @@ impl Delivery {
             return Err(format!("unknown version {}", delivery.version));
         }
         Ok(delivery)
+    }
+
+    /// Whether a queued entry still owes some holder parts (not only the record), and the
+    /// peers it owes anything. An unreadable entry owes parts (leave it to the worker).
+    pub(crate) fn summary(bytes: &[u8]) -> (bool, Vec<PeerId>) {
+        match Self::decode(bytes) {
+            Err(_) => (true, Vec::new()),
+            Ok(delivery) => (
+                delivery.owed.iter().any(|o| !o.chunks.is_empty()),
+                delivery
+                    .owed
+                    .iter()
+                    .filter_map(|o| PeerId::from_bytes(&o.peer).ok())
+                    .collect(),
+            ),
+        }
     }
 }
 
@@ -396,15 +412,14 @@ impl Mesh {
         indices: &[u32],
     ) -> Result<usize, String> {
         let net = &self.inner.net;
-        // Distinct chunks, each with the holders it can be copied from.
-        let mut wanted: BTreeMap<ChunkId, Vec<PeerId>> = BTreeMap::new();
+        // Distinct parts, each with its index and the holders it can be copied from.
+        let mut wanted: BTreeMap<ChunkId, (usize, Vec<PeerId>)> = BTreeMap::new();
         for &index in indices {
             let index = index as usize;
-            let chunk = manifest
-                .chunks
-                .get(index)
-                .ok_or_else(|| format!("chunk index {index} is out of range"))?;
-            let sources = wanted.entry(chunk.id).or_default();
+            let part = record
+                .part_id(&manifest.chunks, index)
+                .ok_or_else(|| format!("part index {index} is out of range"))?;
+            let (_, sources) = wanted.entry(part).or_insert((index, Vec::new()));
             for holder in record.holders_of(index) {
                 if let Ok(holder) = PeerId::from_bytes(&holder.0)
                     && holder != peer
@@ -440,12 +455,17 @@ impl Mesh {
         let sent = missing.len();
         let mut sends = futures::stream::iter(missing)
             .map(|id| {
-                let sources = wanted.get(&id).cloned().unwrap_or_default();
+                let (index, sources) = wanted.get(&id).cloned().unwrap_or_default();
                 async move {
-                    let data = self
-                        .fetch_chunk(id, sources)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    // A shard has no other holder to copy from: it is rebuilt from K others.
+                    let data = match record.redundancy {
+                        mesh_proto::Redundancy::Replicas(_) => self.fetch_chunk(id, sources).await,
+                        mesh_proto::Redundancy::Erasure { .. } => {
+                            self.part_bytes(manifest, record, index, true).await
+                        }
+                    }
+                    .map_err(|e| e.to_string())?;
+                    self.inner.pace.take(data.len() as u64).await;
                     store_remote(net, peer, id, data).await
                 }
             })

@@ -27,7 +27,7 @@ use mesh_proto::api::PutResponse;
 use mesh_proto::wire::{
     ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, NodeId, PlacementRecord,
 };
-use mesh_proto::{ChunkId, ChunkRef, Manifest, ObjectId};
+use mesh_proto::{ChunkId, ChunkRef, Manifest, ObjectId, Redundancy};
 use tokio::io::AsyncRead;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -42,6 +42,7 @@ use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
 
 pub mod complete;
 pub mod delete;
+pub mod repair;
 
 use complete::Delivery;
 
@@ -72,6 +73,10 @@ pub struct Settings {
     pub min_free_bytes: u64,
     /// Longest a put waits for its DHT announcement to be stored.
     pub announce_timeout: Duration,
+    /// A holder silent this long is dead and its parts are repaired.
+    pub dead_after: Duration,
+    /// Bytes per second of background sends (put completion and repair); 0 = unthrottled.
+    pub repair_rate: u64,
 }
 
 /// Why a replicated put or get failed.
@@ -106,14 +111,26 @@ enum Target {
 /// A chunk once its write quorum is reached.
 #[derive(Debug)]
 struct Placed {
-    /// Targets that stored it.
-    acked: Vec<Target>,
-    /// Targets still being sent to when the quorum was reached.
-    owed: Vec<Target>,
+    /// Per part of the chunk: one for `rep:N` (the chunk), K+M for `ec:K+M` (the shards).
+    parts: Vec<PartPlaced>,
+    /// The shard ids (`ec:K+M`); empty for `rep:N`.
+    shard_ids: Vec<ChunkId>,
     was_new: bool,
     /// The sends still running.
     stragglers: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// Where one part of a chunk went.
+#[derive(Debug, Default)]
+struct PartPlaced {
+    /// Targets that stored it.
+    acked: Vec<Target>,
+    /// Targets still being sent to when the quorum was reached.
+    owed: Vec<Target>,
+}
+
+/// A sender of this node's share of a put to its local writer.
+type LocalWriter = mpsc::Sender<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>;
 
 /// Runs `tasks` in order with a window that starts at one and doubles with every result
 /// delivered, up to `max`; yields the results in order.
@@ -160,6 +177,31 @@ async fn store_remote(
     }
 }
 
+/// Sends one part to a target: this node's share through its local writer, or a peer over
+/// the chunk protocol. `Ok(new)` once it is stored durably.
+async fn send_part(
+    net: &Network,
+    local: &LocalWriter,
+    target: Target,
+    id: ChunkId,
+    data: Bytes,
+) -> Result<bool, String> {
+    match target {
+        Target::Local => {
+            let (tx, rx) = oneshot::channel();
+            match local.send((data, tx)).await {
+                Err(_) => Err("local writer stopped".to_owned()),
+                Ok(()) => match rx.await {
+                    Ok(Ok(new)) => Ok(new),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("local writer stopped".to_owned()),
+                },
+            }
+        }
+        Target::Remote(peer) => store_remote(net, peer, id, data).await,
+    }
+}
+
 /// The replicated object service of one node.
 #[derive(Debug, Clone)]
 pub struct Mesh {
@@ -179,6 +221,10 @@ struct Inner {
     completion: complete::Shared,
     /// Objects recently opened from another node (see [`OPENED_TTL`]).
     opened: Mutex<HashMap<ObjectId, (Instant, Manifest, PlacementRecord)>>,
+    /// What the repair worker last saw.
+    repair: repair::Shared,
+    /// Paces background sends at `repair_rate`.
+    pace: repair::Pace,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,10 +250,12 @@ impl Mesh {
                 store,
                 net,
                 metrics,
-                settings,
                 avoid: Mutex::new(HashMap::new()),
                 completion: complete::Shared::new(),
                 opened: Mutex::new(HashMap::new()),
+                repair: repair::Shared::default(),
+                pace: repair::Pace::new(settings.repair_rate),
+                settings,
             }),
         }
     }
@@ -255,8 +303,8 @@ impl Mesh {
         (candidates, targets)
     }
 
-    /// Stores `reader` as an object with `rep:N` replicas, `quorum` of which must succeed
-    /// for each chunk.
+    /// Stores `reader` as an object with `rep:N` replicas or `ec:K+M` shards per chunk, of
+    /// which `quorum` must be stored for each chunk.
     pub async fn put<R: AsyncRead + Unpin>(
         &self,
         reader: R,
@@ -274,7 +322,8 @@ impl Mesh {
 
         let mut chunker = Chunker::new(reader, options.chunker);
         let mut in_flight = FuturesUnordered::new();
-        let mut placed: BTreeMap<usize, (ChunkRef, Vec<Target>, Vec<Target>)> = BTreeMap::new();
+        let mut placed: BTreeMap<usize, (ChunkRef, Vec<PartPlaced>, Vec<ChunkId>)> =
+            BTreeMap::new();
         let mut stragglers = Vec::new();
         let mut index = 0usize;
         let mut new_chunks = 0u64;
@@ -286,30 +335,26 @@ impl Mesh {
                 match chunker.next_chunk().await {
                     Ok(Some(data)) => {
                         let id = ChunkId::of(&data);
-                        let peers = inner.net.peers();
-                        let (candidates, targets) = self.candidates(&peers);
-                        let order = placement::choose_targets(
-                            &candidates,
-                            &placement::Request {
-                                chunk: &id,
-                                width: candidates.len(),
-                                max_per_zone: None,
-                                writer_zone: &Zone::new(inner.net.zone()),
-                                min_free_bytes: inner.settings.min_free_bytes,
-                            },
-                        );
-                        let order: Vec<Target> = order.into_iter().map(|i| targets[i]).collect();
+                        let order = self.placement_order(&id, options.redundancy);
                         let this = self.clone();
                         let local_tx = local_tx.clone();
                         let i = index;
                         index += 1;
+                        let redundancy = options.redundancy;
                         // A task per chunk, so its sends start now rather than when this
                         // loop next polls the in-flight set.
                         in_flight.push(tokio::spawn(async move {
                             let len = data.len() as u32;
-                            let result = this
-                                .place_chunk(id, data, order, width, quorum, local_tx)
-                                .await;
+                            let result = match redundancy {
+                                Redundancy::Replicas(_) => {
+                                    this.place_chunk(id, data, order, width, quorum, local_tx)
+                                        .await
+                                }
+                                Redundancy::Erasure { data: k, parity: m } => {
+                                    this.place_erasure(data, k, m, order, quorum, local_tx)
+                                        .await
+                                }
+                            };
                             (i, id, len, result)
                         }));
                         continue;
@@ -336,7 +381,7 @@ impl Mesh {
                             new_bytes += u64::from(len);
                         }
                         stragglers.extend(chunk.stragglers);
-                        placed.insert(i, (ChunkRef { id, len }, chunk.acked, chunk.owed));
+                        placed.insert(i, (ChunkRef { id, len }, chunk.parts, chunk.shard_ids));
                     }
                     Err(e) => failure = Some(e),
                 }
@@ -375,12 +420,17 @@ impl Mesh {
         };
         let mut nodes: Vec<PeerId> = Vec::new();
         let mut holders = Vec::with_capacity(placed.len());
-        // Per remote holder: whether it stored any chunk yet, and the chunks it is owed.
+        let mut parts = Vec::new();
+        // Per remote holder: whether it stored any part yet, and the parts it is owed.
         let mut acked_peers: Vec<PeerId> = Vec::new();
         let mut owed: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
-        for (index, (_, acked, pending)) in placed.values().enumerate() {
-            let mut list = Vec::with_capacity(acked.len() + pending.len());
-            for target in acked.iter().chain(pending) {
+        let placed_parts = placed.values().flat_map(|(_, chunk_parts, shard_ids)| {
+            parts.extend_from_slice(shard_ids);
+            chunk_parts.iter()
+        });
+        for (index, part) in placed_parts.enumerate() {
+            let mut list = Vec::with_capacity(part.acked.len() + part.owed.len());
+            for target in part.acked.iter().chain(&part.owed) {
                 let peer = peer_of(target);
                 let pos = match nodes.iter().position(|n| *n == peer) {
                     Some(pos) => pos,
@@ -392,14 +442,14 @@ impl Mesh {
                 list.push(pos as u16);
             }
             holders.push(list);
-            for target in acked {
+            for target in &part.acked {
                 if let Target::Remote(p) = target
                     && !acked_peers.contains(p)
                 {
                     acked_peers.push(*p);
                 }
             }
-            for target in pending {
+            for target in &part.owed {
                 owed.entry(peer_of(target)).or_default().push(index as u32);
             }
         }
@@ -411,7 +461,7 @@ impl Mesh {
             tombstone: false,
             nodes: nodes.iter().map(|p| NodeId(p.to_bytes())).collect(),
             holders,
-            parts: Vec::new(),
+            parts,
         };
         let manifest_bytes = Bytes::from(manifest.encode());
         let size = manifest.size;
@@ -421,10 +471,11 @@ impl Mesh {
         let local_held = record.chunks_held_by(&NodeId(me.to_bytes()));
         let encoded = record.encode();
         let commit_manifest = manifest.clone();
+        let commit_parts = record.parts.clone();
         let is_holder = nodes.contains(&me) || manifest.chunks.is_empty();
         tokio::task::spawn_blocking(move || {
             if is_holder {
-                upload.commit_placed(&commit_manifest, &encoded, &local_held, &[])
+                upload.commit_placed(&commit_manifest, &encoded, &local_held, &commit_parts)
             } else {
                 drop(upload);
                 Ok((object, Vec::new()))
@@ -486,7 +537,7 @@ impl Mesh {
         order: Vec<Target>,
         width: usize,
         quorum: usize,
-        local: mpsc::Sender<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>,
+        local: LocalWriter,
     ) -> Result<Placed, MeshError> {
         let mut spare = order.into_iter();
         let mut sends = FuturesUnordered::new();
@@ -494,23 +545,7 @@ impl Mesh {
             let data = data.clone();
             let local = local.clone();
             let net = self.inner.net.clone();
-            async move {
-                let result: Result<bool, String> = match target {
-                    Target::Local => {
-                        let (tx, rx) = oneshot::channel();
-                        match local.send((data, tx)).await {
-                            Err(_) => Err("local writer stopped".to_owned()),
-                            Ok(()) => match rx.await {
-                                Ok(Ok(new)) => Ok(new),
-                                Ok(Err(e)) => Err(e.to_string()),
-                                Err(_) => Err("local writer stopped".to_owned()),
-                            },
-                        }
-                    }
-                    Target::Remote(peer) => store_remote(&net, peer, id, data).await,
-                };
-                (target, result)
-            }
+            async move { (target, send_part(&net, &local, target, id, data).await) }
         };
         let mut running = Vec::with_capacity(width);
         for target in spare.by_ref().take(width) {
@@ -563,8 +598,136 @@ impl Mesh {
         });
         running.extend(unreplaced);
         Ok(Placed {
-            acked,
-            owed: running,
+            parts: vec![PartPlaced {
+                acked,
+                owed: running,
+            }],
+            shard_ids: Vec::new(),
+            was_new,
+            stragglers,
+        })
+    }
+
+    /// The order in which a chunk's holders are tried: for `ec:K+M`, the K+M shard targets
+    /// (at most M per region when the regions allow it) come first, then every other eligible
+    /// peer as a spare.
+    fn placement_order(&self, chunk: &ChunkId, redundancy: Redundancy) -> Vec<Target> {
+        let peers = self.inner.net.peers();
+        let (candidates, targets) = self.candidates(&peers);
+        let zone = Zone::new(self.inner.net.zone());
+        let request = |width, max_per_zone| placement::Request {
+            chunk,
+            width,
+            max_per_zone,
+            writer_zone: &zone,
+            min_free_bytes: self.inner.settings.min_free_bytes,
+        };
+        let mut order = match redundancy {
+            Redundancy::Replicas(_) => Vec::new(),
+            Redundancy::Erasure { parity, .. } => placement::choose_targets(
+                &candidates,
+                &request(redundancy.width(), Some(usize::from(parity))),
+            ),
+        };
+        for i in placement::choose_targets(&candidates, &request(candidates.len(), None)) {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        order.into_iter().map(|i| targets[i]).collect()
+    }
+
+    /// Cuts one chunk into K data and M parity shards and sends shard `s` to the `s`-th
+    /// target, one shard per holder; a failed target is replaced by the next spare. Returns
+    /// once `quorum` shards are stored and this node's own shard (if any) is settled; sends
+    /// still running are returned as owed and keep going.
+    async fn place_erasure(
+        &self,
+        chunk: Bytes,
+        data: u8,
+        parity: u8,
+        order: Vec<Target>,
+        quorum: usize,
+        local: LocalWriter,
+    ) -> Result<Placed, MeshError> {
+        let (k, m) = (usize::from(data), usize::from(parity));
+        let chunk_id = ChunkId::of(&chunk);
+        let shards = tokio::task::spawn_blocking(move || crate::erasure::encode(k, m, &chunk))
+            .await
+            .map_err(|_| IngestError::WorkerGone)?
+            .map_err(|e| MeshError::ChunkUnavailable {
+                chunk: chunk_id,
+                reason: e.to_string(),
+            })?;
+        let shard_ids: Vec<ChunkId> = shards.iter().map(|s| ChunkId::of(s)).collect();
+        let mut spare = order.into_iter();
+        let mut sends = FuturesUnordered::new();
+        let send = |shard: usize, target: Target| {
+            let data = shards[shard].clone();
+            let id = shard_ids[shard];
+            let local = local.clone();
+            let net = self.inner.net.clone();
+            async move {
+                let result = send_part(&net, &local, target, id, data).await;
+                (shard, target, result)
+            }
+        };
+        let mut parts: Vec<PartPlaced> = (0..k + m).map(|_| PartPlaced::default()).collect();
+        // The target each shard is being sent to.
+        let mut running: Vec<Option<Target>> = vec![None; k + m];
+        for (shard, slot) in running.iter_mut().enumerate() {
+            if let Some(target) = spare.next() {
+                *slot = Some(target);
+                sends.push(send(shard, target));
+            }
+        }
+        let mut acked = 0usize;
+        let mut was_new = false;
+        let mut last_error = String::from("no eligible holders");
+        while let Some((shard, target, result)) = sends.next().await {
+            running[shard] = None;
+            match result {
+                Ok(new) => {
+                    if target == Target::Local {
+                        was_new = new;
+                    }
+                    parts[shard].acked.push(target);
+                    acked += 1;
+                }
+                Err(e) => {
+                    debug!(chunk = %chunk_id, shard, ?target, error = %e, "shard not stored; trying the next holder");
+                    last_error = e;
+                    if let Some(next) = spare.next() {
+                        running[shard] = Some(next);
+                        sends.push(send(shard, next));
+                    } else if let Target::Remote(_) = target {
+                        // No other peer to take its place: retry it in the background.
+                        parts[shard].owed.push(target);
+                    }
+                }
+            }
+            if acked >= quorum && !running.contains(&Some(Target::Local)) {
+                break;
+            }
+        }
+        if acked < quorum {
+            return Err(MeshError::QuorumFailed {
+                chunk: chunk_id,
+                acked,
+                needed: quorum,
+                reason: last_error,
+            });
+        }
+        for (shard, target) in running.into_iter().enumerate() {
+            if let Some(target) = target {
+                parts[shard].owed.push(target);
+            }
+        }
+        let stragglers = (!sends.is_empty())
+            .then(|| tokio::spawn(async move { while sends.next().await.is_some() {} }));
+        Ok(Placed {
+            parts,
+            shard_ids,
             was_new,
             stragglers,
         })
@@ -808,6 +971,12 @@ impl Mesh {
             Err(StoreError::Corrupt { .. }) => self.inner.metrics.corrupt_chunks().increment(1),
             Err(e) => return Err(e.into()),
         }
+        self.fetch_remote(id, holders).await
+    }
+
+    /// Reads one chunk from the holders other than this node, nearest first, hedged and
+    /// verified.
+    async fn fetch_remote(&self, id: ChunkId, holders: Vec<PeerId>) -> Result<Bytes, MeshError> {
         let me = self.local_id();
         let mut order = self
             .by_distance(holders.into_iter().filter(|p| *p != me).collect())
@@ -868,38 +1037,251 @@ impl Mesh {
         }
     }
 
+    /// The holders of part `index` of a record, as peer ids.
+    fn part_holders(record: &PlacementRecord, index: usize) -> Vec<PeerId> {
+        record
+            .holders_of(index)
+            .filter_map(|n| PeerId::from_bytes(&n.0).ok())
+            .collect()
+    }
+
+    /// Reads chunk `index` of an `ec:K+M` object: K of its shards, the nearest first (this
+    /// node's own first of all, data shards before parity among equals), each verified
+    /// against its id; a missing, failing or corrupt shard is replaced by the next one, and a
+    /// slow one is hedged with one more. The K shards are decoded and the chunk verified
+    /// against the manifest. `skip` leaves one shard out (the one being rebuilt).
+    pub async fn fetch_erasure_chunk(
+        &self,
+        chunk: ChunkRef,
+        index: usize,
+        record: &PlacementRecord,
+        skip: Option<usize>,
+    ) -> Result<Bytes, MeshError> {
+        let Redundancy::Erasure { data, parity } = record.redundancy else {
+            return Err(MeshError::ChunkUnavailable {
+                chunk: chunk.id,
+                reason: format!("its record is {}, not erasure-coded", record.redundancy),
+            });
+        };
+        let (k, m) = (usize::from(data), usize::from(parity));
+        let base = index * (k + m);
+        let me = self.local_id();
+        let table = self.inner.net.peers();
+        let distance = |peer: &PeerId| -> Duration {
+            if *peer == me {
+                return Duration::ZERO;
+            }
+            match table.iter().find(|v| v.id == *peer) {
+                Some(v) if v.liveness == Liveness::Alive && !self.avoided(peer) => {
+                    v.rtt.unwrap_or(Duration::from_secs(1))
+                }
+                _ => Duration::from_secs(3600),
+            }
+        };
+        let mut order: Vec<(Duration, bool, usize, ChunkId, Vec<PeerId>)> = (0..k + m)
+            .filter(|&s| Some(s) != skip)
+            .filter_map(|s| {
+                let id = record.parts.get(base + s).copied()?;
+                let holders = Self::part_holders(record, base + s);
+                let nearest = holders.iter().map(distance).min().unwrap_or(Duration::MAX);
+                Some((nearest, s >= k, s, id, holders))
+            })
+            .collect();
+        order.sort_by_key(|(d, parity, s, _, _)| (*d, *parity, *s));
+        let mut order = order.into_iter();
+        let mut shards: Vec<Option<Bytes>> = vec![None; k + m];
+        let mut got = 0usize;
+        let mut attempts = FuturesUnordered::new();
+        let fetch = |(_, _, s, id, holders): (Duration, bool, usize, ChunkId, Vec<PeerId>)| async move {
+            (s, self.fetch_chunk(id, holders).await)
+        };
+        for next in order.by_ref().take(k) {
+            attempts.push(fetch(next));
+        }
+        let mut last_error = String::from("no shard holder is known");
+        while got < k {
+            let hedge = tokio::time::sleep(self.inner.settings.hedge_after);
+            tokio::pin!(hedge);
+            tokio::select! {
+                done = attempts.next() => {
+                    let Some((s, result)) = done else {
+                        return Err(MeshError::ChunkUnavailable {
+                            chunk: chunk.id,
+                            reason: format!("only {got} of the {k} shards needed could be read ({last_error})"),
+                        });
+                    };
+                    match result {
+                        Ok(bytes) => {
+                            shards[s] = Some(bytes);
+                            got += 1;
+                        }
+                        Err(e) => {
+                            debug!(chunk = %chunk.id, shard = s, error = %e, "shard unreadable; trying another");
+                            last_error = e.to_string();
+                            if let Some(next) = order.next() {
+                                attempts.push(fetch(next));
+                            }
+                        }
+                    }
+                }
+                () = &mut hedge, if got + attempts.len() <= k => {
+                    if let Some(next) = order.next() {
+                        self.inner.metrics.hedged_fetches().increment(1);
+                        attempts.push(fetch(next));
+                    }
+                }
+            }
+        }
+        drop(attempts);
+        let len = chunk.len as usize;
+        let decoded =
+            tokio::task::spawn_blocking(move || crate::erasure::decode(k, m, shards, len))
+                .await
+                .map_err(|_| IngestError::WorkerGone)?
+                .map_err(|e| MeshError::ChunkUnavailable {
+                    chunk: chunk.id,
+                    reason: e.to_string(),
+                })?;
+        if ChunkId::of(&decoded) != chunk.id {
+            return Err(MeshError::ChunkUnavailable {
+                chunk: chunk.id,
+                reason: "its shards decode to other bytes (the record names wrong shards)".into(),
+            });
+        }
+        Ok(decoded)
+    }
+
+    /// A verified copy of part `index` of an object that does not come from this node's own
+    /// copy: a replica from another holder (`rep:N`), or a shard fetched from another holder
+    /// or rebuilt from K others (`ec:K+M`). For replacing a corrupt local copy.
+    pub async fn recover_part(
+        &self,
+        manifest: &Manifest,
+        record: &PlacementRecord,
+        index: usize,
+    ) -> Result<Bytes, MeshError> {
+        self.part_bytes(manifest, record, index, false).await
+    }
+
+    /// A verified copy of part `index`; this node's own copy counts when `local` is set.
+    pub(crate) async fn part_bytes(
+        &self,
+        manifest: &Manifest,
+        record: &PlacementRecord,
+        index: usize,
+        local: bool,
+    ) -> Result<Bytes, MeshError> {
+        let id =
+            record
+                .part_id(&manifest.chunks, index)
+                .ok_or_else(|| MeshError::ChunkUnavailable {
+                    chunk: ChunkId::of(&[]),
+                    reason: format!("part {index} is out of range"),
+                })?;
+        let me = self.local_id();
+        let holders: Vec<PeerId> = Self::part_holders(record, index)
+            .into_iter()
+            .filter(|p| *p != me)
+            .collect();
+        let Redundancy::Erasure { data, parity } = record.redundancy else {
+            return if local {
+                self.fetch_chunk(id, holders).await
+            } else {
+                self.fetch_remote(id, holders).await
+            };
+        };
+        // A shard usually has one holder; when another has it too, copying beats rebuilding.
+        let copied = if local {
+            self.fetch_chunk(id, holders).await
+        } else if holders.is_empty() {
+            Err(MeshError::ChunkUnavailable {
+                chunk: id,
+                reason: "no other holder".into(),
+            })
+        } else {
+            self.fetch_remote(id, holders).await
+        };
+        if let Ok(bytes) = copied {
+            return Ok(bytes);
+        }
+        let (k, m) = (usize::from(data), usize::from(parity));
+        let (chunk_index, shard) = (index / (k + m), index % (k + m));
+        let chunk = *manifest
+            .chunks
+            .get(chunk_index)
+            .ok_or(MeshError::ChunkUnavailable {
+                chunk: id,
+                reason: format!("chunk {chunk_index} is out of range"),
+            })?;
+        let bytes = self
+            .fetch_erasure_chunk(chunk, chunk_index, record, Some(shard))
+            .await?;
+        let rebuilt = tokio::task::spawn_blocking(move || crate::erasure::encode(k, m, &bytes))
+            .await
+            .map_err(|_| IngestError::WorkerGone)?
+            .map_err(|e| MeshError::ChunkUnavailable {
+                chunk: id,
+                reason: e.to_string(),
+            })?;
+        match rebuilt.into_iter().nth(shard) {
+            Some(bytes) if ChunkId::of(&bytes) == id => {
+                self.inner.metrics.rebuilt_shards().increment(1);
+                Ok(bytes)
+            }
+            _ => Err(MeshError::ChunkUnavailable {
+                chunk: id,
+                reason: "the rebuilt shard does not match its id".into(),
+            }),
+        }
+    }
+
     /// Streams the planned parts of an object, fetching up to `read_ahead` chunks ahead. The
     /// window opens from one chunk, doubling with each chunk delivered: the first chunk does
     /// not share the link with a full window of others, so the first byte comes after about
-    /// one chunk's transfer, and the window is full after a handful of chunks.
+    /// one chunk's transfer, and the window is full after a handful of chunks. Chunks of an
+    /// `ec:K+M` object are decoded from their shards.
     pub fn read_stream(
         &self,
+        manifest: &Manifest,
         record: Option<PlacementRecord>,
         plan: Vec<(usize, ChunkId, std::ops::Range<usize>)>,
         read_ahead: usize,
     ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
         let this = self.clone();
         let record = record.map(Arc::new);
-        let fetches = plan.into_iter().map(move |(index, id, part)| {
-            let this = this.clone();
-            let holders: Vec<PeerId> = record
-                .as_ref()
-                .map(|r| {
-                    r.holders_of(index)
-                        .filter_map(|n| PeerId::from_bytes(&n.0).ok())
-                        .collect()
-                })
-                .unwrap_or_default();
-            async move {
-                let bytes = this
-                    .fetch_chunk(id, holders)
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                let part = bytes.slice(part);
-                this.inner.metrics.get_bytes().increment(part.len() as u64);
-                Ok(part)
-            }
-        });
+        let lens: Vec<u32> = plan
+            .iter()
+            .map(|(index, _, _)| manifest.chunks.get(*index).map_or(0, |c| c.len))
+            .collect();
+        let fetches = plan
+            .into_iter()
+            .zip(lens)
+            .map(move |((index, id, part), len)| {
+                let this = this.clone();
+                let record = record.clone();
+                async move {
+                    let erasure = record
+                        .as_ref()
+                        .filter(|r| matches!(r.redundancy, Redundancy::Erasure { .. }));
+                    let fetched = match erasure {
+                        Some(record) => {
+                            this.fetch_erasure_chunk(ChunkRef { id, len }, index, record, None)
+                                .await
+                        }
+                        None => {
+                            let holders = record
+                                .as_ref()
+                                .map(|r| Self::part_holders(r, index))
+                                .unwrap_or_default();
+                            this.fetch_chunk(id, holders).await
+                        }
+                    };
+                    let bytes = fetched.map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let part = bytes.slice(part);
+                    this.inner.metrics.get_bytes().increment(part.len() as u64);
+                    Ok(part)
+                }
+            });
         ramped(fetches, read_ahead)
     }
 

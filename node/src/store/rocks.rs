@@ -618,25 +618,7 @@ impl RocksStore {
             return Ok(None);
         }
         let mut batch = WriteBatch::default();
-        let mut released = Freed::default();
-        let refs = self.cf(CF_REFS);
-        for (chunk, n) in &uses {
-            let Some(mut rec) = self.ref_record(chunk)? else {
-                continue;
-            };
-            let before = rec.count;
-            rec.count = rec.count.saturating_sub(*n);
-            batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
-            if rec.count == 0 && before > 0 {
-                batch.put_cf(
-                    self.cf(CF_PENDING),
-                    Self::orphan_key(chunk),
-                    Candidate::now(Origin::Released).encode(),
-                );
-                released.chunks += 1;
-                released.bytes += u64::from(rec.len);
-            }
-        }
+        let released = self.release_uses(&uses, &mut batch)?;
         for cf in [CF_MANIFESTS, CF_OBJECTS, CF_RECORDS, CF_HELD, CF_PARTS] {
             batch.delete_cf(self.cf(cf), id.as_bytes());
         }
@@ -647,6 +629,35 @@ impl RocksStore {
         self.write(batch, true)?;
         debug!(object = %id, released_chunks = released.chunks, "deleted object");
         Ok(Some(released))
+    }
+
+    /// Takes `uses` off the chunks' reference counts, in `batch`. A chunk whose count reaches
+    /// zero becomes a GC candidate and stays for the grace; returns those chunks and bytes.
+    /// Caller holds the chunks' stripes.
+    fn release_uses(
+        &self,
+        uses: &HashMap<ChunkId, u64>,
+        batch: &mut WriteBatch,
+    ) -> Result<Freed, StoreError> {
+        let mut released = Freed::default();
+        for (chunk, n) in uses {
+            let Some(mut rec) = self.ref_record(chunk)? else {
+                continue;
+            };
+            let before = rec.count;
+            rec.count = rec.count.saturating_sub(*n);
+            batch.put_cf(self.cf(CF_REFS), chunk.as_bytes(), encode(&rec));
+            if rec.count == 0 && before > 0 {
+                batch.put_cf(
+                    self.cf(CF_PENDING),
+                    Self::orphan_key(chunk),
+                    Candidate::now(Origin::Released).encode(),
+                );
+                released.chunks += 1;
+                released.bytes += u64::from(rec.len);
+            }
+        }
+        Ok(released)
     }
 
     /// See [`MetaStore::expire_tombstones`].
@@ -886,6 +897,49 @@ impl RocksStore {
         Ok((*id, missing))
     }
 
+    /// After a newer record moved parts away from this node (repair placed them elsewhere
+    /// while this node was thought dead): releases the references of the parts it no longer
+    /// lists here, and forgets the object when none is left, so a returning node does not
+    /// keep surplus copies forever.
+    fn release_dropped(
+        &self,
+        id: &ObjectId,
+        manifest: &Manifest,
+        held: &[usize],
+    ) -> Result<(), StoreError> {
+        let Some(previous) = self.db.get_pinned_cf(self.cf(CF_HELD), id.as_bytes())? else {
+            return Ok(());
+        };
+        let previous: Vec<u32> = decode(id.as_bytes(), &previous)?;
+        let dropped: Vec<usize> = previous
+            .iter()
+            .map(|&i| i as usize)
+            .filter(|i| !held.contains(i))
+            .collect();
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        if dropped.len() == previous.len() {
+            let freed = self.delete_object(id)?;
+            info!(object = %id, released_chunks = freed.map_or(0, |f| f.chunks), "released the surplus share of an object repaired elsewhere");
+            return Ok(());
+        }
+        let shards = self.parts(id)?;
+        let parts = Parts::new(manifest, &shards);
+        let uses = held_uses(&parts, &dropped);
+        let _guards = self.lock_stripes(uses.keys());
+        let mut batch = WriteBatch::default();
+        let released = self.release_uses(&uses, &mut batch)?;
+        let kept: Vec<u32> = previous
+            .into_iter()
+            .filter(|&i| held.contains(&(i as usize)))
+            .collect();
+        batch.put_cf(self.cf(CF_HELD), id.as_bytes(), encode(&kept));
+        self.write(batch, true)?;
+        info!(object = %id, released = dropped.len(), released_chunks = released.chunks, "released surplus parts of an object repaired elsewhere");
+        Ok(())
+    }
+
     /// Chunk references an object took: all of them, or those recorded as held.
     fn object_uses(
         &self,
@@ -966,7 +1020,9 @@ impl MetaStore for RocksStore {
         held: &[usize],
         parts: &[ChunkId],
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError> {
-        self.commit(manifest, Some((record, held, parts)))
+        let done = self.commit(manifest, Some((record, held, parts)))?;
+        self.release_dropped(&done.0, manifest, held)?;
+        Ok(done)
     }
 
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {

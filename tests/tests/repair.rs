@@ -1,0 +1,327 @@
+#![allow(clippy::unwrap_used)]
+//! Repair on in-process clusters: a killed holder's parts are re-created on live peers, the
+//! record's version goes up, and a holder that comes back ends with no surplus copies.
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use mesh_node::store::ChunkStore;
+use mesh_proto::api::PutResponse;
+use mesh_proto::wire::PlacementRecord;
+use mesh_proto::{ChunkId, ObjectId};
+use mesh_tests::{Cluster, TestNode, random_bytes, wait_until};
+
+const JOIN: Duration = Duration::from_secs(60);
+const REPAIR: Duration = Duration::from_secs(90);
+
+async fn start(n: usize) -> Cluster {
+    let cluster = Cluster::start(n, |_, config| {
+        config.net.suspect_after = Duration::from_secs(2);
+        config.net.dead_after = Duration::from_secs(4);
+        // Surplus copies a returning holder releases wait out the GC grace before they go.
+        config.durability.gc_grace = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    cluster
+}
+
+async fn put(node: &TestNode, query: &str, data: &[u8]) -> PutResponse {
+    let response = mesh_tests::api_put(node, query, data.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    response.json().await.unwrap()
+}
+
+fn holders(record: &PlacementRecord, part: usize) -> Vec<PeerId> {
+    record
+        .holders_of(part)
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .collect()
+}
+
+fn part_ids(node: &TestNode, id: &ObjectId, record: &PlacementRecord) -> Vec<ChunkId> {
+    use mesh_node::store::MetaStore;
+    let manifest = node.node().store().manifest(id).unwrap().unwrap().0;
+    (0..record.part_count())
+        .map(|i| record.part_id(&manifest.chunks, i).unwrap())
+        .collect()
+}
+
+/// Whether every part of `id` has `wanted` holders among `alive`, each of which stores it,
+/// and `reference`'s record on the writer is newer than `version`.
+fn repaired(
+    alive: &[TestNode],
+    writer: &TestNode,
+    id: &ObjectId,
+    version: u64,
+    wanted: usize,
+) -> bool {
+    let Some(record) = mesh_tests::record_on(writer, id).unwrap() else {
+        return false;
+    };
+    if record.version <= version {
+        return false;
+    }
+    let parts = part_ids(writer, id, &record);
+    (0..record.part_count()).all(|i| {
+        let list = holders(&record, i);
+        list.len() == wanted
+            && list.iter().all(|p| {
+                alive
+                    .iter()
+                    .find(|n| n.node().peer_id() == *p)
+                    .is_some_and(|n| n.node().store().has_chunk(&parts[i]).unwrap())
+            })
+    })
+}
+
+/// How many of `nodes` store each part.
+fn copies(nodes: &[TestNode], parts: &[ChunkId]) -> Vec<usize> {
+    parts
+        .iter()
+        .map(|p| {
+            nodes
+                .iter()
+                .filter(|n| n.node().store().has_chunk(p).unwrap())
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_rep3_holder_is_repaired_and_a_returning_one_keeps_no_surplus() {
+    let cluster = start(5).await;
+    let writer_id = cluster.nodes[0].node().peer_id();
+    let data = random_bytes(1024 * 1024, 5);
+    let put = put(
+        &cluster.nodes[0],
+        "redundancy=rep:3&chunker=fixed:256KiB",
+        &data,
+    )
+    .await;
+    cluster.wait_settled(JOIN).await.unwrap();
+    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
+        .unwrap()
+        .unwrap();
+    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+
+    // Kill a holder other than the writer.
+    let victim = holders(&record, 0)
+        .into_iter()
+        .find(|p| *p != writer_id)
+        .unwrap();
+    let mut alive = Vec::new();
+    let mut stopped = None;
+    for node in cluster.nodes {
+        if node.node().peer_id() == victim {
+            stopped = Some(node);
+        } else {
+            alive.push(node);
+        }
+    }
+    let stopped = stopped.unwrap();
+    let victim_dir = stopped.data_dir().to_path_buf();
+    // Stop it, keeping its data directory for its return.
+    let parked = stopped.park().await;
+
+    wait_until(REPAIR, "every chunk to have 3 live holders again", || {
+        let done = repaired(&alive, &alive[0], &put.id, record.version, 3);
+        async move { Ok(done) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
+    // One node did the repair, and `GET /v1/repair` says so; nothing is left below target.
+    let mut queued = 0;
+    for node in &alive {
+        let state: mesh_proto::api::RepairStatus = mesh_tests::api_client(node)
+            .unwrap()
+            .get(format!("{}/v1/repair", node.api_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued += state.parts_queued;
+    }
+    assert!(queued >= 1, "no node reports queued repair parts");
+    wait_until(REPAIR, "the repair backlog to drain", || {
+        let backlog: u64 = alive
+            .iter()
+            .map(|n| n.node().mesh().repair_state().backlog)
+            .sum();
+        async move { Ok(backlog == 0) }
+    })
+    .await
+    .unwrap();
+    for node in &alive {
+        let response = mesh_tests::api_get(node, &put.id).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    }
+
+    // The victim comes back with its old copies: once the new record reaches it, it releases
+    // them, and no chunk ends with more than 3 copies.
+    let returned = parked.start().await.unwrap();
+    assert_eq!(returned.data_dir(), victim_dir);
+    alive.push(returned);
+    wait_until(
+        REPAIR,
+        "the returned holder to release its surplus copies",
+        || {
+            let counts = copies(&alive, &parts);
+            async move { Ok(counts.iter().all(|&c| c == 3)) }
+        },
+    )
+    .await
+    .unwrap();
+    for node in alive {
+        node.stop().await;
+    }
+    cluster.bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ec_4_2_rebuilds_the_shards_of_two_killed_holders() {
+    let cluster = start(7).await;
+    let writer_id = cluster.nodes[0].node().peer_id();
+    let data = random_bytes(2 * 1024 * 1024 + 99, 9);
+    let put = put(
+        &cluster.nodes[0],
+        "redundancy=ec:4%2B2&chunker=fixed:1MiB",
+        &data,
+    )
+    .await;
+    cluster.wait_settled(JOIN).await.unwrap();
+    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
+        .unwrap()
+        .unwrap();
+    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let victims: Vec<PeerId> = (0..6)
+        .flat_map(|s| holders(&record, s))
+        .filter(|p| *p != writer_id)
+        .take(2)
+        .collect();
+    let mut alive = Vec::new();
+    for node in cluster.nodes {
+        if victims.contains(&node.node().peer_id()) {
+            node.stop().await;
+        } else {
+            alive.push(node);
+        }
+    }
+    wait_until(REPAIR, "all 6 shards of every chunk live again", || {
+        let done = repaired(&alive, &alive[0], &put.id, record.version, 1);
+        async move { Ok(done) }
+    })
+    .await
+    .unwrap();
+    // Every shard exists exactly once among the live nodes (shards of equal bytes, like the
+    // zero padding of a short chunk, share an id and count once per shard).
+    let expected: Vec<usize> = parts
+        .iter()
+        .map(|p| parts.iter().filter(|q| *q == p).count())
+        .collect();
+    assert_eq!(copies(&alive, &parts), expected);
+    for node in &alive {
+        let response = mesh_tests::api_get(node, &put.id).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    }
+    for node in alive {
+        node.stop().await;
+    }
+    cluster.bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
+    use mesh_node::store::MetaStore;
+    // Slow repair (256 KiB/s after a one-second burst), so the restart lands mid-repair.
+    let cluster = Cluster::start(5, |_, config| {
+        config.net.suspect_after = Duration::from_secs(2);
+        config.net.dead_after = Duration::from_secs(4);
+        config.durability.repair_rate = bytesize::ByteSize::kib(256);
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer_id = cluster.nodes[0].node().peer_id();
+    let data = random_bytes(4 * 1024 * 1024, 11);
+    let put = put(
+        &cluster.nodes[0],
+        "redundancy=rep:3&chunker=fixed:256KiB",
+        &data,
+    )
+    .await;
+    cluster.wait_settled(JOIN).await.unwrap();
+    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
+        .unwrap()
+        .unwrap();
+    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let victim = record
+        .nodes
+        .iter()
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .find(|p| *p != writer_id)
+        .unwrap();
+    // The repairer is the live holder with the lowest peer id.
+    let repairer = record
+        .nodes
+        .iter()
+        .filter(|n| n.0 != victim.to_bytes())
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .unwrap();
+    let mut alive = Vec::new();
+    for node in cluster.nodes {
+        if node.node().peer_id() == victim {
+            node.stop().await;
+        } else {
+            alive.push(node);
+        }
+    }
+    let at = alive
+        .iter()
+        .position(|n| n.node().peer_id() == repairer)
+        .unwrap();
+    wait_until(REPAIR, "the repairer to queue the repair", || {
+        let queued = mesh_tests::record_on(&alive[at], &put.id)
+            .unwrap()
+            .is_some_and(|r| r.version > record.version);
+        async move { Ok(queued) }
+    })
+    .await
+    .unwrap();
+    let pending = alive[at].node().store().deliveries(None, 1).unwrap();
+    assert!(
+        !pending.is_empty(),
+        "the repair finished before the restart"
+    );
+    let node = alive.remove(at);
+    let node = node.restart().await.unwrap();
+    alive.push(node);
+
+    wait_until(
+        REPAIR,
+        "every chunk to have 3 live holders after the restart",
+        || {
+            // (The record stays owed to the dead victim; the parts are what must arrive.)
+            let done = repaired(&alive, &alive[0], &put.id, record.version, 3);
+            async move { Ok(done) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
+    let response = mesh_tests::api_get(&alive[0], &put.id).await.unwrap();
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    for node in alive {
+        node.stop().await;
+    }
+    cluster.bootstrap.shutdown().await;
+}
