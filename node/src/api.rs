@@ -631,16 +631,15 @@ async fn delete_object(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     let id = parse_id(path)?;
-    let store = Arc::clone(&state.inner.store);
-    let freed = blocking(move || store.delete_object(&id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    // A tombstone applied here and delivered to every holder (`replicate::delete`).
+    let deleted = state.inner.mesh.delete(id).await?;
     state.inner.metrics.deletes().increment(1);
-    info!(object = %id, freed_chunks = freed.chunks, freed_bytes = freed.bytes, "deleted object");
     Ok(Json(DeleteResponse {
         id,
-        freed_chunks: freed.chunks,
-        freed_bytes: freed.bytes,
+        freed_chunks: deleted.released.chunks,
+        freed_bytes: deleted.released.bytes,
+        holders_told: deleted.told,
+        holders_pending: deleted.pending,
     }))
 }
 
@@ -693,7 +692,11 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
     })
     .await?;
     let mesh = inner.mesh.clone();
-    let completing = blocking(move || mesh.pending_deliveries()).await?;
+    let (completing, deleting) = blocking(move || {
+        Ok::<_, StoreError>((mesh.pending_deliveries()?, mesh.pending_tombstones()?))
+    })
+    .await?;
+    let (gc_pending_chunks, gc_pending_bytes) = inner.metrics.gc_backlog();
     let (served_chunks, served_bytes) = inner.metrics.served_totals();
     Ok(Json(StatusResponse {
         node_id: inner.node_id.clone(),
@@ -720,6 +723,9 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
         repair_backlog: inner.mesh.repair_state().backlog,
         chunks_served: served_chunks,
         bytes_served: served_bytes,
+        gc_pending_chunks,
+        gc_pending_bytes,
+        deletes_delivering: deleting as u64,
     }))
 }
 

@@ -14,8 +14,11 @@
 //! - [`placement`]: the pure function that picks the holders of a chunk.
 //! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
 //! - [`replicate`]: replicated and erasure-coded put and remote get over the network, the
-//!   durable background completion, repair of what dead holders took with them, and the
-//!   service that answers other nodes' chunk and control requests.
+//!   durable background completion, repair of what dead holders took with them, deletes
+//!   (tombstones delivered to every holder), and the service that answers other nodes' chunk
+//!   and control requests.
+//! - [`gc`]: deletes chunks no live object references once `gc_grace` has passed, compacts
+//!   their space back, and drops old tombstones.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
@@ -27,13 +30,17 @@
 //! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
 //! nearest holders, each chunk verified against its BLAKE3 (for `ec:`, the K nearest shards,
 //! decoded). When a holder dies, the lowest live holder of each object it held re-creates the
-//! lost parts elsewhere ([`replicate::repair`]). [`Node::start`] brings all of
-//! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
+//! lost parts elsewhere ([`replicate::repair`]). A delete writes a tombstone version of the
+//! placement record that every holder applies (durably queued until each has it,
+//! [`replicate::delete`]); chunks left unreferenced are deleted by [`gc`] after `gc_grace`.
+//! [`Node::start`] brings all of this up and [`Node::shutdown`] stops it gracefully; several
+//! nodes can run in one process.
 
 pub mod api;
 pub mod chunker;
 pub mod config;
 pub mod erasure;
+pub mod gc;
 pub mod identity;
 pub mod metrics;
 pub mod net;
@@ -96,6 +103,8 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    tombstone_task: JoinHandle<()>,
+    gc_task: JoinHandle<()>,
     repair_task: JoinHandle<()>,
     _lock: std::fs::File,
 }
@@ -168,6 +177,20 @@ impl Node {
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
+        let durability = &config.durability;
+        let tombstone_task = tokio::spawn(
+            mesh.clone()
+                .run_tombstone_delivery(durability.tombstone_retention, stop.clone()),
+        );
+        let collector = gc::Collector::new(
+            Arc::clone(&store),
+            metrics.clone(),
+            gc::Settings {
+                grace: durability.gc_grace,
+                tombstone_retention: durability.tombstone_retention,
+            },
+        );
+        let gc_task = tokio::spawn(collector.run(stop.clone()));
         let repair_task = tokio::spawn(mesh.clone().run_repair(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let state = api::ApiState::new(
@@ -220,6 +243,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             repair_task,
             _lock: lock,
         })
@@ -270,6 +295,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             repair_task,
             mesh,
             store,
@@ -288,6 +315,9 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        // So do tombstone deliveries; the collector finishes its pass (it holds the store).
+        let _ = tombstone_task.await;
+        let _ = gc_task.await;
         let _ = repair_task.await;
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;

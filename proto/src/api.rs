@@ -128,9 +128,16 @@ pub struct StatResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteResponse {
     pub id: ObjectId,
-    /// Chunks whose last reference this delete released, and their bytes.
+    /// Chunks on the answering node whose last reference this delete released, and their
+    /// bytes: deleted after the node's `gc_grace` unless an object references them again.
     pub freed_chunks: u64,
     pub freed_bytes: u64,
+    /// Other holders that acknowledged the tombstone before the answer.
+    #[serde(default)]
+    pub holders_told: u64,
+    /// Other holders the tombstone is still being delivered to, in the background.
+    #[serde(default)]
+    pub holders_pending: u64,
 }
 
 /// Answer of `GET /v1/status`.
@@ -173,6 +180,15 @@ pub struct StatusResponse {
     /// Objects below target that this node is the repairer of (see `GET /v1/repair`).
     #[serde(default)]
     pub repair_backlog: u64,
+    /// Unreferenced chunks, and their bytes, waiting out `gc_grace` before they are deleted
+    /// (as of the last garbage collection pass).
+    #[serde(default)]
+    pub gc_pending_chunks: u64,
+    #[serde(default)]
+    pub gc_pending_bytes: u64,
+    /// Deletes this node made whose tombstone some holders have not acknowledged yet.
+    #[serde(default)]
+    pub deletes_delivering: u64,
 }
 
 /// Answer of `GET /v1/peers`.

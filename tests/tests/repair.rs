@@ -18,6 +18,8 @@ async fn start(n: usize) -> Cluster {
     let cluster = Cluster::start(n, |_, config| {
         config.net.suspect_after = Duration::from_secs(2);
         config.net.dead_after = Duration::from_secs(4);
+        // Surplus copies a returning holder releases wait out the GC grace before they go.
+        config.durability.gc_grace = Duration::from_secs(1);
     })
     .await
     .unwrap();

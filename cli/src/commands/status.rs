@@ -63,6 +63,15 @@ fn render(status: &StatusResponse) -> String {
             "repair backlog",
             format!("{} objects (this node repairs them)", status.repair_backlog),
         ),
+        (
+            "gc backlog",
+            format!(
+                "{} chunks ({}) waiting out the grace, {} deletes being delivered",
+                status.gc_pending_chunks,
+                human_bytes(status.gc_pending_bytes),
+                status.deletes_delivering
+            ),
+        ),
         ("default redundancy", status.default_redundancy.to_string()),
         ("zone", output::cell(&status.zone)),
         ("listen addresses", list(&status.listen_addrs)),
@@ -135,6 +144,9 @@ mod tests {
             chunks_served: 4,
             bytes_served: 3 << 20,
             repair_backlog: 2,
+            gc_pending_chunks: 3,
+            gc_pending_bytes: 2 << 20,
+            deletes_delivering: 1,
         };
         let text = render(&status);
         assert!(text.contains("uptime              1h 2m 3s\n"), "{text}");
@@ -168,6 +180,12 @@ mod tests {
             text.contains("repair backlog      2 objects (this node repairs them)\n"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 19);
+        assert!(
+            text.contains(
+                "gc backlog          3 chunks (2.0 MiB) waiting out the grace, 1 deletes being delivered\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 20);
     }
 }

@@ -174,7 +174,7 @@ impl Delivery {
 }
 
 /// Delay before attempt `attempts + 1`.
-fn backoff(attempts: u32) -> Duration {
+pub(super) fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << attempts.min(16))
         .min(MAX_BACKOFF)
