@@ -74,6 +74,8 @@ pub enum Command {
     Status,
     /// List the mesh peers this node knows, nearest (lowest RTT) first.
     Peers,
+    /// Show the repair state: objects below target, the backlog this node repairs, progress.
+    Repair,
     /// Show the scrubber's progress (it re-hashes stored chunks and replaces corrupt ones).
     Scrub {
         /// Start a pass now (unless one is running) and return.

@@ -182,6 +182,13 @@ impl Client {
         self.json(response).await
     }
 
+    /// `GET /v1/repair`.
+    pub async fn repair(&self) -> Result<mesh_proto::api::RepairStatus, Error> {
+        let request = self.http.get(self.url("/v1/repair"));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
     /// `GET /v1/scrub`.
     pub async fn scrub_status(&self) -> Result<ScrubStatus, Error> {
         let request = self.http.get(self.url("/v1/scrub"));

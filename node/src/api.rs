@@ -118,6 +118,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}/manifest", get(get_manifest))
         .route("/v1/objects/{id}/stat", get(stat_object))
         .route("/v1/status", get(status))
+        .route("/v1/repair", get(repair))
         .route("/v1/peers", get(peers))
         .route("/v1/scrub", get(scrub_status).post(scrub_start))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -652,17 +653,20 @@ async fn delete_object(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     let id = parse_id(path)?;
-    let store = Arc::clone(&state.inner.store);
-    let freed = blocking(move || store.delete_object(&id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    // A tombstone applied here and delivered to every holder (`replicate::delete`).
+    let deleted = state.inner.mesh.delete(id).await?;
     state.inner.metrics.deletes().increment(1);
-    info!(object = %id, freed_chunks = freed.chunks, freed_bytes = freed.bytes, "deleted object");
     Ok(Json(DeleteResponse {
         id,
-        freed_chunks: freed.chunks,
-        freed_bytes: freed.bytes,
+        freed_chunks: deleted.released.chunks,
+        freed_bytes: deleted.released.bytes,
+        holders_told: deleted.told,
+        holders_pending: deleted.pending,
     }))
+}
+
+async fn repair(State(state): State<ApiState>) -> Json<mesh_proto::api::RepairStatus> {
+    Json(state.inner.mesh.repair_state())
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, ApiError> {
@@ -710,7 +714,11 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
     })
     .await?;
     let mesh = inner.mesh.clone();
-    let completing = blocking(move || mesh.pending_deliveries()).await?;
+    let (completing, deleting) = blocking(move || {
+        Ok::<_, StoreError>((mesh.pending_deliveries()?, mesh.pending_tombstones()?))
+    })
+    .await?;
+    let (gc_pending_chunks, gc_pending_bytes) = inner.metrics.gc_backlog();
     let scrub = match state.scrub.clone() {
         Some(scrub) => Some(blocking(move || scrub.status()).await?),
         None => None,
@@ -738,8 +746,12 @@ async fn status(State(state): State<ApiState>) -> Result<Json<StatusResponse>, A
             .filter(|p| p.liveness == crate::placement::Liveness::Alive)
             .count() as u64,
         objects_completing: completing as u64,
+        repair_backlog: inner.mesh.repair_state().backlog,
         chunks_served: served_chunks,
         bytes_served: served_bytes,
+        gc_pending_chunks,
+        gc_pending_bytes,
+        deletes_delivering: deleting as u64,
         scrub,
     }))
 }

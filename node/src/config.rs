@@ -192,6 +192,12 @@ pub struct DurabilityConfig {
     /// went away.
     #[serde(with = "humantime_serde")]
     pub gc_grace: Duration,
+    /// How long a node keeps a deleted object's tombstone record (and how long the deleting
+    /// node keeps trying to reach a holder with it). While it is kept, a late copy of the
+    /// object's older record cannot bring the object back; a holder that was away for longer
+    /// may. Keep it longer than any holder may be down and come back with its data.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_retention: Duration,
 }
 
 impl Default for DurabilityConfig {
@@ -201,6 +207,7 @@ impl Default for DurabilityConfig {
             scrub_rate: bytesize::ByteSize::mib(4),
             scrub_interval: Duration::from_secs(24 * 3600),
             gc_grace: Duration::from_secs(3600),
+            tombstone_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

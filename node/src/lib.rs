@@ -13,26 +13,36 @@
 //!   load reports, the chunk/control/membership protocols) and keeps the peer table.
 //! - [`placement`]: the pure function that picks the holders of a chunk.
 //! - [`erasure`]: Reed-Solomon shards of a chunk for `ec:K+M` (encode, rebuild, decode).
-//! - [`replicate`]: replicated put and remote get over the network, and the service that
-//!   answers other nodes' chunk and control requests.
+//! - [`replicate`]: replicated and erasure-coded put and remote get over the network, the
+//!   durable background completion, repair of what dead holders took with them, deletes
+//!   (tombstones delivered to every holder), and the service that answers other nodes' chunk
+//!   and control requests.
+//! - [`gc`]: deletes chunks no live object references once `gc_grace` has passed, compacts
+//!   their space back, and drops old tombstones.
 //! - [`scrub`]: the background worker that re-hashes stored chunks at a bounded rate,
 //!   quarantines those that went bad and replaces them from other holders.
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
-//! holders (this node and its nearest peers, spread over zones) and counts once `W` of them
-//! stored it durably; then every holder commits its part with the placement record and
+//! holders (this node and its nearest peers, spread over zones), or cut into `ec:K+M` shards
+//! on K+M holders, and counts once `W` of them stored it durably; then every holder commits its part with the placement record and
 //! announces the object in the DHT. Holders beyond `W` are finished in the background from a
 //! durable queue ([`replicate::complete`]). A get reads local chunks first; otherwise it asks
 //! the nearest peers and the DHT's providers at once for the manifest and placement record
 //! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
-//! nearest holders, each chunk verified against its BLAKE3. [`Node::start`] brings all of
-//! this up and [`Node::shutdown`] stops it gracefully; several nodes can run in one process.
+//! nearest holders, each chunk verified against its BLAKE3 (for `ec:`, the K nearest shards,
+//! decoded). When a holder dies, the lowest live holder of each object it held re-creates the
+//! lost parts elsewhere ([`replicate::repair`]). A delete writes a tombstone version of the
+//! placement record that every holder applies (durably queued until each has it,
+//! [`replicate::delete`]); chunks left unreferenced are deleted by [`gc`] after `gc_grace`.
+//! [`Node::start`] brings all of this up and [`Node::shutdown`] stops it gracefully; several
+//! nodes can run in one process.
 
 pub mod api;
 pub mod chunker;
 pub mod config;
 pub mod erasure;
+pub mod gc;
 pub mod identity;
 pub mod metrics;
 pub mod net;
@@ -96,6 +106,8 @@ pub struct Node {
     net_task: JoinHandle<()>,
     serve_task: JoinHandle<()>,
     completion_task: JoinHandle<()>,
+    tombstone_task: JoinHandle<()>,
+    gc_task: JoinHandle<()>,
     repair_task: JoinHandle<()>,
     scrub: scrub::Handle,
     scrub_task: Option<JoinHandle<()>>,
@@ -170,6 +182,20 @@ impl Node {
         );
         let serve_task = tokio::spawn(mesh.clone().serve(inbound_rx));
         let completion_task = tokio::spawn(mesh.clone().run_completion(stop.clone()));
+        let durability = &config.durability;
+        let tombstone_task = tokio::spawn(
+            mesh.clone()
+                .run_tombstone_delivery(durability.tombstone_retention, stop.clone()),
+        );
+        let collector = gc::Collector::new(
+            Arc::clone(&store),
+            metrics.clone(),
+            gc::Settings {
+                grace: durability.gc_grace,
+                tombstone_retention: durability.tombstone_retention,
+            },
+        );
+        let gc_task = tokio::spawn(collector.run(stop.clone()));
         let repair_task = tokio::spawn(mesh.clone().run_repair(stop.clone()));
         announce_objects(Arc::clone(&store), network.clone());
         let scrub = open_scrub(Arc::clone(&store), &config).await?;
@@ -232,6 +258,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             repair_task,
             scrub,
             scrub_task,
@@ -289,6 +317,8 @@ impl Node {
             net_task,
             serve_task,
             completion_task,
+            tombstone_task,
+            gc_task,
             repair_task,
             scrub_task,
             mesh,
@@ -308,6 +338,9 @@ impl Node {
         let _ = upkeep.await;
         // Background completion stops between attempts; what it owes stays queued.
         let _ = completion_task.await;
+        // So do tombstone deliveries; the collector finishes its pass (it holds the store).
+        let _ = tombstone_task.await;
+        let _ = gc_task.await;
         let _ = repair_task.await;
         // The scrubber stops between batches; its cursor is in the store.
         if let Some(task) = scrub_task {

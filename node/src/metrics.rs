@@ -53,6 +53,16 @@ struct Inner {
     served_bytes: Counter,
     /// The served totals again, readable for `status` (Prometheus counters are write-only).
     served_totals: [AtomicU64; 2],
+    gc_deleted_chunks: Counter,
+    gc_deleted_bytes: Counter,
+    gc_compactions: Counter,
+    gc_reclaimed_bytes: Counter,
+    tombstones_expired: Counter,
+    tombstones_abandoned: Counter,
+    gc_pending_chunks: Gauge,
+    gc_pending_bytes: Gauge,
+    /// The GC backlog of the last pass (chunks, bytes), readable for `status`.
+    gc_backlog: [AtomicU64; 2],
     objects: Gauge,
     chunks: Gauge,
     stored_bytes: Gauge,
@@ -165,6 +175,36 @@ impl Metrics {
             "chunk bytes sent to peers that fetched them",
         );
         describe(
+            "mesh_gc_deleted_chunks_total",
+            Unit::Count,
+            "unreferenced chunks the garbage collection deleted after their grace",
+        );
+        describe(
+            "mesh_gc_deleted_bytes_total",
+            Unit::Bytes,
+            "bytes of the chunks the garbage collection deleted",
+        );
+        describe(
+            "mesh_gc_compactions_total",
+            Unit::Count,
+            "compactions of the chunk files after a garbage collection",
+        );
+        describe(
+            "mesh_gc_reclaimed_bytes_total",
+            Unit::Bytes,
+            "bytes of chunk files (blob and SST) those compactions gave back to the disk",
+        );
+        describe(
+            "mesh_tombstones_expired_total",
+            Unit::Count,
+            "tombstone records dropped after their retention",
+        );
+        describe(
+            "mesh_tombstone_deliveries_abandoned_total",
+            Unit::Count,
+            "holders a delete stopped trying to tell (their tombstone retention ran out)",
+        );
+        describe(
             "mesh_api_errors_total",
             Unit::Count,
             "control-API requests answered with an error, by code",
@@ -179,6 +219,14 @@ impl Metrics {
             ("mesh_objects", "objects stored on this node"),
             ("mesh_chunks", "chunks stored on this node"),
             ("mesh_stored_bytes", "bytes of chunks stored on this node"),
+            (
+                "mesh_gc_pending_chunks",
+                "unreferenced chunks waiting out gc_grace (as of the last pass)",
+            ),
+            (
+                "mesh_gc_pending_bytes",
+                "bytes of the chunks waiting out gc_grace",
+            ),
             (
                 "mesh_disk_free_bytes",
                 "free space on the data directory's file system",
@@ -225,6 +273,15 @@ impl Metrics {
             served_chunks: counter("mesh_served_chunks_total"),
             served_bytes: counter("mesh_served_bytes_total"),
             served_totals: [AtomicU64::new(0), AtomicU64::new(0)],
+            gc_deleted_chunks: counter("mesh_gc_deleted_chunks_total"),
+            gc_deleted_bytes: counter("mesh_gc_deleted_bytes_total"),
+            gc_compactions: counter("mesh_gc_compactions_total"),
+            gc_reclaimed_bytes: counter("mesh_gc_reclaimed_bytes_total"),
+            tombstones_expired: counter("mesh_tombstones_expired_total"),
+            tombstones_abandoned: counter("mesh_tombstone_deliveries_abandoned_total"),
+            gc_pending_chunks: gauge("mesh_gc_pending_chunks"),
+            gc_pending_bytes: gauge("mesh_gc_pending_bytes"),
+            gc_backlog: [AtomicU64::new(0), AtomicU64::new(0)],
             objects: gauge("mesh_objects"),
             chunks: gauge("mesh_chunks"),
             stored_bytes: gauge("mesh_stored_bytes"),
@@ -308,6 +365,38 @@ impl Metrics {
     }
     pub fn deliveries_abandoned(&self) -> &Counter {
         &self.inner.deliveries_abandoned
+    }
+
+    /// One garbage collection pass: what it deleted and what still waits out the grace.
+    pub fn gc_pass(&self, deleted_chunks: u64, deleted_bytes: u64, waiting: (u64, u64)) {
+        let inner = &self.inner;
+        inner.gc_deleted_chunks.increment(deleted_chunks);
+        inner.gc_deleted_bytes.increment(deleted_bytes);
+        inner.gc_pending_chunks.set(waiting.0 as f64);
+        inner.gc_pending_bytes.set(waiting.1 as f64);
+        inner.gc_backlog[0].store(waiting.0, Ordering::Relaxed);
+        inner.gc_backlog[1].store(waiting.1, Ordering::Relaxed);
+    }
+    /// Unreferenced chunks and bytes waiting out the grace, as of the last pass.
+    pub fn gc_backlog(&self) -> (u64, u64) {
+        let [chunks, bytes] = &self.inner.gc_backlog;
+        (
+            chunks.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed),
+        )
+    }
+    /// A compaction after a garbage collection, with the chunk files' bytes around it.
+    pub fn gc_compacted(&self, before: u64, after: u64) {
+        self.inner.gc_compactions.increment(1);
+        self.inner
+            .gc_reclaimed_bytes
+            .increment(before.saturating_sub(after));
+    }
+    pub fn tombstones_expired(&self) -> &Counter {
+        &self.inner.tombstones_expired
+    }
+    pub fn tombstone_deliveries_abandoned(&self) -> &Counter {
+        &self.inner.tombstones_abandoned
     }
 
     /// Counts an error answer with its code.

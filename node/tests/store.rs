@@ -71,6 +71,8 @@ fn meta_contract<S: ChunkStore + MetaStore>(store: &S) {
     let shared = vec![1u8; 100_000];
     let only_a = vec![2u8; 70_000];
     let only_b = vec![3u8; 90_000];
+    // Earlier contracts may have left unreferenced chunks; start from none.
+    store.collect_garbage(u64::MAX).unwrap();
     let before = store.stats().unwrap();
     let a = put_object(store, &[&shared, &only_a, &shared], 1);
     let b = put_object(store, &[&only_b, &shared], 2);
@@ -109,15 +111,24 @@ fn meta_contract<S: ChunkStore + MetaStore>(store: &S) {
     assert_eq!(
         (freed.chunks, freed.bytes),
         (1, 70_000),
-        "only the unshared chunk goes"
+        "only the unshared chunk is released"
     );
     assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
-    assert!(!store.has_chunk(&ChunkId::of(&only_a)).unwrap());
+    assert!(
+        store.has_chunk(&ChunkId::of(&only_a)).unwrap(),
+        "a released chunk waits for the garbage collection"
+    );
     assert!(store.manifest(&a).unwrap().is_none());
+    assert!(store.object(&a).unwrap().is_none());
     assert!(store.delete_object(&a).unwrap().is_none());
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!((collected.freed.chunks, collected.freed.bytes), (1, 70_000));
+    assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
+    assert!(!store.has_chunk(&ChunkId::of(&only_a)).unwrap());
 
     let freed = store.delete_object(&b).unwrap().unwrap();
     assert_eq!((freed.chunks, freed.bytes), (2, 190_000));
+    assert_eq!(store.collect_garbage(u64::MAX).unwrap().freed, freed);
     assert_eq!(store.stats().unwrap(), before);
 }
 
@@ -206,16 +217,21 @@ fn an_upload_in_progress_keeps_shared_chunks_through_a_delete() {
         !upload.put(&shared).unwrap().new,
         "deduplicated against the old object"
     );
-    // Deleting the old object releases its last reference while the upload holds the chunk.
+    // Deleting the old object releases its last reference while the upload holds the chunk:
+    // even a collection with no grace at all leaves it.
     let freed = store.delete_object(&old).unwrap().unwrap();
-    assert_eq!(freed.chunks, 0);
+    assert_eq!(freed.chunks, 1);
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!((collected.freed.chunks, collected.waiting_chunks), (0, 1));
     assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
     let new = upload.commit(&manifest_of(&[&shared], 7)).unwrap();
+    assert_eq!(store.collect_garbage(u64::MAX).unwrap(), Default::default());
     assert_eq!(
         store.get_chunk(&ChunkId::of(&shared)).unwrap().unwrap(),
         shared
     );
     store.delete_object(&new).unwrap().unwrap();
+    store.collect_garbage(u64::MAX).unwrap();
     assert_eq!(store.stats().unwrap().chunks, 0);
 }
 
@@ -280,6 +296,7 @@ fn a_placed_object_takes_references_on_chunks_that_arrive_after_its_record() {
     // Deleting releases exactly the references taken: both chunks go.
     let freed = store.delete_object(&id).unwrap().unwrap();
     assert_eq!(freed.chunks, 2);
+    store.collect_garbage(u64::MAX).unwrap();
     assert_eq!(store.stats().unwrap().chunks, 0);
 }
 
@@ -334,6 +351,258 @@ fn queued_deliveries_are_listed_in_order_and_removed() {
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.deliveries(None, 10).unwrap().len(), 4);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn released_chunks_wait_out_the_grace_and_a_new_reference_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (only_a, shared) = (vec![1u8; 80_000], vec![2u8; 80_000]);
+    let a = put_object(&*store, &[&only_a, &shared], 1);
+    put_object(&*store, &[&shared], 2);
+    let before_delete = now_ms();
+    store.delete_object(&a).unwrap().unwrap();
+
+    // Inside the grace: nothing goes, and the candidate is counted as waiting.
+    let collected = store.collect_garbage(before_delete - 1).unwrap();
+    assert_eq!(collected.freed.chunks, 0);
+    assert_eq!(
+        (collected.waiting_chunks, collected.waiting_bytes),
+        (1, 80_000)
+    );
+    // A restart does not cut the grace short (unlike an upload's orphans, swept at open).
+    drop(store);
+    let store = open(dir.path());
+    assert!(store.has_chunk(&ChunkId::of(&only_a)).unwrap());
+
+    // Put again within the grace: the chunk is referenced again and survives any collection.
+    let c = put_object(&*store, &[&only_a], 3);
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!(collected, Default::default());
+    assert_eq!(
+        store.get_chunk(&ChunkId::of(&only_a)).unwrap().unwrap(),
+        only_a
+    );
+
+    // Released again: after the grace it goes, the shared chunk stays.
+    store.delete_object(&c).unwrap().unwrap();
+    let collected = store.collect_garbage(now_ms()).unwrap();
+    assert_eq!((collected.freed.chunks, collected.freed.bytes), (1, 80_000));
+    assert!(!store.has_chunk(&ChunkId::of(&only_a)).unwrap());
+    assert!(store.has_chunk(&ChunkId::of(&shared)).unwrap());
+    assert_eq!(store.stats().unwrap().chunks, 1);
+}
+
+#[test]
+fn a_chunk_stored_again_while_unreferenced_starts_its_grace_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = vec![3u8; 70_000];
+    let a = put_object(&*store, &[&data], 1);
+    store.delete_object(&a).unwrap().unwrap();
+    let released = now_ms();
+    // A peer sends the chunk again (its placement record is still on the way).
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    store
+        .put_chunk_verified(&ChunkId::of(&data), &data)
+        .unwrap();
+    let collected = store.collect_garbage(released).unwrap();
+    assert_eq!((collected.freed.chunks, collected.waiting_chunks), (0, 1));
+    assert!(store.has_chunk(&ChunkId::of(&data)).unwrap());
+}
+
+fn tombstone_of(id: ObjectId) -> Vec<u8> {
+    use mesh_proto::wire::{NodeId, PlacementRecord};
+    PlacementRecord {
+        object: id,
+        version: 2,
+        writer: NodeId(vec![1; 38]),
+        redundancy: Redundancy::DEFAULT,
+        tombstone: true,
+        nodes: vec![NodeId(vec![1; 38])],
+        holders: Vec::new(),
+        parts: Vec::new(),
+    }
+    .encode()
+}
+
+#[test]
+fn a_tombstone_removes_the_object_keeps_the_record_and_expires() {
+    use mesh_node::store::Queue;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (x, y) = (vec![4u8; 70_000], vec![5u8; 70_000]);
+    let manifest = manifest_of(&[&x, &y], 4);
+    for c in [&x, &y] {
+        store.put_chunk_verified(&ChunkId::of(c), c).unwrap();
+    }
+    let (id, _) = store
+        .commit_placed(&manifest, b"record-1", &[0, 1], &[])
+        .unwrap();
+    store.put_delivery(&id, b"owed").unwrap();
+
+    let tombstone = tombstone_of(id);
+    let released = store
+        .apply_tombstone(&id, &tombstone, Some(b"tell them"))
+        .unwrap();
+    assert_eq!((released.chunks, released.bytes), (2, 140_000));
+    assert!(store.manifest(&id).unwrap().is_none());
+    assert!(store.object(&id).unwrap().is_none());
+    assert!(store.list_objects(None, 10).unwrap().is_empty());
+    assert_eq!(store.stats().unwrap().objects, 0);
+    assert_eq!(store.record(&id).unwrap().unwrap(), tombstone);
+    assert!(
+        store.delivery(&id).unwrap().is_none(),
+        "the put owes nothing"
+    );
+    assert_eq!(
+        store.queued(Queue::Tombstone, &id).unwrap().unwrap(),
+        b"tell them"
+    );
+    // Applying it again (a second delivery) releases nothing more.
+    assert_eq!(
+        store.apply_tombstone(&id, &tombstone, None).unwrap(),
+        Default::default()
+    );
+
+    // A node that never stored the object keeps the tombstone too.
+    let other = ObjectId::of(b"never here");
+    store
+        .apply_tombstone(&other, &tombstone_of(other), None)
+        .unwrap();
+    assert!(store.record(&other).unwrap().is_some());
+
+    // The records outlive a restart, and go once their retention is over.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.expire_tombstones(0).unwrap(), 0);
+    assert!(store.record(&id).unwrap().is_some());
+    assert_eq!(store.expire_tombstones(u64::MAX).unwrap(), 2);
+    assert!(store.record(&id).unwrap().is_none());
+    assert!(store.record(&other).unwrap().is_none());
+    assert_eq!(store.expire_tombstones(u64::MAX).unwrap(), 0);
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The figure the README quotes: 64 MiB deleted, collected and compacted.
+#[test]
+fn deleted_chunks_give_their_disk_space_back_after_compaction() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let big: Vec<Vec<u8>> = (0..64u64)
+        .map(|i| {
+            // Incompressible, distinct chunks.
+            let mut out = Vec::with_capacity(MIB);
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&i.to_le_bytes());
+            let mut reader = hasher.finalize_xof();
+            out.resize(MIB, 0);
+            reader.fill(&mut out);
+            out
+        })
+        .collect();
+    let refs: Vec<&[u8]> = big.iter().map(Vec::as_slice).collect();
+    let doomed = put_object(&*store, &refs, 1);
+    let kept_chunk = vec![6u8; MIB];
+    let kept = put_object(&*store, &[&kept_chunk], 2);
+    store.flush().unwrap();
+    let before = (store.chunk_file_bytes().unwrap(), dir_bytes(dir.path()));
+
+    store.delete_object(&doomed).unwrap().unwrap();
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!(collected.freed.bytes, 64 * MIB as u64);
+    store.compact_chunks().unwrap();
+    let after = (store.chunk_file_bytes().unwrap(), dir_bytes(dir.path()));
+    eprintln!(
+        "64 MiB deleted: chunk files {} -> {} bytes, data directory {} -> {} bytes",
+        before.0, after.0, before.1, after.1
+    );
+    assert!(before.0 >= 64 * MIB as u64, "{before:?}");
+    assert!(
+        after.0 < 4 * MIB as u64,
+        "the chunk files still hold {} bytes",
+        after.0
+    );
+    assert!(
+        before.1 - after.1 >= 60 * MIB as u64,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        store.get_chunk(&ChunkId::of(&kept_chunk)).unwrap().unwrap(),
+        kept_chunk
+    );
+    assert!(store.manifest(&kept).unwrap().is_some());
+}
+
+/// Deleted chunks spread over blob files that keep live ones too (the hard case for blob GC):
+/// eight flushes, each of 8 MiB that stays and 8 MiB that is deleted.
+#[test]
+fn space_comes_back_when_deleted_chunks_share_blob_files_with_live_ones() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let chunk = |seed: u64| {
+        let mut out = vec![0u8; MIB];
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&seed.to_le_bytes());
+        hasher.finalize_xof().fill(&mut out);
+        out
+    };
+    let mut doomed = Vec::new();
+    let mut kept = Vec::new();
+    for round in 0..8u64 {
+        let keep: Vec<Vec<u8>> = (0..8).map(|i| chunk(1000 + round * 8 + i)).collect();
+        let drop: Vec<Vec<u8>> = (0..8).map(|i| chunk(2000 + round * 8 + i)).collect();
+        let mixed: Vec<&[u8]> = keep
+            .iter()
+            .zip(&drop)
+            .flat_map(|(k, d)| [k.as_slice(), d.as_slice()])
+            .collect();
+        let both = put_object(&*store, &mixed, round * 2);
+        let keep_refs: Vec<&[u8]> = keep.iter().map(Vec::as_slice).collect();
+        kept.push(put_object(&*store, &keep_refs, round * 2 + 1));
+        doomed.push(both);
+        store.flush().unwrap();
+    }
+    let before = (store.chunk_file_bytes().unwrap(), dir_bytes(dir.path()));
+    for id in &doomed {
+        store.delete_object(id).unwrap().unwrap();
+    }
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!(collected.freed.bytes, 64 * MIB as u64);
+    let (files_before, files_after) = store.compact_chunks().unwrap();
+    let after = (store.chunk_file_bytes().unwrap(), dir_bytes(dir.path()));
+    eprintln!(
+        "64 of 128 MiB deleted across 8 blob files: chunk files {files_before} -> {files_after} bytes, data directory {} -> {} bytes",
+        before.1, after.1
+    );
+    assert!(
+        before.0 - after.0 >= 60 * MIB as u64,
+        "{before:?} -> {after:?}"
+    );
+    for id in &kept {
+        let (manifest, _) = store.manifest(id).unwrap().unwrap();
+        for c in &manifest.chunks {
+            assert!(store.get_chunk(&c.id).unwrap().is_some());
+        }
+    }
 }
 
 /// Distinct chunks of assorted sizes (some below the blob threshold, most above).
@@ -486,8 +755,11 @@ fn a_quarantined_chunk_of_a_deleted_object_is_settled_not_restored() {
     store.overwrite_chunk_unchecked(&id, b"rot").unwrap();
     store.quarantine_chunk(&id).unwrap().unwrap();
     assert!(!store.settle_quarantined(&id).unwrap(), "still referenced");
-    let freed = store.delete_object(&object).unwrap().unwrap();
-    assert_eq!(freed.chunks, 1);
+    store.delete_object(&object).unwrap().unwrap();
+    // Unreferenced but not collected yet: a put within the grace could reference it again,
+    // so it stays quarantined (and is healed by that put's verified bytes).
+    assert!(!store.settle_quarantined(&id).unwrap());
+    assert_eq!(store.collect_garbage(u64::MAX).unwrap().freed.chunks, 1);
     assert_eq!(store.stats().unwrap().chunks, 0);
     assert!(store.settle_quarantined(&id).unwrap());
     assert_eq!(store.quarantined_count().unwrap(), 0);

@@ -130,9 +130,16 @@ pub struct StatResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteResponse {
     pub id: ObjectId,
-    /// Chunks whose last reference this delete released, and their bytes.
+    /// Chunks on the answering node whose last reference this delete released, and their
+    /// bytes: deleted after the node's `gc_grace` unless an object references them again.
     pub freed_chunks: u64,
     pub freed_bytes: u64,
+    /// Other holders that acknowledged the tombstone before the answer.
+    #[serde(default)]
+    pub holders_told: u64,
+    /// Other holders the tombstone is still being delivered to, in the background.
+    #[serde(default)]
+    pub holders_pending: u64,
 }
 
 /// Answer of `GET /v1/status`.
@@ -172,6 +179,18 @@ pub struct StatusResponse {
     pub chunks_served: u64,
     #[serde(default)]
     pub bytes_served: u64,
+    /// Objects below target that this node is the repairer of (see `GET /v1/repair`).
+    #[serde(default)]
+    pub repair_backlog: u64,
+    /// Unreferenced chunks, and their bytes, waiting out `gc_grace` before they are deleted
+    /// (as of the last garbage collection pass).
+    #[serde(default)]
+    pub gc_pending_chunks: u64,
+    #[serde(default)]
+    pub gc_pending_bytes: u64,
+    /// Deletes this node made whose tombstone some holders have not acknowledged yet.
+    #[serde(default)]
+    pub deletes_delivering: u64,
     /// The scrubber's progress (absent from nodes that predate it).
     #[serde(default)]
     pub scrub: Option<ScrubStatus>,
@@ -283,4 +302,23 @@ pub enum ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+}
+
+/// `GET /v1/repair`: what the node's repair worker last saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepairStatus {
+    /// Objects kept here that have fewer live holders than their policy wants.
+    pub below_target: u64,
+    /// Of those, the ones this node repairs (it is their lowest live holder).
+    pub backlog: u64,
+    /// Parts (replicas or shards) repair has queued for new holders since the node started.
+    pub parts_queued: u64,
+    /// Bytes of those parts.
+    pub bytes_queued: u64,
+    /// Seconds from an object going below target to its repair completing, last one.
+    pub last_repair_seconds: Option<f64>,
+    /// Milliseconds since the epoch of the last completed walk over the records (0: none yet).
+    pub last_scan_ms: u64,
+    /// Bytes per second background sends are paced at (0 = unthrottled).
+    pub rate_bytes_per_sec: u64,
 }

@@ -260,6 +260,10 @@ pub enum ControlRequest {
     PutObject { record: PlacementRecord },
     /// Send the manifest and placement record of an object.
     GetObject { id: ObjectId },
+    /// Delete this object: `record` is its tombstone, a version that supersedes the live
+    /// record, with no part lists (see [`PlacementRecord::validate_tombstone`]). No payload.
+    /// The receiver keeps the tombstone and releases its share of the object.
+    DeleteObject { record: PlacementRecord },
 }
 
 /// Control protocol response. `Object` carries the manifest's bytes as the frame payload.
@@ -355,8 +359,8 @@ impl LoadReport {
     }
 }
 
-/// Where an object's chunks are: the mutable side of an object. A higher `version` wins;
-/// equal versions are ordered by `writer`. A tombstone records a delete.
+/// Where an object's chunks are: the mutable side of an object. A tombstone records a delete
+/// and beats every live record; otherwise a higher `version` wins, then the greater `writer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementRecord {
     pub object: ObjectId,
@@ -390,9 +394,39 @@ struct LegacyRecord {
 }
 
 impl PlacementRecord {
-    /// True when `self` should replace `other`.
+    /// True when `self` should replace `other`. A delete is final: an object id names one
+    /// manifest, which is never put again, so a tombstone beats any live record, even one a
+    /// repair racing the delete wrote with a higher version; tombstones, and live records,
+    /// are ordered by version, then writer.
     pub fn supersedes(&self, other: &PlacementRecord) -> bool {
-        (self.version, &self.writer) > (other.version, &other.writer)
+        (self.tombstone, self.version, &self.writer)
+            > (other.tombstone, other.version, &other.writer)
+    }
+
+    /// The tombstone that deletes the object this record describes: the next version,
+    /// written by `writer`, naming the same holders (whom the delete must reach) and no parts.
+    pub fn tombstone(&self, writer: NodeId) -> PlacementRecord {
+        PlacementRecord {
+            object: self.object,
+            version: self.version.saturating_add(1),
+            writer,
+            redundancy: self.redundancy,
+            tombstone: true,
+            nodes: self.nodes.clone(),
+            holders: Vec::new(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Checks a record sent as a tombstone: flagged as one, no part lists, a bounded holder list.
+    pub fn validate_tombstone(&self) -> Result<(), WireError> {
+        if !self.tombstone {
+            return Err(WireError::Malformed("the record is not a tombstone".into()));
+        }
+        if !self.holders.is_empty() || !self.parts.is_empty() {
+            return Err(WireError::Malformed("a tombstone lists parts".into()));
+        }
+        self.validate(0)
     }
 
     /// How many parts the object has: chunks for `rep:N`, shards for `ec:K+M`.
@@ -634,6 +668,41 @@ mod tests {
         let mut bad = a.clone();
         bad.holders[1] = vec![7];
         assert!(bad.validate(2).is_err());
+    }
+
+    #[test]
+    fn a_tombstone_supersedes_every_live_record_and_newer_tombstones_supersede_it() {
+        let live = record();
+        let tombstone = live.tombstone(NodeId(vec![0; 38]));
+        assert_eq!(tombstone.version, live.version + 1);
+        assert_eq!(tombstone.nodes, live.nodes);
+        tombstone.validate_tombstone().unwrap();
+        assert!(tombstone.supersedes(&live) && !live.supersedes(&tombstone));
+        assert_eq!(
+            PlacementRecord::decode(&tombstone.encode()).unwrap(),
+            tombstone
+        );
+        // A repair racing the delete, with a higher version, still loses.
+        let repaired = PlacementRecord {
+            version: live.version + 5,
+            writer: NodeId(vec![9; 38]),
+            ..live.clone()
+        };
+        assert!(tombstone.supersedes(&repaired) && !repaired.supersedes(&tombstone));
+        let again = repaired.tombstone(NodeId(vec![0; 38]));
+        assert!(again.supersedes(&tombstone) && !tombstone.supersedes(&again));
+        assert!(!tombstone.supersedes(&tombstone));
+        assert!(live.validate_tombstone().is_err());
+        let with_parts = PlacementRecord {
+            holders: vec![vec![0]],
+            ..tombstone.clone()
+        };
+        assert!(with_parts.validate_tombstone().is_err());
+        let crowded = PlacementRecord {
+            nodes: vec![NodeId(vec![1]); MAX_RECORD_NODES + 1],
+            ..tombstone
+        };
+        assert!(crowded.validate_tombstone().is_err());
     }
 
     #[test]

@@ -177,6 +177,17 @@ pub async fn api_get(
         .await?)
 }
 
+/// `GET /v1/status` on `node`.
+pub async fn api_status(node: &TestNode) -> anyhow::Result<mesh_proto::api::StatusResponse> {
+    Ok(api_client(node)?
+        .get(format!("{}/v1/status", node.api_url()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
 /// The placement record `node` keeps for object `id`, if any.
 pub fn record_on(
     node: &TestNode,

@@ -256,6 +256,51 @@ fn a_put_from_aws_lands_twice_in_aws_and_once_in_gcp_and_gcp_reads_from_its_own_
         "first byte after {first_byte_ms:.1} ms: not below the {:?} RTT to the nearest other region",
         nearest_other_region
     );
+
+    // ec:4+2 from aws: the six shards of every chunk on six distinct holders, at most M = 2
+    // per region, so losing any one region loses at most the parity. Azure reads it back.
+    let (file, data) = run.random_file("shards.bin", 1 << 20)?;
+    let id = put(
+        &run,
+        writer,
+        &file,
+        &["--chunker", "fixed:256KiB", "--redundancy", "ec:4+2"],
+    )?;
+    wait_settled(&run, writer)?;
+    let stat: StatResponse = json(&run, writer, &["stat", &id])?;
+    assert_eq!(stat.chunks.len(), 4);
+    let names = run.names();
+    for (i, chunk) in stat.chunks.iter().enumerate() {
+        assert_eq!(chunk.shards.len(), 6, "chunk {i} has no shard list");
+        let mut held = Vec::new();
+        for shard in &chunk.shards {
+            for holder in &shard.placed {
+                let name = names
+                    .get(&holder.id)
+                    .ok_or_else(|| anyhow!("shard holder {} is not a node", holder.id))?;
+                held.push(name.clone());
+            }
+        }
+        let distinct: BTreeSet<&String> = held.iter().collect();
+        assert_eq!(distinct.len(), 6, "chunk {i}: shards on {held:?}");
+        for region in [AWS, GCP, AZURE] {
+            let here = held
+                .iter()
+                .map(|h| region_of(&run, h))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|r| *r == region)
+                .count();
+            assert!(here <= 2, "chunk {i}: {here} shards in {region}: {held:?}");
+        }
+    }
+    let azure = run
+        .storage_nodes()
+        .find(|n| n.region == AZURE)
+        .map(|n| n.name.clone())
+        .ok_or_else(|| anyhow!("no azure node"))?;
+    let (bytes, _) = get(&run, &azure, &id)?;
+    assert!(bytes == data, "the ec:4+2 bytes read back differ");
     run.passed();
     Ok(())
 }

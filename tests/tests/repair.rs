@@ -18,6 +18,8 @@ async fn start(n: usize) -> Cluster {
     let cluster = Cluster::start(n, |_, config| {
         config.net.suspect_after = Duration::from_secs(2);
         config.net.dead_after = Duration::from_secs(4);
+        // Surplus copies a returning holder releases wait out the GC grace before they go.
+        config.durability.gc_grace = Duration::from_secs(1);
     })
     .await
     .unwrap();
@@ -132,6 +134,30 @@ async fn a_killed_rep3_holder_is_repaired_and_a_returning_one_keeps_no_surplus()
     .await
     .unwrap();
     assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
+    // One node did the repair, and `GET /v1/repair` says so; nothing is left below target.
+    let mut queued = 0;
+    for node in &alive {
+        let state: mesh_proto::api::RepairStatus = mesh_tests::api_client(node)
+            .unwrap()
+            .get(format!("{}/v1/repair", node.api_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued += state.parts_queued;
+    }
+    assert!(queued >= 1, "no node reports queued repair parts");
+    wait_until(REPAIR, "the repair backlog to drain", || {
+        let backlog: u64 = alive
+            .iter()
+            .map(|n| n.node().mesh().repair_state().backlog)
+            .sum();
+        async move { Ok(backlog == 0) }
+    })
+    .await
+    .unwrap();
     for node in &alive {
         let response = mesh_tests::api_get(node, &put.id).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -206,6 +232,94 @@ async fn ec_4_2_rebuilds_the_shards_of_two_killed_holders() {
         assert_eq!(response.status(), 200);
         assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
     }
+    for node in alive {
+        node.stop().await;
+    }
+    cluster.bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
+    use mesh_node::store::MetaStore;
+    // Slow repair (256 KiB/s after a one-second burst), so the restart lands mid-repair.
+    let cluster = Cluster::start(5, |_, config| {
+        config.net.suspect_after = Duration::from_secs(2);
+        config.net.dead_after = Duration::from_secs(4);
+        config.durability.repair_rate = bytesize::ByteSize::kib(256);
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer_id = cluster.nodes[0].node().peer_id();
+    let data = random_bytes(4 * 1024 * 1024, 11);
+    let put = put(
+        &cluster.nodes[0],
+        "redundancy=rep:3&chunker=fixed:256KiB",
+        &data,
+    )
+    .await;
+    cluster.wait_settled(JOIN).await.unwrap();
+    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
+        .unwrap()
+        .unwrap();
+    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let victim = record
+        .nodes
+        .iter()
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .find(|p| *p != writer_id)
+        .unwrap();
+    // The repairer is the live holder with the lowest peer id.
+    let repairer = record
+        .nodes
+        .iter()
+        .filter(|n| n.0 != victim.to_bytes())
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .unwrap();
+    let mut alive = Vec::new();
+    for node in cluster.nodes {
+        if node.node().peer_id() == victim {
+            node.stop().await;
+        } else {
+            alive.push(node);
+        }
+    }
+    let at = alive
+        .iter()
+        .position(|n| n.node().peer_id() == repairer)
+        .unwrap();
+    wait_until(REPAIR, "the repairer to queue the repair", || {
+        let queued = mesh_tests::record_on(&alive[at], &put.id)
+            .unwrap()
+            .is_some_and(|r| r.version > record.version);
+        async move { Ok(queued) }
+    })
+    .await
+    .unwrap();
+    let pending = alive[at].node().store().deliveries(None, 1).unwrap();
+    assert!(
+        !pending.is_empty(),
+        "the repair finished before the restart"
+    );
+    let node = alive.remove(at);
+    let node = node.restart().await.unwrap();
+    alive.push(node);
+
+    wait_until(
+        REPAIR,
+        "every chunk to have 3 live holders after the restart",
+        || {
+            // (The record stays owed to the dead victim; the parts are what must arrive.)
+            let done = repaired(&alive, &alive[0], &put.id, record.version, 3);
+            async move { Ok(done) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
+    let response = mesh_tests::api_get(&alive[0], &put.id).await.unwrap();
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
     for node in alive {
         node.stop().await;
     }

@@ -5,6 +5,7 @@ mod get;
 mod objects;
 mod peers;
 mod put;
+mod repair;
 mod scrub;
 mod status;
 
@@ -23,6 +24,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Rm { id } => objects::rm(&client, id, cli.json).await,
         Command::Status => status::run(&client, cli.json).await,
         Command::Peers => peers::run(&client, cli.json).await,
+        Command::Repair => repair::run(&client, cli.json).await,
         Command::Scrub { now } => scrub::run(&client, now, cli.json).await,
     }
 }

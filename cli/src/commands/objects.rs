@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use mesh_proto::ObjectId;
-use mesh_proto::api::{ChunkStat, ObjectSummary, StatResponse};
+use mesh_proto::api::{ChunkStat, DeleteResponse, ObjectSummary, StatResponse};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -254,12 +254,28 @@ pub async fn rm(client: &Client, id: ObjectId, json: bool) -> Result<(), Error> 
     if json {
         return output::print_json(&deleted);
     }
-    output::print(&format!(
-        "removed {}: freed {} chunks ({})\n",
+    output::print(&removed_text(&deleted))
+}
+
+fn removed_text(deleted: &DeleteResponse) -> String {
+    let mut text = format!(
+        "removed {}: freed {} chunks ({}) on this node, deleted once the gc grace has passed",
         deleted.id,
         deleted.freed_chunks,
         human_bytes(deleted.freed_bytes)
-    ))
+    );
+    if deleted.holders_told + deleted.holders_pending > 0 {
+        let _ = write!(text, "; told {} other holders", deleted.holders_told);
+        if deleted.holders_pending > 0 {
+            let _ = write!(
+                text,
+                ", {} more are told in the background",
+                deleted.holders_pending
+            );
+        }
+    }
+    text.push('\n');
+    text
 }
 
 #[cfg(test)]
@@ -268,6 +284,27 @@ mod tests {
     use mesh_proto::{ChunkId, ChunkerSpec, Redundancy};
 
     use super::*;
+
+    #[test]
+    fn rm_says_what_waits_for_the_grace_and_who_was_told() {
+        let mut deleted = DeleteResponse {
+            id: ObjectId::of(b"x"),
+            freed_chunks: 2,
+            freed_bytes: 2 << 20,
+            holders_told: 0,
+            holders_pending: 0,
+        };
+        let alone = removed_text(&deleted);
+        assert!(alone.starts_with(&format!("removed {}: freed 2 chunks (2.0 MiB)", deleted.id)));
+        assert!(!alone.contains("told"), "{alone}");
+        deleted.holders_told = 1;
+        deleted.holders_pending = 1;
+        let text = removed_text(&deleted);
+        assert!(
+            text.ends_with("; told 1 other holders, 1 more are told in the background\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rows_line_up_with_the_header() {

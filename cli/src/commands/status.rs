@@ -61,6 +61,19 @@ fn render(status: &StatusResponse) -> String {
                 status.objects_completing
             ),
         ),
+        (
+            "repair backlog",
+            format!("{} objects (this node repairs them)", status.repair_backlog),
+        ),
+        (
+            "gc backlog",
+            format!(
+                "{} chunks ({}) waiting out the grace, {} deletes being delivered",
+                status.gc_pending_chunks,
+                human_bytes(status.gc_pending_bytes),
+                status.deletes_delivering
+            ),
+        ),
         ("default redundancy", status.default_redundancy.to_string()),
         ("zone", output::cell(&status.zone)),
         ("listen addresses", list(&status.listen_addrs)),
@@ -146,6 +159,10 @@ mod tests {
             objects_completing: 1,
             chunks_served: 4,
             bytes_served: 3 << 20,
+            repair_backlog: 2,
+            gc_pending_chunks: 3,
+            gc_pending_bytes: 2 << 20,
+            deletes_delivering: 1,
             scrub: None,
         };
         let text = render(&status);
@@ -176,7 +193,17 @@ mod tests {
             text.contains("completing          1 objects (holders beyond the write quorum)\n"),
             "{text}"
         );
+        assert!(
+            text.contains("repair backlog      2 objects (this node repairs them)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gc backlog          3 chunks (2.0 MiB) waiting out the grace, 1 deletes being delivered\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("scrub               -\n"), "{text}");
-        assert_eq!(text.lines().count(), 19);
+        assert_eq!(text.lines().count(), 21);
     }
 }

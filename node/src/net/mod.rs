@@ -181,6 +181,10 @@ pub enum Command {
         /// Told whether the announcement reached at least one peer, once its query ends.
         done: Option<oneshot::Sender<bool>>,
     },
+    /// Stop announcing an object (it was deleted here).
+    StopProviding {
+        object: ObjectId,
+    },
     /// Find providers of an object (the first answers found, or none).
     FindProviders {
         object: ObjectId,
@@ -285,6 +289,12 @@ impl Network {
             return false;
         }
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
+    }
+
+    /// Stops announcing `object`: it is no longer re-published, so the provider records
+    /// other nodes keep for it expire.
+    pub async fn stop_providing(&self, object: ObjectId) {
+        let _ = self.commands.send(Command::StopProviding { object }).await;
     }
 
     pub async fn find_providers(&self, object: ObjectId) -> Result<Vec<PeerId>, NetError> {
@@ -838,6 +848,10 @@ impl EventLoop {
                         }
                     }
                 }
+            }
+            Command::StopProviding { object } => {
+                let key = kad::RecordKey::new(object.as_bytes());
+                self.swarm.behaviour_mut().kad.stop_providing(&key);
             }
             Command::FindProviders { object, reply } => {
                 let key = kad::RecordKey::new(object.as_bytes());

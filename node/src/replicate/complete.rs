@@ -155,10 +155,26 @@ impl Delivery {
         }
         Ok(delivery)
     }
+
+    /// Whether a queued entry still owes some holder parts (not only the record), and the
+    /// peers it owes anything. An unreadable entry owes parts (leave it to the worker).
+    pub(crate) fn summary(bytes: &[u8]) -> (bool, Vec<PeerId>) {
+        match Self::decode(bytes) {
+            Err(_) => (true, Vec::new()),
+            Ok(delivery) => (
+                delivery.owed.iter().any(|o| !o.chunks.is_empty()),
+                delivery
+                    .owed
+                    .iter()
+                    .filter_map(|o| PeerId::from_bytes(&o.peer).ok())
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Delay before attempt `attempts + 1`.
-fn backoff(attempts: u32) -> Duration {
+pub(super) fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << attempts.min(16))
         .min(MAX_BACKOFF)

@@ -1,7 +1,8 @@
-//! Replicated objects: the write path (place each chunk on `rep:N` holders, succeed when `W`
-//! have it durably), the read path (local chunks first, else the nearest holder, hedged,
-//! verified, with fallback), and the storage service that answers other nodes' chunk and
-//! control requests.
+//! Objects across the mesh: the write path (place each chunk on `rep:N` holders, or its
+//! `ec:K+M` shards on K+M holders, succeed when `W` have it durably), the read path (local
+//! chunks first, else the nearest holder, hedged, verified, with fallback; for `ec:` the
+//! nearest K shards, decoded), [`repair`] of what dead holders took with them, and the
+//! storage service that answers other nodes' chunk and control requests.
 //!
 //! Data flow of a put: the chunker cuts the stream; each chunk goes through
 //! `placement::choose_targets` over the live peer table plus this node, and is sent to its
@@ -41,6 +42,7 @@ use crate::store::rocks::Upload;
 use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
 
 pub mod complete;
+pub mod delete;
 pub mod repair;
 
 use complete::Delivery;
@@ -746,6 +748,9 @@ impl Mesh {
         })
         .await
         .map_err(|_| IngestError::WorkerGone)??;
+        if delete::is_tombstone(local.1.as_deref()) {
+            return Err(MeshError::NotFound(id));
+        }
         if let (Some((manifest, _)), record) = local {
             let record = record.and_then(|r| PlacementRecord::decode(&r).ok());
             return Ok((manifest, record));
@@ -1390,18 +1395,20 @@ impl Mesh {
                         && existing != record
                         && !record.supersedes(&existing)
                     {
-                        return Ok(Vec::new());
+                        return Ok(None);
                     }
                     // The same record again (the writer's background completion delivered the
                     // rest of this node's chunks) takes references on the chunks now here.
                     let held = record.chunks_held_by(&me);
                     let (_, missing) =
                         store.commit_placed(&manifest, &record.encode(), &held, &record.parts)?;
-                    Ok::<_, StoreError>(missing)
+                    Ok::<_, StoreError>(Some(missing))
                 })
                 .await;
                 match result {
-                    Ok(Ok(missing)) => {
+                    // Older than the record kept here (a tombstone, say): nothing to announce.
+                    Ok(Ok(None)) => Frame::new(ControlResponse::Stored),
+                    Ok(Ok(Some(missing))) => {
                         if !missing.is_empty() {
                             // Expected while the writer's background completion is still
                             // sending them; it sends the record again after the last one.
@@ -1416,6 +1423,7 @@ impl Mesh {
                     Err(_) => refused(Refusal::Internal, "worker failed".into()),
                 }
             }
+            ControlRequest::DeleteObject { record } => self.answer_delete(peer, record).await,
             ControlRequest::GetObject { id } => {
                 let result = tokio::task::spawn_blocking(move || {
                     let manifest = store.manifest(&id)?;

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use mesh_proto::wire::{NodeId, PlacementRecord};
 use mesh_proto::{Manifest, ObjectId, Redundancy};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -44,24 +43,7 @@ pub(crate) struct Shared {
     since: Mutex<HashMap<ObjectId, Instant>>,
 }
 
-/// The repair state of one node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct RepairState {
-    /// Objects kept here that have fewer live holders than their policy wants.
-    pub below_target: u64,
-    /// Of those, the ones this node is responsible for repairing.
-    pub backlog: u64,
-    /// Parts (replicas or shards) repair has queued for new holders since start.
-    pub parts_queued: u64,
-    /// Bytes of those parts.
-    pub bytes_queued: u64,
-    /// Seconds from an object going below target to its repair completing, last one.
-    pub last_repair_seconds: Option<f64>,
-    /// Milliseconds since the epoch of the last completed walk.
-    pub last_scan_ms: u64,
-    /// Bytes per second background sends are paced at (0 = unthrottled).
-    pub rate_bytes_per_sec: u64,
-}
+pub use mesh_proto::api::RepairStatus as RepairState;
 
 impl Mesh {
     /// The repair worker's last view.
@@ -135,7 +117,7 @@ impl Mesh {
                 let mut out = Vec::with_capacity(objects.len());
                 for object in objects {
                     let record = store.record(&object.id)?;
-                    let queued = store.delivery(&object.id)?.is_some();
+                    let queued = store.delivery(&object.id)?.map(|d| Delivery::summary(&d));
                     out.push((object.id, record, queued));
                 }
                 Ok::<_, StoreError>(out)
@@ -166,11 +148,16 @@ impl Mesh {
                 lock(&self.inner.repair.since)
                     .entry(object)
                     .or_insert_with(Instant::now);
-                // A delivery still running (the put's, or an earlier repair's) goes first.
-                if queued || !record.nodes.iter().any(&is_dead) {
+                // A delivery still sending parts (the put's, or an earlier repair's) goes
+                // first; one only owing the record (to a dead peer) does not hold repair up.
+                let (owes_parts, owed_peers) = queued.unwrap_or_default();
+                if owes_parts || !record.nodes.iter().any(&is_dead) {
                     continue;
                 }
-                if let Err(e) = self.repair_object(object, record, &is_dead).await {
+                if let Err(e) = self
+                    .repair_object(object, record, &is_dead, owed_peers)
+                    .await
+                {
                     warn!(%object, error = %e, "repair failed; retrying on the next scan");
                 }
             }
@@ -209,6 +196,7 @@ impl Mesh {
         object: ObjectId,
         record: PlacementRecord,
         is_dead: &impl Fn(&NodeId) -> bool,
+        still_owed: Vec<PeerId>,
     ) -> Result<(), StoreError> {
         let store = Arc::clone(&self.inner.store);
         let Some((manifest, manifest_bytes)) =
@@ -315,11 +303,15 @@ impl Mesh {
             parts: record.parts.clone(),
         };
         // Everyone in either version hears of the new one: the holders (new ones after their
-        // parts), and the dropped ones so that they release what they no longer hold.
-        for node in record.nodes.iter().chain(&next.nodes) {
-            if let Ok(peer) = PeerId::from_bytes(&node.0)
-                && peer != me
-            {
+        // parts), and the dropped ones so that they release what they no longer hold; so do
+        // the peers an earlier delivery still owed a record (this one replaces it).
+        let named = record
+            .nodes
+            .iter()
+            .chain(&next.nodes)
+            .filter_map(|n| PeerId::from_bytes(&n.0).ok());
+        for peer in named.chain(still_owed) {
+            if peer != me {
                 owed.entry(peer).or_default();
             }
         }

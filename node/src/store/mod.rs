@@ -10,8 +10,13 @@
 //! Chunks shared by several objects are stored once. A chunk written by an upload that never
 //! commits (client gone, process killed) is an orphan: it is recorded as a GC candidate in the
 //! same batch that stores it, and swept when no object references it and no upload in progress
-//! holds it. [`rocks::RocksStore`] is the implementation; it uses RocksDB's integrated blob
-//! files for chunk values so that large values bypass compaction.
+//! holds it. Deleting an object (locally, or by applying a tombstone placement record another
+//! node sent) releases its references in one batch; each chunk whose count reaches zero
+//! becomes a GC candidate with a timestamp, and the node's GC worker (`crate::gc`) deletes it
+//! once `gc_grace` has passed if nothing referenced it again meanwhile, then compacts the chunk
+//! column family so the blob files give the space back. [`rocks::RocksStore`] is the
+//! implementation; it uses RocksDB's integrated blob files for chunk values so that large
+//! values bypass compaction.
 
 pub mod rocks;
 
@@ -90,11 +95,31 @@ pub struct StoredChunk {
     pub new: bool,
 }
 
-/// What deleting an object gave back.
+/// Chunks and their bytes: those whose last reference a delete released (they become GC
+/// candidates), or those a sweep deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Freed {
     pub chunks: u64,
     pub bytes: u64,
+}
+
+/// What a garbage collection pass did, and what it left for later.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Chunks deleted.
+    pub freed: Freed,
+    /// Unreferenced chunks still inside their grace (or pinned by an upload).
+    pub waiting_chunks: u64,
+    pub waiting_bytes: u64,
+}
+
+/// The durable per-object work queues the store keeps for the node's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// Holders a put still owes chunks or its placement record (`replicate::complete`).
+    Delivery,
+    /// Holders a delete still has to tell about the tombstone (`replicate::delete`).
+    Tombstone,
 }
 
 /// Counters kept in the store itself, exact across restarts.
@@ -137,18 +162,37 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<(ObjectId, Vec<ChunkId>), StoreError>;
     /// The encoded placement record of an object, if this node keeps one.
     fn record(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Queues (or replaces) the background deliveries still owed for an object: an opaque,
-    /// versioned value the write path encodes. Synced, so it survives a restart.
-    fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError>;
-    fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError>;
-    fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Calls `visit` with each queued delivery after `after`, in object-id order, on the
+    /// Queues (or replaces) an entry of a durable per-object work queue: an opaque,
+    /// versioned value its worker encodes. Synced, so it survives a restart.
+    fn put_queued(&self, queue: Queue, id: &ObjectId, value: &[u8]) -> Result<(), StoreError>;
+    fn delete_queued(&self, queue: Queue, id: &ObjectId) -> Result<(), StoreError>;
+    fn queued(&self, queue: Queue, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Calls `visit` with each entry of `queue` after `after`, in object-id order, on the
     /// stored bytes (no copies), until it returns false.
+    fn visit_queued(
+        &self,
+        queue: Queue,
+        after: Option<&ObjectId>,
+        visit: &mut dyn FnMut(ObjectId, &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Queues (or replaces) the background deliveries still owed for an object.
+    fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError> {
+        self.put_queued(Queue::Delivery, id, value)
+    }
+    fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.delete_queued(Queue::Delivery, id)
+    }
+    fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.queued(Queue::Delivery, id)
+    }
+    /// The queued deliveries after `after`, as [`MetaStore::visit_queued`] visits them.
     fn visit_deliveries(
         &self,
         after: Option<&ObjectId>,
         visit: &mut dyn FnMut(ObjectId, &[u8]) -> bool,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.visit_queued(Queue::Delivery, after, visit)
+    }
     /// Up to `limit` queued deliveries ordered by object id, starting after `after`.
     fn deliveries(
         &self,
@@ -173,8 +217,28 @@ pub trait MetaStore: Send + Sync {
         after: Option<&ObjectId>,
         limit: usize,
     ) -> Result<Vec<ObjectSummary>, StoreError>;
-    /// Removes the object and releases its references; chunks no object references any more
-    /// (and no upload in progress holds) are deleted. `None` if the object is unknown.
+    /// Removes the object, its placement record and any deliveries it still owes, and
+    /// releases its references, atomically. Chunks whose last reference this releases become
+    /// GC candidates and stay until a [`MetaStore::collect_garbage`] after the grace
+    /// (or a new object references them again). `None` if the object is unknown.
     fn delete_object(&self, id: &ObjectId) -> Result<Option<Freed>, StoreError>;
+    /// Deletes the object as [`MetaStore::delete_object`] does (if it is stored here) and
+    /// keeps `tombstone` as its placement record, in one synced batch, with `deliveries`
+    /// queued on [`Queue::Tombstone`] when given. The record stays until
+    /// [`MetaStore::expire_tombstones`] drops it, so a late, older record of the
+    /// object cannot bring it back.
+    fn apply_tombstone(
+        &self,
+        id: &ObjectId,
+        tombstone: &[u8],
+        deliveries: Option<&[u8]>,
+    ) -> Result<Freed, StoreError>;
+    /// Deletes every GC candidate that became one at or before `cutoff_ms` (ms since the
+    /// epoch) and that no object references and no upload pins, and forgets candidates that
+    /// are referenced again. Reports what it deleted and what is still waiting.
+    fn collect_garbage(&self, cutoff_ms: u64) -> Result<Collected, StoreError>;
+    /// Drops the tombstone records this node has kept since `cutoff_ms` or earlier (ms since
+    /// the epoch); a record that is no longer a tombstone stays. Returns how many went.
+    fn expire_tombstones(&self, cutoff_ms: u64) -> Result<u64, StoreError>;
     fn stats(&self) -> Result<Stats, StoreError>;
 }

@@ -8,12 +8,18 @@
 //! | `refs`      | ChunkId              | [`RefRecord`]: reference count and chunk length     |
 //! | `manifests` | ObjectId             | canonical manifest bytes (versioned by the manifest)|
 //! | `objects`   | ObjectId             | [`ObjectRecord`]: the summary `ls` shows            |
-//! | `pending`   | kind byte + key      | durable work queue; today GC candidates            |
+//! | `pending`   | kind byte + key      | durable work: GC candidates, delivery queues, tombstone ages |
 //! | `records`   | ObjectId             | the placement record this node keeps               |
 //! | `held`      | ObjectId             | part indices referenced here (partial holders)     |
 //! | `parts`     | ObjectId             | shard ids of an `ec:K+M` object (what `held` indexes)|
 //! | `meta`      | name                 | schema version and counters (merge operator `add`) |
 //! | `quarantine`| ChunkId              | chunks whose bytes failed verification ([`scrub`]) |
+//!
+//! The `pending` kinds: `1` + ChunkId -> when the chunk became a GC candidate and why
+//! ([`Candidate`]); `2` + ObjectId -> a put's background deliveries; `3` + ObjectId -> a
+//! delete's tombstone deliveries (both opaque [`Queue`] values); `4` + ObjectId -> when this
+//! node stored the object's tombstone (dropped after the retention, see
+//! [`MetaStore::expire_tombstones`]).
 //!
 //! Every stored chunk has a `refs` entry, so "is this chunk stored" is a small point lookup that
 //! never touches the chunk's blob. Mutations of one chunk's existence or count happen under a
@@ -27,15 +33,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use mesh_proto::api::ObjectSummary;
+use mesh_proto::wire::PlacementRecord;
 use mesh_proto::{ChunkId, Manifest, ObjectId, Redundancy};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
-    Direction, IteratorMode, MergeOperands, Options, WriteBatch, WriteOptions,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DB, DBCompressionType, Direction, IteratorMode, MergeOperands, Options,
+    WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::{ChunkStore, Config, Freed, MetaStore, Stats, StoreError, StoredChunk};
+use super::{
+    ChunkStore, Collected, Config, Freed, MetaStore, Queue, Stats, StoreError, StoredChunk,
+};
 
 pub mod scrub;
 
@@ -61,12 +71,23 @@ const KEY_OBJECTS: &[u8] = b"count/objects";
 const KEY_CHUNKS: &[u8] = b"count/chunks";
 const KEY_BYTES: &[u8] = b"count/bytes";
 
-/// Pending-queue kind: a chunk that may have no reference (written by an upload that has not
-/// committed, or released while an upload held it).
+/// Pending-queue kind: a GC candidate, a chunk that may have no reference (written by an
+/// upload that has not committed, or whose last reference a delete released).
 const PENDING_ORPHAN: u8 = 1;
 /// Pending-queue kind: holders of a put that are still owed chunks or the placement record
 /// (the writer's background completion; the value is opaque to the store).
 const PENDING_DELIVERY: u8 = 2;
+/// Pending-queue kind: holders a delete still has to tell (opaque to the store).
+const PENDING_TOMBSTONE: u8 = 3;
+/// Pending-queue kind: when this node stored an object's tombstone record.
+const PENDING_EXPIRY: u8 = 4;
+/// Fraction of the oldest blob files whose live blobs compactions move (then the files go).
+const BLOB_GC_AGE_CUTOFF: f64 = 0.25;
+/// Garbage share of the blob bytes above which [`RocksStore::compact_chunks`] moves every
+/// live blob.
+const FORCE_BLOB_GC_RATIO: f64 = 0.25;
+/// Candidates handled per write batch (and per stripe-locked step) of a sweep.
+const SWEEP_BATCH: usize = 256;
 
 const STRIPES: usize = 64;
 
@@ -76,6 +97,57 @@ struct RefRecord {
     version: u8,
     count: u64,
     len: u32,
+}
+
+/// Why a chunk is a GC candidate. Only the reason differs in what happens at open: chunks of
+/// uploads that never committed are swept then, released ones wait out the grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Written by an upload (or a peer's store request) that has not committed a reference.
+    Upload,
+    /// Its last reference went away with a deleted object.
+    Released,
+}
+
+/// A GC candidate's value: since when (ms since the epoch) and why. Stored as 8 bytes of time,
+/// little-endian, then one origin byte; the 8-byte form of earlier builds means an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    since_ms: u64,
+    origin: Origin,
+}
+
+impl Candidate {
+    fn now(origin: Origin) -> Self {
+        Self {
+            since_ms: now_ms(),
+            origin,
+        }
+    }
+
+    fn encode(self) -> [u8; 9] {
+        let mut out = [0u8; 9];
+        out[..8].copy_from_slice(&self.since_ms.to_le_bytes());
+        out[8] = match self.origin {
+            Origin::Upload => 0,
+            Origin::Released => 1,
+        };
+        out
+    }
+
+    /// An unreadable value reads as an upload's candidate from the epoch: swept at once,
+    /// which is what a chunk with a zero count and a damaged entry deserves.
+    fn decode(bytes: &[u8]) -> Self {
+        let since_ms = bytes
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
+        let origin = match bytes.get(8) {
+            Some(1) => Origin::Released,
+            _ => Origin::Upload,
+        };
+        Self { since_ms, origin }
+    }
 }
 
 /// What `ls` shows of an object, kept apart from the (possibly large) manifest.
@@ -181,7 +253,7 @@ impl RocksStore {
             chunk_opts.set_blob_file_size(256 << 20);
             chunk_opts.set_blob_compression_type(DBCompressionType::None);
             chunk_opts.set_enable_blob_gc(true);
-            chunk_opts.set_blob_gc_age_cutoff(0.25);
+            chunk_opts.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF);
         }
 
         let cfs = vec![
@@ -320,11 +392,30 @@ impl RocksStore {
         key
     }
 
+    fn candidate(&self, id: &ChunkId) -> Result<Option<Candidate>, StoreError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_PENDING), Self::orphan_key(id))?;
+        Ok(value.map(|v| Candidate::decode(&v)))
+    }
+
     /// Writes a chunk whose id is known to match. Caller holds the chunk's stripe.
     fn insert_chunk(&self, id: &ChunkId, data: &[u8], sync: bool) -> Result<bool, StoreError> {
-        if self.ref_record(id)?.is_some() {
+        if let Some(rec) = self.ref_record(id)? {
             // Verified bytes of a chunk whose stored copy went bad put it back.
             self.heal_if_quarantined(id, data, sync)?;
+            if rec.count == 0 {
+                // Stored again while unreferenced: its grace starts over, so a holder that
+                // has just acknowledged it still has it when the placement record arrives.
+                let origin = self.candidate(id)?.map_or(Origin::Upload, |c| c.origin);
+                let mut batch = WriteBatch::default();
+                batch.put_cf(
+                    self.cf(CF_PENDING),
+                    Self::orphan_key(id),
+                    Candidate::now(origin).encode(),
+                );
+                self.write(batch, sync)?;
+            }
             return Ok(false);
         }
         let len = u32::try_from(data.len())
@@ -343,7 +434,7 @@ impl RocksStore {
         batch.put_cf(
             self.cf(CF_PENDING),
             Self::orphan_key(id),
-            now_ms().to_le_bytes(),
+            Candidate::now(Origin::Upload).encode(),
         );
         batch.merge_cf(self.cf(CF_META), KEY_CHUNKS, 1i64.to_le_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_BYTES, i64::from(len).to_le_bytes());
@@ -354,7 +445,8 @@ impl RocksStore {
         Ok(true)
     }
 
-    /// Deletes `id` if no object references it and no upload pins it. Caller holds the stripe.
+    /// Deletes `id` if no object references it, no upload pins it, and no delete released
+    /// it (those wait out the GC grace). Caller holds the stripe.
     fn remove_if_unreferenced(
         &self,
         id: &ChunkId,
@@ -367,7 +459,14 @@ impl RocksStore {
             return Ok(());
         }
         match self.ref_record(id)? {
-            Some(rec) if rec.count == 0 => self.delete_chunk(id, rec.len, batch, freed),
+            Some(rec) if rec.count == 0 => {
+                let released = self
+                    .candidate(id)?
+                    .is_some_and(|c| c.origin == Origin::Released);
+                if !released {
+                    self.delete_chunk(id, rec.len, batch, freed);
+                }
+            }
             _ => batch.delete_cf(self.cf(CF_PENDING), Self::orphan_key(id)),
         }
         Ok(())
@@ -383,28 +482,66 @@ impl RocksStore {
         freed.bytes += u64::from(len);
     }
 
-    /// Deletes every GC candidate that no object references and no upload pins.
+    /// Deletes the chunks of uploads that never committed (run at open: no upload of this
+    /// process can hold them). Chunks a delete released are left to [`MetaStore::collect_garbage`].
     pub fn sweep_orphans(&self) -> Result<Freed, StoreError> {
-        let mut freed = Freed::default();
+        Ok(self.sweep(|c| c.origin == Origin::Upload)?.freed)
+    }
+
+    /// Walks the GC candidates in pages of [`SWEEP_BATCH`]; under the stripes of each page's
+    /// chunks, deletes the unreferenced, unpinned ones that are `due`, drops the entries of
+    /// chunks referenced again (or gone), and counts the rest as waiting. Memory stays bounded
+    /// by the page, however many candidates there are.
+    fn sweep(&self, due: impl Fn(Candidate) -> bool) -> Result<Collected, StoreError> {
         let pending = self.cf(CF_PENDING);
-        let candidates: Vec<ChunkId> = self
-            .db
-            .prefix_iterator_cf(pending, [PENDING_ORPHAN])
-            .map_while(|item| item.ok())
-            .take_while(|(k, _)| k.first() == Some(&PENDING_ORPHAN))
-            .filter_map(|(k, _)| <[u8; 32]>::try_from(&k[1..]).ok().map(ChunkId::from_bytes))
-            .collect();
-        for batch_ids in candidates.chunks(256) {
-            let _guards = self.lock_stripes(batch_ids.iter());
+        let mut out = Collected::default();
+        let mut start = vec![PENDING_ORPHAN];
+        loop {
+            let mut page = Vec::with_capacity(SWEEP_BATCH);
+            let mut iter = self.db.raw_iterator_cf(pending);
+            iter.seek(&start);
+            while let Some(key) = iter.key() {
+                if key.first() != Some(&PENDING_ORPHAN) || page.len() >= SWEEP_BATCH {
+                    break;
+                }
+                if let Ok(bytes) = <[u8; 32]>::try_from(&key[1..]) {
+                    page.push(ChunkId::from_bytes(bytes));
+                }
+                iter.next();
+            }
+            iter.status()?;
+            drop(iter);
+            let Some(last) = page.last() else {
+                break;
+            };
+            // The smallest key after the last one seen.
+            start = Self::orphan_key(last).to_vec();
+            start.push(0);
+            let _guards = self.lock_stripes(page.iter());
             let mut batch = WriteBatch::default();
-            for id in batch_ids {
-                if !self.pinned(id) {
-                    self.remove_if_unreferenced(id, &mut batch, &mut freed)?;
+            for id in &page {
+                // Read again under the stripe: a store or a commit may have changed it.
+                let Some(candidate) = self.candidate(id)? else {
+                    continue;
+                };
+                match self.ref_record(id)? {
+                    Some(rec) if rec.count == 0 => {
+                        if !self.pinned(id) && due(candidate) {
+                            self.delete_chunk(id, rec.len, &mut batch, &mut out.freed);
+                        } else {
+                            out.waiting_chunks += 1;
+                            out.waiting_bytes += u64::from(rec.len);
+                        }
+                    }
+                    _ => batch.delete_cf(pending, Self::orphan_key(id)),
                 }
             }
             self.write(batch, false)?;
+            if page.len() < SWEEP_BATCH {
+                break;
+            }
         }
-        Ok(freed)
+        Ok(out)
     }
 
     /// Starts an upload: chunks it stores stay pinned until it commits or is dropped.
@@ -451,6 +588,7 @@ impl RocksStore {
             CF_META,
             CF_RECORDS,
             CF_HELD,
+            CF_PARTS,
             scrub::CF_QUARANTINE,
         ] {
             self.db.flush_cf(self.cf(cf))?;
@@ -465,7 +603,169 @@ impl RocksStore {
         Ok(())
     }
 
-    /// Where the store lives.
+    /// Removes a stored object and releases its references in one synced batch, to which
+    /// `keep` adds the caller's own writes (they come after the removal, so a record put
+    /// there stays). Chunks whose count reaches zero become GC candidates; none is deleted
+    /// here. `None` (and nothing written) if the object is not stored.
+    fn remove_object(
+        &self,
+        id: &ObjectId,
+        keep: &dyn Fn(&mut WriteBatch),
+    ) -> Result<Option<Freed>, StoreError> {
+        let Some((manifest, _)) = self.manifest(id)? else {
+            return Ok(None);
+        };
+        let uses = self.object_uses(id, &manifest)?;
+        let _guards = self.lock_stripes(uses.keys());
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let mut batch = WriteBatch::default();
+        let released = self.release_uses(&uses, &mut batch)?;
+        for cf in [CF_MANIFESTS, CF_OBJECTS, CF_RECORDS, CF_HELD, CF_PARTS] {
+            batch.delete_cf(self.cf(cf), id.as_bytes());
+        }
+        // A deleted object owes its holders nothing more.
+        batch.delete_cf(self.cf(CF_PENDING), queue_key(Queue::Delivery, id));
+        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, (-1i64).to_le_bytes());
+        keep(&mut batch);
+        self.write(batch, true)?;
+        debug!(object = %id, released_chunks = released.chunks, "deleted object");
+        Ok(Some(released))
+    }
+
+    /// Takes `uses` off the chunks' reference counts, in `batch`. A chunk whose count reaches
+    /// zero becomes a GC candidate and stays for the grace; returns those chunks and bytes.
+    /// Caller holds the chunks' stripes.
+    fn release_uses(
+        &self,
+        uses: &HashMap<ChunkId, u64>,
+        batch: &mut WriteBatch,
+    ) -> Result<Freed, StoreError> {
+        let mut released = Freed::default();
+        for (chunk, n) in uses {
+            let Some(mut rec) = self.ref_record(chunk)? else {
+                continue;
+            };
+            let before = rec.count;
+            rec.count = rec.count.saturating_sub(*n);
+            batch.put_cf(self.cf(CF_REFS), chunk.as_bytes(), encode(&rec));
+            if rec.count == 0 && before > 0 {
+                batch.put_cf(
+                    self.cf(CF_PENDING),
+                    Self::orphan_key(chunk),
+                    Candidate::now(Origin::Released).encode(),
+                );
+                released.chunks += 1;
+                released.bytes += u64::from(rec.len);
+            }
+        }
+        Ok(released)
+    }
+
+    /// See [`MetaStore::expire_tombstones`].
+    fn drop_tombstones(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let pending = self.cf(CF_PENDING);
+        let mut due = Vec::new();
+        let mut iter = self.db.raw_iterator_cf(pending);
+        iter.seek([PENDING_EXPIRY]);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if key.first() != Some(&PENDING_EXPIRY) || due.len() >= 4096 {
+                break;
+            }
+            let since = <[u8; 8]>::try_from(value).map_or(0, u64::from_le_bytes);
+            if since <= cutoff_ms
+                && let Ok(bytes) = <[u8; 32]>::try_from(&key[1..])
+            {
+                due.push(ObjectId::from_bytes(bytes));
+            }
+            iter.next();
+        }
+        iter.status()?;
+        drop(iter);
+        let mut batch = WriteBatch::default();
+        let mut dropped = 0;
+        for id in &due {
+            let still_tombstone = self
+                .db
+                .get_pinned_cf(self.cf(CF_RECORDS), id.as_bytes())?
+                .is_some_and(|r| PlacementRecord::decode(&r).is_ok_and(|r| r.tombstone));
+            if still_tombstone {
+                batch.delete_cf(self.cf(CF_RECORDS), id.as_bytes());
+                dropped += 1;
+            }
+            batch.delete_cf(pending, object_key(PENDING_EXPIRY, id));
+        }
+        self.write(batch, false)?;
+        Ok(dropped)
+    }
+
+    /// Compacts the chunk column family so that deleted chunks leave its files, and returns
+    /// the bytes of those files before and after. Blocks until done.
+    ///
+    /// A compaction drops the deleted keys, which tells RocksDB how much of each blob file is
+    /// garbage; a blob file is deleted once all of it is, and the blob GC moves the live blobs
+    /// out of the oldest quarter of the files (`blob_gc_age_cutoff`). Deleted chunks in newer
+    /// files that still hold live ones would wait until those files age into that quarter,
+    /// so when at least [`FORCE_BLOB_GC_RATIO`] of the blob bytes are garbage after the first
+    /// pass, a second pass runs with the cutoff at 1.0: every live blob moves once, and all
+    /// the garbage goes. Rewriting at most three live bytes per garbage byte bounds the cost.
+    pub fn compact_chunks(&self) -> Result<(u64, u64), StoreError> {
+        let cf = self.cf(CF_CHUNKS);
+        let before = self.chunk_file_bytes()?;
+        // The bottommost level too: that is where the deleted chunks' keys mostly are.
+        let mut opts = CompactOptions::default();
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+        let compact = || {
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts)
+        };
+        compact();
+        if self.config.blob_files {
+            let live = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.live-blob-file-size")?
+                .unwrap_or(0);
+            let garbage = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.live-blob-file-garbage-size")?
+                .unwrap_or(0);
+            if garbage > 0 && garbage as f64 >= live as f64 * FORCE_BLOB_GC_RATIO {
+                debug!(
+                    live,
+                    garbage, "blob files are mostly garbage; moving every live blob"
+                );
+                self.db
+                    .set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])?;
+                compact();
+                self.db.set_options_cf(
+                    cf,
+                    &[(
+                        "blob_garbage_collection_age_cutoff",
+                        &BLOB_GC_AGE_CUTOFF.to_string(),
+                    )],
+                )?;
+            }
+        }
+        Ok((before, self.chunk_file_bytes()?))
+    }
+
+    /// Bytes of the chunk column family on disk: its blob files plus its SST files.
+    pub fn chunk_file_bytes(&self) -> Result<u64, StoreError> {
+        let cf = self.cf(CF_CHUNKS);
+        let blob = self
+            .db
+            .property_int_value_cf(cf, "rocksdb.total-blob-file-size")?;
+        let sst = self
+            .db
+            .property_int_value_cf(cf, "rocksdb.total-sst-files-size")?;
+        Ok(blob.unwrap_or(0) + sst.unwrap_or(0))
+    }
+
     /// Commits `manifest`. With `placed`, only the parts at the given indices are referenced
     /// (this node holds part of the object), parts among them that are not stored are
     /// skipped and returned, and the placement record is stored in the same batch.
@@ -628,7 +928,7 @@ impl RocksStore {
         }
         if dropped.len() == previous.len() {
             let freed = self.delete_object(id)?;
-            info!(object = %id, freed_chunks = freed.map_or(0, |f| f.chunks), "released the surplus share of an object repaired elsewhere");
+            info!(object = %id, released_chunks = freed.map_or(0, |f| f.chunks), "released the surplus share of an object repaired elsewhere");
             return Ok(());
         }
         let shards = self.parts(id)?;
@@ -636,25 +936,14 @@ impl RocksStore {
         let uses = held_uses(&parts, &dropped);
         let _guards = self.lock_stripes(uses.keys());
         let mut batch = WriteBatch::default();
-        let mut freed = Freed::default();
-        for (chunk, n) in &uses {
-            let Some(mut rec) = self.ref_record(chunk)? else {
-                continue;
-            };
-            rec.count = rec.count.saturating_sub(*n);
-            if rec.count == 0 && !self.pinned(chunk) {
-                self.delete_chunk(chunk, rec.len, &mut batch, &mut freed);
-            } else {
-                batch.put_cf(self.cf(CF_REFS), chunk.as_bytes(), encode(&rec));
-            }
-        }
+        let released = self.release_uses(&uses, &mut batch)?;
         let kept: Vec<u32> = previous
             .into_iter()
             .filter(|&i| held.contains(&(i as usize)))
             .collect();
         batch.put_cf(self.cf(CF_HELD), id.as_bytes(), encode(&kept));
         self.write(batch, true)?;
-        info!(object = %id, released = dropped.len(), freed_chunks = freed.chunks, "released surplus parts of an object repaired elsewhere");
+        info!(object = %id, released = dropped.len(), released_chunks = released.chunks, "released surplus parts of an object repaired elsewhere");
         Ok(())
     }
 
@@ -742,35 +1031,37 @@ impl MetaStore for RocksStore {
         Ok(self.db.get_cf(self.cf(CF_RECORDS), id.as_bytes())?)
     }
 
-    fn put_delivery(&self, id: &ObjectId, value: &[u8]) -> Result<(), StoreError> {
+    fn put_queued(&self, queue: Queue, id: &ObjectId, value: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_PENDING), delivery_key(id), value);
+        batch.put_cf(self.cf(CF_PENDING), queue_key(queue, id), value);
         self.write(batch, true)
     }
 
-    fn delete_delivery(&self, id: &ObjectId) -> Result<(), StoreError> {
+    fn delete_queued(&self, queue: Queue, id: &ObjectId) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_PENDING), delivery_key(id));
+        batch.delete_cf(self.cf(CF_PENDING), queue_key(queue, id));
         self.write(batch, true)
     }
 
-    fn delivery(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_PENDING), delivery_key(id))?)
+    fn queued(&self, queue: Queue, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_PENDING), queue_key(queue, id))?)
     }
 
-    fn visit_deliveries(
+    fn visit_queued(
         &self,
+        queue: Queue,
         after: Option<&ObjectId>,
         visit: &mut dyn FnMut(ObjectId, &[u8]) -> bool,
     ) -> Result<(), StoreError> {
+        let kind = queue_kind(queue);
         let start = match after {
-            Some(id) => delivery_key(id).to_vec(),
-            None => vec![PENDING_DELIVERY],
+            Some(id) => queue_key(queue, id).to_vec(),
+            None => vec![kind],
         };
         let mut iter = self.db.raw_iterator_cf(self.cf(CF_PENDING));
         iter.seek(&start);
         while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-            if key.first() != Some(&PENDING_DELIVERY) {
+            if key.first() != Some(&kind) {
                 break;
             }
             if let Ok(bytes) = <[u8; 32]>::try_from(&key[1..]) {
@@ -834,49 +1125,42 @@ impl MetaStore for RocksStore {
     }
 
     fn delete_object(&self, id: &ObjectId) -> Result<Option<Freed>, StoreError> {
-        let Some((manifest, _)) = self.manifest(id)? else {
-            return Ok(None);
-        };
-        let uses = self.object_uses(id, &manifest)?;
-        let _guards = self.lock_stripes(uses.keys());
-        if self
-            .db
-            .get_pinned_cf(self.cf(CF_OBJECTS), id.as_bytes())?
-            .is_none()
-        {
-            return Ok(None);
-        }
-        let mut batch = WriteBatch::default();
-        let mut freed = Freed::default();
-        let refs = self.cf(CF_REFS);
-        for (chunk, n) in &uses {
-            let Some(mut rec) = self.ref_record(chunk)? else {
-                continue;
-            };
-            rec.count = rec.count.saturating_sub(*n);
-            if rec.count == 0 && !self.pinned(chunk) {
-                self.delete_chunk(chunk, rec.len, &mut batch, &mut freed);
-            } else {
-                batch.put_cf(refs, chunk.as_bytes(), encode(&rec));
-                if rec.count == 0 {
-                    // An upload in progress holds it; it commits a reference or releases it.
-                    batch.put_cf(
-                        self.cf(CF_PENDING),
-                        Self::orphan_key(chunk),
-                        now_ms().to_le_bytes(),
-                    );
-                }
+        self.remove_object(id, &|_| {})
+    }
+
+    fn apply_tombstone(
+        &self,
+        id: &ObjectId,
+        tombstone: &[u8],
+        deliveries: Option<&[u8]>,
+    ) -> Result<Freed, StoreError> {
+        let keep = |batch: &mut WriteBatch| {
+            batch.put_cf(self.cf(CF_RECORDS), id.as_bytes(), tombstone);
+            batch.put_cf(
+                self.cf(CF_PENDING),
+                object_key(PENDING_EXPIRY, id),
+                now_ms().to_le_bytes(),
+            );
+            if let Some(value) = deliveries {
+                batch.put_cf(self.cf(CF_PENDING), queue_key(Queue::Tombstone, id), value);
             }
+        };
+        if let Some(released) = self.remove_object(id, &keep)? {
+            return Ok(released);
         }
-        batch.delete_cf(self.cf(CF_MANIFESTS), id.as_bytes());
-        batch.delete_cf(self.cf(CF_OBJECTS), id.as_bytes());
-        batch.delete_cf(self.cf(CF_RECORDS), id.as_bytes());
-        batch.delete_cf(self.cf(CF_HELD), id.as_bytes());
-        batch.delete_cf(self.cf(CF_PARTS), id.as_bytes());
-        batch.merge_cf(self.cf(CF_META), KEY_OBJECTS, (-1i64).to_le_bytes());
+        // Not stored here (a node that was only told, or a holder whose copy never committed).
+        let mut batch = WriteBatch::default();
+        keep(&mut batch);
         self.write(batch, true)?;
-        debug!(object = %id, freed_chunks = freed.chunks, "deleted object");
-        Ok(Some(freed))
+        Ok(Freed::default())
+    }
+
+    fn collect_garbage(&self, cutoff_ms: u64) -> Result<Collected, StoreError> {
+        self.sweep(|c| c.since_ms <= cutoff_ms)
+    }
+
+    fn expire_tombstones(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        self.drop_tombstones(cutoff_ms)
     }
 
     fn stats(&self) -> Result<Stats, StoreError> {
@@ -900,11 +1184,22 @@ fn check_hash(id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn delivery_key(id: &ObjectId) -> [u8; 33] {
+fn object_key(kind: u8, id: &ObjectId) -> [u8; 33] {
     let mut key = [0u8; 33];
-    key[0] = PENDING_DELIVERY;
+    key[0] = kind;
     key[1..].copy_from_slice(id.as_bytes());
     key
+}
+
+fn queue_kind(queue: Queue) -> u8 {
+    match queue {
+        Queue::Delivery => PENDING_DELIVERY,
+        Queue::Tombstone => PENDING_TOMBSTONE,
+    }
+}
+
+fn queue_key(queue: Queue, id: &ObjectId) -> [u8; 33] {
+    object_key(queue_kind(queue), id)
 }
 
 /// How many times the manifest references each chunk: the amount its commit adds to (and its
