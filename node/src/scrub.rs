@@ -380,6 +380,9 @@ enum Repair {
     Replaced,
     /// Nothing left to do: it was healed or deleted meanwhile.
     Settled,
+    /// No object uses it any more; it waits for garbage collection (a put of the same bytes
+    /// before that would heal it).
+    Unused,
     Failed(String),
 }
 
@@ -519,6 +522,9 @@ impl Worker {
             Repair::Settled => {
                 debug!(chunk = %id, "quarantined chunk was healed or deleted meanwhile")
             }
+            Repair::Unused => {
+                debug!(chunk = %id, "quarantined chunk is used by no object; left to garbage collection")
+            }
             Repair::Failed(reason) => {
                 warn!(chunk = %id, %reason, "no good copy of a corrupt chunk yet; it stays quarantined and the next pass tries again");
             }
@@ -535,9 +541,7 @@ impl Worker {
         let store = Arc::clone(&self.store);
         let uses = blocking(move || store.part_uses(&id, MAX_USES)).await?;
         if uses.is_empty() {
-            return Ok(Repair::Failed(
-                "no object on this node uses it (it waits for garbage collection)".into(),
-            ));
+            return Ok(Repair::Unused);
         }
         let mut reason = String::new();
         for PartUse { object, index } in uses {
