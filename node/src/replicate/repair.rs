@@ -235,14 +235,21 @@ impl Mesh {
             let Some(part) = record.part_id(&manifest.chunks, index) else {
                 continue;
             };
-            // Shards of the same chunk: their holders are taken last.
-            let siblings: HashSet<PeerId> = if erasure {
+            // Holders of the chunk's other shards are taken last, and of those, holders of
+            // a shard with this one's id (equal bytes, like the zero padding of a short
+            // chunk) last of all: a second shard of the same id on one node is no copy.
+            let (siblings, same_id): (HashSet<PeerId>, HashSet<PeerId>) = if erasure {
                 let first = index - index % width;
-                (first..first + width)
+                let siblings = (first..first + width)
                     .flat_map(|i| holders[i].iter().copied())
-                    .collect()
+                    .collect();
+                let same_id = (first..first + width)
+                    .filter(|&i| i != index && record.part_id(&manifest.chunks, i) == Some(part))
+                    .flat_map(|i| holders[i].iter().copied())
+                    .collect();
+                (siblings, same_id)
             } else {
-                HashSet::new()
+                (HashSet::new(), HashSet::new())
             };
             let order = placement::choose_targets(
                 &candidates,
@@ -262,7 +269,7 @@ impl Mesh {
                 })
                 .filter(|p| *p != me && !holders[index].contains(p))
                 .collect();
-            eligible.sort_by_key(|p| siblings.contains(p));
+            eligible.sort_by_key(|p| (same_id.contains(p), siblings.contains(p)));
             let len = part_len(&manifest, &record, index);
             for peer in eligible.into_iter().take(wanted - live) {
                 holders[index].push(peer);
