@@ -41,6 +41,7 @@ struct Inner {
     pub bad_peer_data: Counter,
     pub get_remote_bytes: Counter,
     pub delivered_chunks: Counter,
+    copied_chunks: Counter,
     pub hedged_fetches: Counter,
     pub deliveries_abandoned: Counter,
     rebuilt_shards: Counter,
@@ -205,6 +206,12 @@ impl Metrics {
             "holders a delete stopped trying to tell (their tombstone retention ran out)",
         );
         describe(
+            "mesh_copied_chunks_total",
+            Unit::Count,
+            "replicas this node fetched from a holder and stored because a repairer or writer \
+             asked it to (`Copy`), instead of being sent them",
+        );
+        describe(
             "mesh_api_errors_total",
             Unit::Count,
             "control-API requests answered with an error, by code",
@@ -262,6 +269,7 @@ impl Metrics {
             bad_peer_data: counter("mesh_peer_bad_chunks_total"),
             get_remote_bytes: counter("mesh_get_remote_bytes_total"),
             delivered_chunks: counter("mesh_background_chunks_total"),
+            copied_chunks: counter("mesh_copied_chunks_total"),
             hedged_fetches: counter("mesh_hedged_fetches_total"),
             deliveries_abandoned: counter("mesh_background_abandoned_total"),
             rebuilt_shards: counter("mesh_rebuilt_shards_total"),
@@ -326,6 +334,9 @@ impl Metrics {
     }
     pub fn delivered_chunks(&self) -> &Counter {
         &self.inner.delivered_chunks
+    }
+    pub fn copied_chunks(&self) -> &Counter {
+        &self.inner.copied_chunks
     }
     pub fn rebuilt_shards(&self) -> &Counter {
         &self.inner.rebuilt_shards

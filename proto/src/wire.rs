@@ -33,6 +33,8 @@ pub const LOAD_TOPIC: &str = "mesh/load/1";
 
 /// Most chunk ids one `Has` request may carry.
 pub const MAX_HAS_IDS: usize = 4096;
+/// Most holders one `Copy` request may name.
+pub const MAX_COPY_SOURCES: usize = 16;
 /// Longest peer id, in bytes (an Ed25519 identity multihash is 38).
 pub const MAX_NODE_ID_LEN: usize = 64;
 /// Longest load report on the wire (gossipsub caps messages at 64 KiB anyway).
@@ -211,9 +213,23 @@ mod serde_bytes_vec {
 /// Chunk protocol request. `Store` carries the chunk's bytes as the frame payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkRequest {
-    Store { id: ChunkId },
-    Fetch { id: ChunkId },
-    Has { ids: Vec<ChunkId> },
+    Store {
+        id: ChunkId,
+    },
+    Fetch {
+        id: ChunkId,
+    },
+    Has {
+        ids: Vec<ChunkId>,
+    },
+    /// Fetch this chunk from one of `from` (at most [`MAX_COPY_SOURCES`] holders), verify it
+    /// and store it; answered like `Store`. Repair and put completion use it for a replica
+    /// the sender does not hold itself, so that the bytes cross the network once (holder to
+    /// new holder) instead of twice (holder to sender to new holder). No payload.
+    Copy {
+        id: ChunkId,
+        from: Vec<NodeId>,
+    },
 }
 
 /// Chunk protocol response. `Data` carries the chunk's bytes as the frame payload.
@@ -600,6 +616,15 @@ mod tests {
             decode_frame(&frame, Limits::CHUNK).unwrap();
         assert_eq!(decoded, request);
         assert_eq!(payload, b"x");
+        let copy = ChunkRequest::Copy {
+            id: ChunkId::of(b"y"),
+            from: vec![NodeId(vec![1; 38]), NodeId(vec![2; 38])],
+        };
+        let frame = encode_frame(&copy, &[]);
+        let (decoded, payload): (ChunkRequest, &[u8]) =
+            decode_frame(&frame, Limits::CHUNK).unwrap();
+        assert_eq!(decoded, copy);
+        assert!(payload.is_empty());
     }
 
     #[test]

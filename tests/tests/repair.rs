@@ -325,3 +325,91 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
     }
     cluster.bootstrap.shutdown().await;
 }
+
+/// The `mesh_copied_chunks_total` counter of a node.
+async fn copied_chunks(node: &TestNode) -> f64 {
+    let text = mesh_tests::api_client(node)
+        .unwrap()
+        .get(format!("{}/metrics", node.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("mesh_copied_chunks_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_request_fetches_a_replica_from_its_holder_and_refuses_bad_ones() {
+    use mesh_node::net::Frame;
+    use mesh_proto::wire::{ChunkRequest, ChunkResponse, MAX_COPY_SOURCES, NodeId, Refusal};
+
+    let cluster = start(3).await;
+    let [a, b, c] = &cluster.nodes[..] else {
+        panic!("three nodes")
+    };
+    let data = random_bytes(300_000, 7);
+    let id = a.node().store().put_chunk(&data).unwrap().id;
+    let node_id = |n: &TestNode| NodeId(n.node().peer_id().to_bytes());
+    let net = c.node().network().clone();
+    let ask = |from: Vec<NodeId>, id: ChunkId| {
+        let net = net.clone();
+        let target = b.node().peer_id();
+        async move {
+            net.chunk(target, Frame::new(ChunkRequest::Copy { id, from }))
+                .await
+                .unwrap()
+                .header
+        }
+    };
+
+    // c asks b to copy from c itself (it has nothing) or a: b fetches from a, verifies, keeps.
+    assert_eq!(
+        ask(vec![node_id(c), node_id(a)], id).await,
+        ChunkResponse::Stored { new: true }
+    );
+    assert_eq!(
+        b.node().store().get_chunk(&id).unwrap().unwrap().as_ref(),
+        &data[..]
+    );
+    assert_eq!(copied_chunks(b).await, 1.0);
+    // Asked again, b has it already and fetches nothing.
+    assert_eq!(
+        ask(vec![node_id(a)], id).await,
+        ChunkResponse::Stored { new: false }
+    );
+    assert_eq!(copied_chunks(b).await, 1.0);
+
+    // A chunk none of the named holders has: not found, and nothing stored.
+    let absent = ChunkId::of(b"no node holds this");
+    assert_eq!(
+        ask(vec![node_id(a), node_id(c)], absent).await,
+        ChunkResponse::NotFound
+    );
+    assert!(!b.node().store().has_chunk(&absent).unwrap());
+
+    // Malformed requests are refused, not served.
+    let bad = |header: ChunkResponse| {
+        matches!(
+            header,
+            ChunkResponse::Refused {
+                reason: Refusal::BadRequest,
+                ..
+            }
+        )
+    };
+    assert!(bad(ask(Vec::new(), absent).await), "no holder named");
+    assert!(
+        bad(ask(vec![node_id(a); MAX_COPY_SOURCES + 1], absent).await),
+        "too many holders named"
+    );
+    assert!(
+        bad(ask(vec![NodeId(vec![0xff; 12])], absent).await),
+        "a holder that is no peer id"
+    );
+    assert_eq!(copied_chunks(b).await, 1.0);
+    cluster.stop().await;
+}

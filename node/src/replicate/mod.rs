@@ -51,6 +51,10 @@ use complete::Delivery;
 const AVOID_FOR: Duration = Duration::from_secs(300);
 /// Inbound requests served at once; more wait in the network's bounded queue.
 const INBOUND_WORKERS: usize = 32;
+/// Of those, `Copy` requests (each waits on a fetch from another node) served at once; more
+/// are refused as busy and the sender falls back to sending the bytes itself. Fewer than
+/// [`INBOUND_WORKERS`], so copies that wait on each other's fetches cannot take every worker.
+const COPY_WORKERS: usize = 8;
 /// Nearest peers asked for an object's manifest while the DHT lookup runs.
 const NEAR_PROBE: usize = 3;
 /// Peers asked directly, nearest first, when the DHT names no provider that has an object.
@@ -226,6 +230,8 @@ struct Inner {
     repair: repair::Shared,
     /// Paces background sends at `repair_rate`.
     pace: repair::Pace,
+    /// Bounds the `Copy` requests served at once ([`COPY_WORKERS`]).
+    copies: Arc<Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -256,6 +262,7 @@ impl Mesh {
                 opened: Mutex::new(HashMap::new()),
                 repair: repair::Shared::default(),
                 pace: repair::Pace::new(settings.repair_rate),
+                copies: Arc::new(Semaphore::new(COPY_WORKERS)),
                 settings,
             }),
         }
@@ -959,6 +966,19 @@ impl Mesh {
         peers
     }
 
+    /// The chunk from this node's store, if it is here and reads back intact.
+    async fn local_chunk(&self, id: ChunkId) -> Option<Bytes> {
+        let store = Arc::clone(&self.inner.store);
+        match tokio::task::spawn_blocking(move || store.get_chunk(&id)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(StoreError::Corrupt { .. })) => {
+                self.inner.metrics.corrupt_chunks().increment(1);
+                None
+            }
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+
     /// Reads one chunk: locally if stored here, else from the holders, nearest first,
     /// hedging to the next holder when one is slow and verifying every answer.
     pub async fn fetch_chunk(&self, id: ChunkId, holders: Vec<PeerId>) -> Result<Bytes, MeshError> {
@@ -978,6 +998,18 @@ impl Mesh {
     /// Reads one chunk from the holders other than this node, nearest first, hedged and
     /// verified.
     async fn fetch_remote(&self, id: ChunkId, holders: Vec<PeerId>) -> Result<Bytes, MeshError> {
+        self.fetch_from(id, holders, Some(self.inner.settings.hedge_after))
+            .await
+    }
+
+    /// [`Mesh::fetch_remote`], hedging to the next holder after `hedge` (never with `None`:
+    /// the next one is asked only when one fails).
+    async fn fetch_from(
+        &self,
+        id: ChunkId,
+        holders: Vec<PeerId>,
+        hedge: Option<Duration>,
+    ) -> Result<Bytes, MeshError> {
         let me = self.local_id();
         let mut order = self
             .by_distance(holders.into_iter().filter(|p| *p != me).collect())
@@ -998,8 +1030,8 @@ impl Mesh {
             attempts.push(fetch(peer));
         }
         loop {
-            let hedge = tokio::time::sleep(self.inner.settings.hedge_after);
-            tokio::pin!(hedge);
+            let hedge_timer = tokio::time::sleep(hedge.unwrap_or(Duration::MAX));
+            tokio::pin!(hedge_timer);
             tokio::select! {
                 done = attempts.next() => {
                     let Some((peer, _elapsed, result)) = done else {
@@ -1027,7 +1059,7 @@ impl Mesh {
                         None => {}
                     }
                 }
-                () = &mut hedge, if !attempts.is_empty() => {
+                () = &mut hedge_timer, if hedge.is_some() && !attempts.is_empty() => {
                     if let Some(next) = order.next() {
                         debug!(chunk = %id, peer = %next, "fetch is slow; hedging to the next holder");
                         self.inner.metrics.hedged_fetches().increment(1);
@@ -1322,6 +1354,9 @@ impl Mesh {
         use mesh_proto::wire::Refusal;
         let refused =
             |reason, message: String| Frame::new(ChunkResponse::Refused { reason, message });
+        if let ChunkRequest::Copy { id, from } = request.header {
+            return self.answer_copy(peer, id, from).await;
+        }
         let store = Arc::clone(&self.inner.store);
         let min_free = self.inner.settings.min_free_bytes;
         let result = tokio::task::spawn_blocking(move || match request.header {
@@ -1352,6 +1387,10 @@ impl Mesh {
                     .collect::<Result<Vec<bool>, _>>()?;
                 Ok(Frame::new(ChunkResponse::Has { present }))
             }
+            ChunkRequest::Copy { .. } => Ok(refused(
+                Refusal::Internal,
+                "copy requests are answered apart".into(),
+            )),
         })
         .await;
         match result {
@@ -1363,6 +1402,78 @@ impl Mesh {
             }
             Ok(Err(e)) => {
                 warn!(%peer, error = %e, "chunk request failed");
+                refused(Refusal::Internal, e.to_string())
+            }
+            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+        }
+    }
+
+    /// `Copy`: fetches the chunk from the holders named (verified, nearest first, hedged)
+    /// and stores it, unless it is here already.
+    async fn answer_copy(
+        &self,
+        peer: PeerId,
+        id: ChunkId,
+        from: Vec<NodeId>,
+    ) -> Frame<ChunkResponse> {
+        use mesh_proto::wire::{MAX_COPY_SOURCES, Refusal};
+        let refused =
+            |reason, message: String| Frame::new(ChunkResponse::Refused { reason, message });
+        if from.is_empty() || from.len() > MAX_COPY_SOURCES {
+            return refused(
+                Refusal::BadRequest,
+                format!(
+                    "a copy names 1 to {MAX_COPY_SOURCES} holders, not {}",
+                    from.len()
+                ),
+            );
+        }
+        let Ok(sources) = from
+            .iter()
+            .map(|n| PeerId::from_bytes(&n.0))
+            .collect::<Result<Vec<PeerId>, _>>()
+        else {
+            return refused(Refusal::BadRequest, "a holder's peer id is invalid".into());
+        };
+        let Ok(_permit) = Arc::clone(&self.inner.copies).try_acquire_owned() else {
+            return refused(Refusal::Busy, "too many copies in flight".into());
+        };
+        let store = Arc::clone(&self.inner.store);
+        let min_free = self.inner.settings.min_free_bytes;
+        let here = tokio::task::spawn_blocking(move || {
+            if disk_free(store.path()) < min_free {
+                return Ok(None);
+            }
+            store.has_chunk(&id).map(Some)
+        })
+        .await;
+        match here {
+            Ok(Ok(Some(true))) => return Frame::new(ChunkResponse::Stored { new: false }),
+            Ok(Ok(Some(false))) => {}
+            Ok(Ok(None)) => return refused(Refusal::Full, "disk is full".into()),
+            Ok(Err(e)) => return refused(Refusal::Internal, e.to_string()),
+            Err(_) => return refused(Refusal::Internal, "worker failed".into()),
+        }
+        // The sender is no source: it asked because it does not hold the chunk.
+        let sources = sources.into_iter().filter(|p| *p != peer).collect();
+        // A background copy is not hedged: on a busy holder a second transfer of the same
+        // chunk only adds to the load that made the first one slow.
+        let data = match self.fetch_from(id, sources, None).await {
+            Ok(data) => data,
+            Err(e) => {
+                debug!(%peer, chunk = %id, error = %e, "cannot copy a chunk");
+                return Frame::new(ChunkResponse::NotFound);
+            }
+        };
+        // `fetch_remote` hashed the bytes to `id` already.
+        let store = Arc::clone(&self.inner.store);
+        match tokio::task::spawn_blocking(move || store.put_chunk_hashed(&id, &data)).await {
+            Ok(Ok(new)) => {
+                self.inner.metrics.copied_chunks().increment(1);
+                Frame::new(ChunkResponse::Stored { new })
+            }
+            Ok(Err(e)) => {
+                warn!(%peer, chunk = %id, error = %e, "cannot store a copied chunk");
                 refused(Refusal::Internal, e.to_string())
             }
             Err(_) => refused(Refusal::Internal, "worker failed".into()),

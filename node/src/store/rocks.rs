@@ -977,6 +977,15 @@ impl RocksStore {
     }
 }
 
+impl RocksStore {
+    /// Stores a chunk whose bytes the caller has just hashed to `id` (a verified fetch from
+    /// a peer), synced, without hashing them a second time.
+    pub(crate) fn put_chunk_hashed(&self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        let _guard = lock(&self.stripes[self.stripe(id)]);
+        self.insert_chunk(id, data, true)
+    }
+}
+
 impl ChunkStore for RocksStore {
     fn put_chunk(&self, data: &[u8]) -> Result<StoredChunk, StoreError> {
         let id = ChunkId::of(data);
