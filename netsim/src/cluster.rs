@@ -546,6 +546,10 @@ impl Cluster {
         let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         self.log_start.insert(name.to_string(), offset);
         let mut command = Command::new(&self.exe);
+        if record.role == Role::Node {
+            // The topology's `[env]`: meshd reads MESH_* variables as config overrides.
+            command.envs(&self.topology.env);
+        }
         command
             .arg("__enter")
             .arg("--parent")

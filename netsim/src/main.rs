@@ -120,10 +120,11 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         size_mib: usize,
     },
-    /// Reproducible whole-system benchmarks (throughput, latency, ops); writes a JSON report
+    /// Reproducible whole-system benchmarks (throughput, latency, ops, repair); writes a JSON report
     /// and a markdown table next to it; exits 1 if any step fails or any byte differs
     Bench {
-        /// Scenarios to run, comma-separated: throughput, latency (needs root), ops, or all
+        /// Scenarios to run, comma-separated: throughput, latency (needs root), ops, repair, or
+        /// all
         #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
         scenario: Vec<bench::Scenario>,
         /// Run directory; each scenario runs in a subdirectory of it
@@ -156,6 +157,13 @@ enum Command {
         /// ops: concurrent clients (threads, one keep-alive connection each)
         #[arg(long, default_value_t = 16)]
         ops_clients: usize,
+        /// repair: size of the object each policy's run puts before a holder is killed, in MiB
+        #[arg(long, default_value_t = 512)]
+        repair_size_mib: u64,
+        /// repair: the policies to repair, comma-separated, one run each: rep:3 (5 nodes),
+        /// ec:4+2 (8 nodes)
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "rep:3")]
+        repair_policy: Vec<bench::repair::Policy>,
     },
     /// Internal: the trampoline that starts a child in its namespace
     #[command(name = "__enter", hide = true)]
@@ -323,6 +331,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ops_objects,
             ops_size_kib,
             ops_clients,
+            repair_size_mib,
+            repair_policy,
         } => {
             let options = bench::Options {
                 scenarios: scenario,
@@ -341,6 +351,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     objects: ops_objects.clamp(1, 10_000_000),
                     size_kib: ops_size_kib.clamp(1, 64 << 10),
                     clients: ops_clients.clamp(1, 1024),
+                },
+                repair: bench::repair::Options {
+                    size_mib: repair_size_mib.clamp(1, 64 << 10),
+                    policies: {
+                        let mut policies = repair_policy;
+                        policies.sort();
+                        policies.dedup();
+                        policies
+                    },
                 },
                 command: std::env::args_os()
                     .map(|a| a.to_string_lossy().into_owned())
@@ -434,5 +453,8 @@ fn print_topology(t: &topology::Topology) {
             humantime::format_duration(e.at).to_string(),
             e.action
         );
+    }
+    for (name, value) in &t.env {
+        println!("  every meshd gets {name}={value}");
     }
 }

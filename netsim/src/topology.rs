@@ -2,8 +2,8 @@
 //!
 //! A topology is a versioned TOML file (see `topologies/three-clouds.toml`): regions named
 //! `cloud/region`, each with a node count, the availability zones its nodes are spread over and
-//! the link inside it; a `[[link]]` for every pair of regions; an optional bootstrap peer; and
-//! scripted `[[event]]`s. [`parse`] turns the text into a validated [`Topology`] in one step, so
+//! the link inside it; a `[[link]]` for every pair of regions; an optional bootstrap peer;
+//! scripted `[[event]]`s; and an optional `[env]` of `MESH_*` settings every `meshd` gets. [`parse`] turns the text into a validated [`Topology`] in one step, so
 //! nothing downstream ever sees a half-checked value. Every error names the line, column and
 //! field it comes from (toml's spans), because a topology is edited by hand.
 
@@ -17,6 +17,16 @@ use toml::Spanned;
 
 /// The topology format this build reads.
 pub const VERSION: u32 = 1;
+
+/// meshd settings netsim passes to every node as flags (see `cluster.rs`), so `[env]` cannot.
+const SET_BY_NETSIM: &[(&str, &str)] = &[
+    ("MESH_DATA_DIR", "--data-dir"),
+    ("MESH_API_ADDR", "--api-addr"),
+    ("MESH_NET__LISTEN", "--listen"),
+    ("MESH_NET__ZONE", "--zone"),
+    ("MESH_NET__BOOTSTRAP", "--bootstrap"),
+    ("MESH_NET__CLUSTER_KEY_FILE", "--cluster-key-file"),
+];
 
 /// The most regions and nodes per region: addresses are `10.77.<region>.<node>`.
 pub const MAX_REGIONS: usize = 250;
@@ -35,6 +45,9 @@ pub struct Topology {
     pub links: Vec<Vec<LinkParams>>,
     /// Sorted by time.
     pub events: Vec<Event>,
+    /// `MESH_*` environment variables given to every `meshd` of the run (meshd reads them as
+    /// config overrides, e.g. `MESH_NET__DEAD_AFTER`); the bootstrap peer gets none.
+    pub env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +197,8 @@ struct RawTopology {
     links: Vec<Spanned<RawLink>>,
     #[serde(rename = "event", default)]
     events: Vec<Spanned<RawEvent>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -642,6 +657,7 @@ impl Validator<'_> {
             events.push(Event { at, action });
         }
         events.sort_by_key(|e| e.at);
+        let env = self.env(&raw.env)?;
 
         Ok(Topology {
             name: raw.name.unwrap_or_else(|| "unnamed".to_string()),
@@ -650,7 +666,64 @@ impl Validator<'_> {
             bootstrap,
             links: full,
             events,
+            env,
         })
+    }
+
+    /// The `[env]` table: `MESH_*` names and scalar values, passed as text (meshd parses a
+    /// variable's value as TOML, so `0` and `"0"` mean the same). The settings netsim gives
+    /// every node as flags are refused, since the flags would silently win.
+    fn env(
+        &self,
+        table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        let mut env = BTreeMap::new();
+        for (key, value) in table {
+            let name = key.get_ref();
+            let well_formed = name.len() > "MESH_".len()
+                && name.starts_with("MESH_")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !well_formed {
+                return Err(self.err(
+                    key,
+                    format_args!(
+                        "[env]: {name:?} is not a meshd setting; write MESH_ and the config key \
+                         in capitals, sections joined by __, e.g. MESH_NET__DEAD_AFTER"
+                    ),
+                ));
+            }
+            if let Some(flag) = SET_BY_NETSIM
+                .iter()
+                .find_map(|(var, flag)| (var == name).then_some(flag))
+            {
+                return Err(self.err(
+                    key,
+                    format_args!(
+                        "[env]: netsim sets {name} for every node itself (meshd {flag}, which \
+                         overrides the environment)"
+                    ),
+                ));
+            }
+            let text = match value.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(self.err(
+                        value,
+                        format_args!(
+                            "[env]: {name} is a {}; give a string, number or boolean",
+                            other.type_str()
+                        ),
+                    ));
+                }
+            };
+            env.insert(name.clone(), text);
+        }
+        Ok(env)
     }
 
     /// A link's parameters: those it sets, else the defaults. `anchor` is where a jitter
@@ -995,6 +1068,53 @@ node = "aws-us-east-1-2"
     }
 
     #[test]
+    fn env_is_parsed_and_checked() {
+        let t = parse(SMALL, "t.toml").expect("valid");
+        assert!(t.env.is_empty(), "no [env], no variables");
+        let with_env = format!(
+            "{SMALL}\n[env]\nMESH_NET__DEAD_AFTER = \"5s\"\nMESH_DURABILITY__REPAIR_RATE = 0\n\
+             MESH_STORE__BLOB_FILES = false\n"
+        );
+        let t = parse(&with_env, "t.toml").expect("valid");
+        let env: Vec<(&str, &str)> = t
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("MESH_DURABILITY__REPAIR_RATE", "0"),
+                ("MESH_NET__DEAD_AFTER", "5s"),
+                ("MESH_STORE__BLOB_FILES", "false"),
+            ]
+        );
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "mesh_net__dead_after = \"5s\"",
+                &["mesh_net__dead_after", "MESH_"],
+            ),
+            (
+                "NET__DEAD_AFTER = \"5s\"",
+                &["NET__DEAD_AFTER", "not a meshd setting"],
+            ),
+            ("MESH_ = 1", &["\"MESH_\""]),
+            ("MESH_NET__ZONE = \"x/y/z\"", &["MESH_NET__ZONE", "--zone"]),
+            ("MESH_DATA_DIR = \"/tmp/x\"", &["--data-dir"]),
+            ("MESH_NET__LISTEN = [\"a\"]", &["--listen"]),
+            (
+                "MESH_NET__BOOTSTRAP_PEERS = [1, 2]",
+                &["MESH_NET__BOOTSTRAP_PEERS", "array"],
+            ),
+            ("MESH_X = { a = 1 }", &["MESH_X", "table"]),
+        ];
+        for (line, words) in cases {
+            let text = format!("{SMALL}\n[env]\nMESH_LOG = \"debug\"\n{line}\n");
+            assert_invalid(&text, Some(line), words);
+        }
+    }
+
+    #[test]
     fn shipped_topologies_are_valid() {
         let dir = shipped("");
         let three = load(&dir.join("three-clouds.toml")).expect("three-clouds");
@@ -1009,5 +1129,14 @@ node = "aws-us-east-1-2"
         assert_eq!(standby, [false, false, false, true]);
         let ops = load(&dir.join("bench-ops.toml")).expect("bench-ops");
         assert_eq!(ops.nodes.len(), 3);
+        let repair = load(&dir.join("bench-repair.toml")).expect("bench-repair");
+        assert_eq!(repair.nodes.len(), 5);
+        assert_eq!(
+            repair.env.get("MESH_NET__DEAD_AFTER").map(String::as_str),
+            Some("5s")
+        );
+        let repair_ec = load(&dir.join("bench-repair-ec.toml")).expect("bench-repair-ec");
+        assert_eq!(repair_ec.nodes.len(), 8);
+        assert_eq!(repair_ec.env, repair.env);
     }
 }

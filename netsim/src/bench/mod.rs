@@ -10,6 +10,8 @@
 //!   the emulated WAN (netns mode, root); p50/p99 per writer cloud and per cloud pair.
 //! - [`ops`]: many small objects (default 10,000 of 4 KiB) put and got by concurrent clients
 //!   talking HTTP to the control APIs directly; ops/s and p50/p99.
+//! - [`repair`]: a `rep:3` object (default 512 MiB) on five loopback nodes, one holder killed;
+//!   failure detection time, repair MB/s and CPU-seconds until the lost replicas are back.
 //!
 //! The report (machine, kernel, commit, build, command line, every figure) is written as JSON
 //! and as markdown tables; a failed step or a byte that does not match makes the exit status
@@ -21,6 +23,7 @@ pub mod latency;
 pub mod markdown;
 pub mod ops;
 pub mod procfs;
+pub mod repair;
 pub mod stats;
 pub mod throughput;
 
@@ -49,6 +52,7 @@ pub enum Scenario {
     Throughput,
     Latency,
     Ops,
+    Repair,
     All,
 }
 
@@ -58,13 +62,19 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Latency => "latency",
             Scenario::Ops => "ops",
+            Scenario::Repair => "repair",
             Scenario::All => "all",
         }
     }
 
     /// The scenarios to run for a selection, in a fixed order, without repeats.
     pub fn expand(selected: &[Scenario]) -> Vec<Scenario> {
-        let all = [Scenario::Throughput, Scenario::Latency, Scenario::Ops];
+        let all = [
+            Scenario::Throughput,
+            Scenario::Latency,
+            Scenario::Ops,
+            Scenario::Repair,
+        ];
         let mut out: Vec<Scenario> = if selected.is_empty() || selected.contains(&Scenario::All) {
             all.to_vec()
         } else {
@@ -88,6 +98,7 @@ pub struct Options {
     pub throughput: throughput::Options,
     pub latency: latency::Options,
     pub ops: ops::Options,
+    pub repair: repair::Options,
     /// The command line, as typed, for the report.
     pub command: Vec<String>,
 }
@@ -154,7 +165,7 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
         bail!(
             "the latency scenario runs behind the emulated WAN, which needs root (network \
              namespaces and /dev/net/tun); run netsim bench as root, or leave it out: \
-             --scenario throughput,ops"
+             --scenario throughput,ops,repair"
         );
     }
     let meshd = crate::cluster::find_binary("meshd", options.bin_dir.as_deref())?;
@@ -207,6 +218,7 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
             Scenario::Throughput => throughput::run(&ctx, &options.throughput),
             Scenario::Latency => latency::run(&ctx, &options.latency),
             Scenario::Ops => ops::run(&ctx, &options.ops),
+            Scenario::Repair => repair::run(&ctx, &options.repair),
             Scenario::All => Err(anyhow!("`all` is expanded before running")),
         };
         let secs = t.elapsed().as_secs_f64();
@@ -416,6 +428,26 @@ pub fn run_with_progress(
     Ok((out, elapsed))
 }
 
+/// `netsim exec NODE -- meshctl ARGS...`, shown as a progress line, run to completion with
+/// `status()` printed every few seconds; returns its standard output and wall time, or an
+/// error with everything it printed when it failed.
+pub fn meshctl_timed(
+    driver: &crate::driver::Driver,
+    node: &str,
+    args: &[&str],
+    scenario: &str,
+    what: &str,
+    status: impl FnMut() -> String,
+) -> anyhow::Result<(String, Duration)> {
+    progress(
+        scenario,
+        &format!("$ netsim exec {node} -- meshctl {}", args.join(" ")),
+    );
+    let (out, elapsed) =
+        run_with_progress(driver.meshctl_command(node, args), scenario, what, status)?;
+    Ok((crate::driver::check_output(node, args, &out)?, elapsed))
+}
+
 /// The control API of a node this process can reach (loopback mode), with its token.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -440,9 +472,19 @@ impl Api {
         http::Client::new(&self.addr, &self.token, timeout, max_body)
     }
 
-    /// `GET path` as JSON.
+    /// `GET path` as JSON, on a new connection.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        let mut client = self.client(Duration::from_secs(10), 16 << 20);
+        self.get_json_with(&mut self.polling_client(), path)
+    }
+
+    /// A client for [`Api::get_json_with`]: kept alive across requests, so that polling a
+    /// node often costs neither side a connection per request.
+    pub fn polling_client(&self) -> http::Client {
+        self.client(Duration::from_secs(10), 16 << 20)
+    }
+
+    /// `GET path` as JSON over `client`, a connection to this node.
+    pub fn get_json_with(&self, client: &mut http::Client, path: &str) -> anyhow::Result<Value> {
         let r = client.request("GET", path, &[])?;
         if r.status != 200 {
             bail!(
@@ -525,6 +567,13 @@ pub fn wait_until(
     }
 }
 
+/// utime + stime of each process, in clock ticks.
+pub fn cpu_ticks_of(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    pids.iter()
+        .map(|&p| procfs::cpu_ticks(p).with_context(|| format!("cannot read CPU time of pid {p}")))
+        .collect()
+}
+
 /// Sum of utime + stime of the processes, in seconds.
 pub fn cpu_seconds(pids: &[u32], ticks_per_second: u64) -> anyhow::Result<f64> {
     let mut ticks = 0;
@@ -554,13 +603,22 @@ mod tests {
     fn scenarios_expand_in_order() {
         assert_eq!(
             Scenario::expand(&[Scenario::All]),
-            [Scenario::Throughput, Scenario::Latency, Scenario::Ops]
+            [
+                Scenario::Throughput,
+                Scenario::Latency,
+                Scenario::Ops,
+                Scenario::Repair
+            ]
         );
         assert_eq!(
             Scenario::expand(&[Scenario::Ops, Scenario::Throughput, Scenario::Ops]),
             [Scenario::Throughput, Scenario::Ops]
         );
-        assert_eq!(Scenario::expand(&[]).len(), 3);
+        assert_eq!(
+            Scenario::expand(&[Scenario::Repair, Scenario::Throughput]),
+            [Scenario::Throughput, Scenario::Repair]
+        );
+        assert_eq!(Scenario::expand(&[]).len(), 4);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! What the benchmark reads from `/proc`: the machine (CPU model, cores, memory, kernel), and
-//! per process its CPU time (`/proc/PID/stat`) and peak resident set (`/proc/PID/status`).
+//! What the benchmark reads from `/proc`: the machine (CPU model, cores, memory, kernel), the
+//! machine's CPU time by state (`/proc/stat`), and per process its CPU time (`/proc/PID/stat`)
+//! and peak resident set (`/proc/PID/status`).
 //! The parsers are pure functions of the file's text, so they are tested on samples.
 
 use serde::Serialize;
@@ -82,6 +83,73 @@ pub fn parse_stat_ticks(text: &str) -> Option<u64> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The machine's CPU time by state since boot, summed over all CPUs, in clock ticks: the
+/// `cpu` line of /proc/stat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Waiting for nothing (idle).
+    pub idle: u64,
+    /// Idle with disk I/O outstanding.
+    pub iowait: u64,
+    /// Everything else: user, nice, system, irq, softirq, steal.
+    pub busy: u64,
+}
+
+impl MachineTicks {
+    /// Ticks spent in each state since `earlier`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            idle: self.idle.saturating_sub(earlier.idle),
+            iowait: self.iowait.saturating_sub(earlier.iowait),
+            busy: self.busy.saturating_sub(earlier.busy),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.idle + self.iowait + self.busy
+    }
+
+    /// Fractions of all ticks (busy, iowait, idle); zeros when no tick passed.
+    pub fn fractions(&self) -> (f64, f64, f64) {
+        let total = self.total() as f64;
+        if total == 0.0 {
+            return (0.0, 0.0, 0.0);
+        }
+        (
+            self.busy as f64 / total,
+            self.iowait as f64 / total,
+            self.idle as f64 / total,
+        )
+    }
+
+    pub fn read() -> std::io::Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat")?;
+        parse_proc_stat(&text).ok_or_else(|| std::io::Error::other("cannot parse /proc/stat"))
+    }
+}
+
+/// The `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal (guest time
+/// is already inside user and nice, so it is not added again).
+pub fn parse_proc_stat(text: &str) -> Option<MachineTicks> {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cpu"))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, rest @ ..] = fields.as_slice() else {
+        return None;
+    };
+    Some(MachineTicks {
+        idle: *idle,
+        iowait: *iowait,
+        busy: user + nice + system + rest.iter().sum::<u64>(),
+    })
 }
 
 /// The value of `AT_CLKTCK` in an auxiliary vector (/proc/self/auxv of a 64-bit process:
@@ -177,6 +245,34 @@ mod tests {
         assert_eq!(parse_auxv_clock_ticks(&auxv[16..]), Some(250));
         assert_eq!(parse_auxv_clock_ticks(&auxv[32..]), None, "AT_NULL ends it");
         assert_eq!(parse_auxv_clock_ticks(&auxv[..16]), None);
+    }
+
+    #[test]
+    fn machine_ticks_from_proc_stat() {
+        let text = "cpu  100 5 50 1000 20 3 2 1 7 0\ncpu0 50 2 25 500 10 1 1 0 3 0\nintr 1 2\n";
+        let t = parse_proc_stat(text).expect("cpu line");
+        assert_eq!(
+            t,
+            MachineTicks {
+                idle: 1000,
+                iowait: 20,
+                busy: 100 + 5 + 50 + 3 + 2 + 1
+            }
+        );
+        let later = MachineTicks {
+            idle: 1100,
+            iowait: 70,
+            busy: t.busy + 350,
+        };
+        let d = later.since(&t);
+        assert_eq!(d.total(), 500);
+        assert_eq!(d.fractions(), (0.7, 0.1, 0.2));
+        assert_eq!(MachineTicks::default().fractions(), (0.0, 0.0, 0.0));
+        // Older kernels print fewer fields; a line cut short of iowait is not a cpu line.
+        assert_eq!(parse_proc_stat("cpu 1 2 3 4 5\n").map(|t| t.busy), Some(6));
+        assert_eq!(parse_proc_stat("cpu 1 2 3\n"), None);
+        assert_eq!(parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        assert!(MachineTicks::read().is_ok());
     }
 
     #[test]

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use super::markdown::{Table, num};
 use super::stats::mb_per_s;
-use super::{Api, Outcome, REDUNDANCY, Setup, data, procfs, progress, run_with_progress};
-use crate::driver::{Driver, check_output, parse_json};
+use super::{Api, Outcome, REDUNDANCY, Setup, cpu_ticks_of, data, meshctl_timed, procfs, progress};
+use crate::driver::{Driver, parse_json};
 use crate::state::{Mode, ProcessState, Role};
 
 const TOPOLOGY: &str = include_str!("../../topologies/bench-throughput.toml");
@@ -119,30 +119,15 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
     let apis: Vec<Api> = holders.iter().map(Api::of).collect::<anyhow::Result<_>>()?;
     let writer_api = apis[0].clone();
     let mut reset = holder_pids.iter().all(|&p| procfs::reset_peak_rss(p));
-    let cpu_before: Vec<u64> = ticks_of(&holder_pids)?;
+    let cpu_before: Vec<u64> = cpu_ticks_of(&holder_pids)?;
 
     let input_str = input.display().to_string();
     let args = ["--json", "put", &input_str, "--redundancy", REDUNDANCY];
-    progress(
-        NAME,
-        &format!(
-            "$ netsim exec {} -- meshctl {}",
-            writer.name,
-            args.join(" ")
-        ),
-    );
     let total = size * 3;
-    let (out, put_quorum) = run_with_progress(
-        driver.meshctl_command(&writer.name, &args),
-        NAME,
-        "put",
-        || stored_progress(&apis, total),
-    )?;
-    let put = parse_json(
-        &writer.name,
-        &args,
-        &check_output(&writer.name, &args, &out)?,
-    )?;
+    let (out, put_quorum) = meshctl_timed(&driver, &writer.name, &args, NAME, "put", || {
+        stored_progress(&apis, total)
+    })?;
+    let put = parse_json(&writer.name, &args, &out)?;
     let id = super::object_id(&put)?;
     let chunks = put["chunks"].as_u64().unwrap_or(0);
     progress(
@@ -161,7 +146,7 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
         Ok((left == 0, stored_progress(&apis, total)))
     })?;
     let put_all = put_quorum + completing;
-    let cpu_put: Vec<u64> = ticks_of(&holder_pids)?;
+    let cpu_put: Vec<u64> = cpu_ticks_of(&holder_pids)?;
     let put_rss: Vec<u64> = holder_pids
         .iter()
         .map(|&p| procfs::peak_rss(p))
@@ -206,29 +191,17 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
     let mut all_pids = holder_pids.clone();
     all_pids.push(reader_pid);
     reset &= all_pids.iter().all(|&p| procfs::reset_peak_rss(p));
-    let cpu_get_start = ticks_of(&all_pids)?;
+    let cpu_get_start = cpu_ticks_of(&all_pids)?;
     let out_dir = run_dir.join("get");
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).context("cannot create the get directory")?;
     let output = out_dir.join("output.bin");
     let output_str = output.display().to_string();
     let args = ["get", &id, "-o", &output_str];
-    progress(
-        NAME,
-        &format!(
-            "$ netsim exec {} -- meshctl {}",
-            reader.name,
-            args.join(" ")
-        ),
-    );
-    let (out, get_time) = run_with_progress(
-        driver.meshctl_command(&reader.name, &args),
-        NAME,
-        "get",
-        || format!("{:.0} MB read", dir_bytes(&out_dir) as f64 / 1e6),
-    )?;
-    check_output(&reader.name, &args, &out)?;
-    let cpu_get_end = ticks_of(&all_pids)?;
+    let (_, get_time) = meshctl_timed(&driver, &reader.name, &args, NAME, "get", || {
+        format!("{:.0} MB read", dir_bytes(&out_dir) as f64 / 1e6)
+    })?;
+    let cpu_get_end = cpu_ticks_of(&all_pids)?;
     let get_rss: Vec<u64> = all_pids
         .iter()
         .map(|&p| procfs::peak_rss(p))
@@ -421,12 +394,6 @@ fn tables(r: &Result) -> Vec<Table> {
         "peak RSS is VmHWM since the process started (it could not be reset between phases)"
     });
     vec![t, n]
-}
-
-fn ticks_of(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
-    pids.iter()
-        .map(|&p| procfs::cpu_ticks(p).with_context(|| format!("cannot read CPU time of pid {p}")))
-        .collect()
 }
 
 /// "N MB of M stored on the holders", from their status.
