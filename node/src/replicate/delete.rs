@@ -179,6 +179,7 @@ impl Mesh {
         let store = Arc::clone(&self.inner.store);
         let encoded = tombstone.encode();
         let released = tokio::task::spawn_blocking(move || {
+            let _object = store.object_lock(&id);
             store.apply_tombstone(&id, &encoded, entry.as_deref())
         })
         .await
@@ -219,6 +220,7 @@ impl Mesh {
         let object = record.object;
         let store = Arc::clone(&self.inner.store);
         let result = tokio::task::spawn_blocking(move || {
+            let _object = store.object_lock(&object);
             if let Some(existing) = store.record(&object)?
                 && let Ok(existing) = PlacementRecord::decode(&existing)
                 && !record.supersedes(&existing)

@@ -481,7 +481,9 @@ impl Mesh {
         let commit_manifest = manifest.clone();
         let commit_parts = record.parts.clone();
         let is_holder = nodes.contains(&me) || manifest.chunks.is_empty();
+        let store = Arc::clone(&self.inner.store);
         tokio::task::spawn_blocking(move || {
+            let _object = store.object_lock(&object);
             if is_holder {
                 upload.commit_placed(&commit_manifest, &encoded, &local_held, &commit_parts)
             } else {
@@ -1501,6 +1503,7 @@ impl Mesh {
                     return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
                 }
                 let result = tokio::task::spawn_blocking(move || {
+                    let _object = store.object_lock(&object);
                     if let Some(existing) = store.record(&object)?
                         && let Ok(existing) = PlacementRecord::decode(&existing)
                         && existing != record

@@ -328,11 +328,25 @@ impl Mesh {
         let store = Arc::clone(&self.inner.store);
         let commit_manifest: Manifest = manifest.clone();
         let parts = next.parts.clone();
-        tokio::task::spawn_blocking(move || {
-            store.commit_placed(&commit_manifest, &encoded, &held, &parts)
+        let based_on = record.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            // Only on top of the record the repair was planned from: a tombstone or a newer
+            // record that arrived meanwhile wins, and the next scan looks again.
+            let _object = store.object_lock(&object);
+            let current = store.record(&object)?;
+            if current.and_then(|bytes| PlacementRecord::decode(&bytes).ok()) != Some(based_on) {
+                return Ok(false);
+            }
+            store
+                .commit_placed(&commit_manifest, &encoded, &held, &parts)
+                .map(|_| true)
         })
         .await
         .map_err(|_| StoreError::Db("repair worker failed".into()))??;
+        if !committed {
+            debug!(%object, "the record changed while the repair was planned; planning again later");
+            return Ok(());
+        }
         self.enqueue_delivery(object, delivery, Vec::new())
             .await
             .map_err(|e| StoreError::Db(e.to_string()))?;

@@ -201,6 +201,8 @@ pub struct RocksStore {
     path: PathBuf,
     config: Config,
     stripes: Vec<Mutex<()>>,
+    /// Serialize the read-decide-write of one object's record ([`RocksStore::object_lock`]).
+    object_stripes: Vec<Mutex<()>>,
     pins: Mutex<HashMap<ChunkId, u32>>,
 }
 
@@ -286,6 +288,7 @@ impl RocksStore {
             path: path.to_owned(),
             config: config.clone(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            object_stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pins: Mutex::new(HashMap::new()),
         });
         store.check_schema()?;
@@ -331,6 +334,15 @@ impl RocksStore {
         opts.set_sync(sync && self.config.sync_commits);
         self.db.write_opt(batch, &opts)?;
         Ok(())
+    }
+
+    /// Held by whoever reads an object's record, decides on it and writes a new one (a record
+    /// or tombstone from a peer, a repair), so that two such writers cannot both decide on
+    /// the same old record: a tombstone applied between a live record's check and its commit
+    /// would otherwise be overwritten, and the object would come back on this node. The
+    /// store's own methods do not take it; they take chunk stripes, always after it.
+    pub fn object_lock(&self, id: &ObjectId) -> MutexGuard<'_, ()> {
+        lock(&self.object_stripes[usize::from(id.as_bytes()[0]) % STRIPES])
     }
 
     fn stripe(&self, id: &ChunkId) -> usize {
