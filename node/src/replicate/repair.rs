@@ -1,18 +1,18 @@
 //! Repair: re-creating the replicas and shards a dead holder took with it.
 //!
-//! Every few seconds the worker walks the placement records this node keeps. An object with
-//! a dead holder (the peer table says `dead`, or a holder has not been seen at all for
-//! `dead_after` since this node started) is repaired by exactly one node: the live holder with
-//! the lowest peer id, so holders never race each other. That node, for each part below its
-//! target (N live holders for `rep:N`, one per shard for `ec:K+M`), picks new holders with the
-//! placement function (never a peer that already holds that part; for shards, peers holding no
-//! shard of the chunk first), writes the next version of the record without the dead holders,
-//! and queues a durable delivery ([`super::complete`]): the new holders get their parts (a
-//! replica copied from a live holder, a shard rebuilt from K others) and then the record,
-//! every other holder gets the record, and so do the dead ones, so that one coming back
-//! releases the copies it no longer needs. The queue lives in RocksDB, so a restart resumes a
-//! repair where it stopped, and a holder is asked what it has before anything is sent, so
-//! nothing is copied twice. Sends are paced at `repair_rate`.
+//! Every few seconds the worker walks the placement records this node keeps. An object with a
+//! dead holder (the peer table says `dead`, or a holder has not been seen at all for
+//! `dead_after` since this node started and does not answer when asked directly) is repaired by
+//! exactly one node: the live holder with the lowest peer id, so holders never race each other.
+//! That node, for each part below its target (N live holders for `rep:N`, one per shard for
+//! `ec:K+M`), picks new holders with the placement function (never a peer that already holds
+//! that part; for shards, peers holding no shard of the chunk first), writes the next version
+//! of the record without the dead holders, and queues a durable delivery ([`super::complete`]):
+//! the new holders get their parts (a replica copied from a live holder, a shard rebuilt from K
+//! others) and then the record, every other holder gets the record, and so do the dead ones, so
+//! that one coming back releases the copies it no longer needs. The queue lives in RocksDB, so
+//! a restart resumes a repair where it stopped, and a holder is asked what it has before
+//! anything is sent, so nothing is copied twice. Sends are paced at `repair_rate`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -105,6 +105,8 @@ impl Mesh {
         };
         let is_alive = |n: &NodeId| n.0 == me_bytes || view.get(&n.0) == Some(&Liveness::Alive);
 
+        // Unseen holders asked during this scan, and whether they answered.
+        let mut probed: HashMap<PeerId, bool> = HashMap::new();
         let mut below = 0u64;
         let mut backlog = 0u64;
         let mut still_below: HashSet<ObjectId> = HashSet::new();
@@ -154,6 +156,35 @@ impl Mesh {
                 if owes_parts || !record.nodes.iter().any(&is_dead) {
                     continue;
                 }
+                // A holder this node has not heard from since it started may simply not be
+                // connected yet (a restarted node, gossip slower than `dead_after`): it is
+                // asked directly, and only one that does not answer is taken for dead.
+                let mut answered: HashSet<Vec<u8>> = HashSet::new();
+                for node in record
+                    .nodes
+                    .iter()
+                    .filter(|n| is_dead(n) && !view.contains_key(&n.0))
+                {
+                    let Ok(peer) = PeerId::from_bytes(&node.0) else {
+                        continue;
+                    };
+                    let alive = match probed.get(&peer) {
+                        Some(&alive) => alive,
+                        None => {
+                            let alive = self.answers(peer, dead_after).await;
+                            probed.insert(peer, alive);
+                            alive
+                        }
+                    };
+                    if alive {
+                        answered.insert(node.0.clone());
+                    }
+                }
+                let is_dead = |n: &NodeId| is_dead(n) && !answered.contains(&n.0);
+                if !record.nodes.iter().any(is_dead) {
+                    debug!(%object, "a holder not heard from since start answered; no repair");
+                    continue;
+                }
                 if let Err(e) = self
                     .repair_object(object, record, &is_dead, owed_peers)
                     .await
@@ -187,6 +218,15 @@ impl Mesh {
         self.inner.metrics.below_target().set(below as f64);
         self.inner.metrics.repair_backlog().set(backlog as f64);
         Ok(())
+    }
+
+    /// Whether `peer` answers a request (an empty `Has`) within `timeout`.
+    async fn answers(&self, peer: PeerId, timeout: Duration) -> bool {
+        let probe = self.inner.net.chunk(
+            peer,
+            crate::net::Frame::new(mesh_proto::wire::ChunkRequest::Has { ids: Vec::new() }),
+        );
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
     }
 
     /// Places the parts `object` lost on new holders: writes the next record version here and
