@@ -13,7 +13,8 @@
 //! - [`cluster`] starts `mesh-bootstrap` and `meshd` inside the namespaces (or on loopback) and
 //!   owns the child processes; [`control`] is the Unix socket through which `netsim kill`,
 //!   `partition`, `status`, ... talk to the running `netsim up`.
-//! - [`selftest`] measures the router itself (throughput, packets/s, delay precision);
+//! - [`selftest`] measures the router itself (throughput, packets/s, delay precision), and
+//!   [`shaping`] checks that it applies bandwidth, loss and partitions to real traffic;
 //!   [`demo`] drives a three-cloud mesh through `netsim up` and `meshctl` for a newcomer;
 //!   [`bench`] runs whole-system benchmarks the same way. Both start and stop runs through
 //!   [`driver`].
@@ -27,6 +28,7 @@ pub mod link;
 pub mod netns;
 pub mod router;
 pub mod selftest;
+pub mod shaping;
 pub mod state;
 pub mod timer;
 pub mod topology;

@@ -8,8 +8,14 @@
 //! fraction; the bandwidth limit serialises packets one after another (a packet waits for the
 //! ones before it, and a packet that would wait longer than the queue limit is tail-dropped);
 //! then the propagation delay, plus or minus jitter, applies. A packet is never released
-//! before the one sent ahead of it on the same link: jitter varies the delay, it does not
-//! reorder, because real paths rarely reorder and QUIC treats reordering as loss.
+//! before the one its sender sent ahead of it to the same receiver: jitter varies the delay,
+//! it does not reorder, because real paths rarely reorder and QUIC treats reordering as loss.
+//!
+//! The two memories have different owners. The bandwidth is the link's capacity in one
+//! direction, so its [`Queue`] is shared by every node pair whose packets cross the link (two
+//! pairs across a 1 Gbit/s link get 1 Gbit/s together, not each). The no-reordering rule is
+//! about one conversation, so each node pair has its own [`Flow`]: a pair is never held back
+//! by another pair's jitter.
 
 use std::time::Duration;
 
@@ -56,12 +62,17 @@ pub fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// What a link remembers between packets.
+/// What a directed link remembers between packets, whoever sent them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct State {
+pub struct Queue {
     /// When the link has finished serialising the packets queued so far.
     busy_until: u64,
-    /// Release time of the last packet let through, so that none overtakes it.
+}
+
+/// What one node pair's packets on a link remember between them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Release time of the pair's last packet let through, so that none overtakes it.
     last_release: u64,
 }
 
@@ -97,10 +108,12 @@ impl Dice {
     };
 }
 
-/// Decides the fate of a packet of `len` bytes entering the link at `now`.
+/// Decides the fate of a packet of `len` bytes of `flow` entering the link at `now`; `queue`
+/// is the link's, shared with every other flow on it.
 pub fn decide(
     model: &Model,
-    state: &mut State,
+    queue: &mut Queue,
+    flow: &mut Flow,
     now: u64,
     len: usize,
     partitioned: bool,
@@ -115,18 +128,18 @@ pub fn decide(
     let sent = if model.bytes_per_sec == 0 {
         now
     } else {
-        let start = state.busy_until.max(now);
+        let start = queue.busy_until.max(now);
         if start - now > model.queue_limit_ns {
             return Verdict::Drop(DropReason::QueueFull);
         }
         let serialise = (len as u128 * 1_000_000_000 / u128::from(model.bytes_per_sec)) as u64;
-        state.busy_until = start.saturating_add(serialise);
-        state.busy_until
+        queue.busy_until = start.saturating_add(serialise);
+        queue.busy_until
     };
     let jitter = (model.jitter_ns as f64 * dice.jitter.clamp(-1.0, 1.0)) as i64;
     let delay = (model.delay_ns as i64).saturating_add(jitter).max(0) as u64;
-    let at = sent.saturating_add(delay).max(state.last_release);
-    state.last_release = at;
+    let at = sent.saturating_add(delay).max(flow.last_release);
+    flow.last_release = at;
     Verdict::Deliver { at }
 }
 
@@ -147,10 +160,11 @@ mod tests {
 
     #[test]
     fn delay_is_added() {
-        let mut s = State::default();
+        let (mut q, mut f) = (Queue::default(), Flow::default());
         let v = decide(
             &model(15, 0, 0.0, 0),
-            &mut s,
+            &mut q,
+            &mut f,
             1_000,
             1200,
             false,
@@ -161,10 +175,10 @@ mod tests {
 
     #[test]
     fn partition_and_loss_drop() {
-        let mut s = State::default();
+        let (mut q, mut f) = (Queue::default(), Flow::default());
         let m = model(1, 0, 0.5, 0);
         assert_eq!(
-            decide(&m, &mut s, 0, 1, true, Dice::NONE),
+            decide(&m, &mut q, &mut f, 0, 1, true, Dice::NONE),
             Verdict::Drop(DropReason::Partitioned)
         );
         let lost = Dice {
@@ -172,7 +186,7 @@ mod tests {
             jitter: 0.0,
         };
         assert_eq!(
-            decide(&m, &mut s, 0, 1, false, lost),
+            decide(&m, &mut q, &mut f, 0, 1, false, lost),
             Verdict::Drop(DropReason::Loss)
         );
         let kept = Dice {
@@ -180,7 +194,7 @@ mod tests {
             jitter: 0.0,
         };
         assert!(matches!(
-            decide(&m, &mut s, 0, 1, false, kept),
+            decide(&m, &mut q, &mut f, 0, 1, false, kept),
             Verdict::Deliver { .. }
         ));
     }
@@ -189,10 +203,10 @@ mod tests {
     fn bandwidth_serialises_and_tail_drops() {
         // 1 MB/s: a 1000-byte packet takes 1 ms on the wire.
         let m = model(0, 0, 0.0, 1_000_000);
-        let mut s = State::default();
+        let (mut q, mut f) = (Queue::default(), Flow::default());
         let mut last = 0;
         for i in 1..=100u64 {
-            match decide(&m, &mut s, 0, 1000, false, Dice::NONE) {
+            match decide(&m, &mut q, &mut f, 0, 1000, false, Dice::NONE) {
                 Verdict::Deliver { at } => {
                     assert_eq!(at, i * 1_000_000);
                     last = at;
@@ -202,9 +216,55 @@ mod tests {
         }
         assert_eq!(last, 100_000_000);
         // The queue now holds 100 ms: the next packet is over the limit.
-        let _ = decide(&m, &mut s, 0, 1000, false, Dice::NONE);
+        let _ = decide(&m, &mut q, &mut f, 0, 1000, false, Dice::NONE);
         assert_eq!(
-            decide(&m, &mut s, 0, 1000, false, Dice::NONE),
+            decide(&m, &mut q, &mut f, 0, 1000, false, Dice::NONE),
+            Verdict::Drop(DropReason::QueueFull)
+        );
+    }
+
+    #[test]
+    fn flows_share_the_bandwidth_and_each_keeps_its_order() {
+        // 1 MB/s: a 1000-byte packet takes 1 ms on the wire, whichever flow sent it.
+        let m = model(10, 5, 0.0, 1_000_000);
+        let mut q = Queue::default();
+        let (mut a, mut b) = (Flow::default(), Flow::default());
+        let late = Dice {
+            loss: 1.0,
+            jitter: 1.0,
+        };
+        let early = Dice {
+            loss: 1.0,
+            jitter: -1.0,
+        };
+        // a's packet is serialised first, then b's behind it: 2 ms for both, not 1 ms each.
+        assert_eq!(
+            decide(&m, &mut q, &mut a, 0, 1000, false, late),
+            Verdict::Deliver { at: 16_000_000 }
+        );
+        assert_eq!(
+            decide(&m, &mut q, &mut b, 0, 1000, false, early),
+            Verdict::Deliver { at: 7_000_000 }
+        );
+        // b may arrive before a's earlier packet (another pair), but a's next packet may not.
+        assert_eq!(
+            decide(&m, &mut q, &mut a, 0, 1000, false, early),
+            Verdict::Deliver { at: 16_000_000 }
+        );
+        // The queue is shared: 97 more packets fill it to its 100 ms, whoever sends them.
+        for i in 0..97 {
+            let flow = if i % 2 == 0 { &mut a } else { &mut b };
+            assert!(matches!(
+                decide(&m, &mut q, flow, 0, 1000, false, Dice::NONE),
+                Verdict::Deliver { .. }
+            ));
+        }
+        assert_eq!(
+            decide(&m, &mut q, &mut b, 0, 1000, false, Dice::NONE),
+            Verdict::Deliver { at: 111_000_000 }
+        );
+        assert_eq!(
+            decide(&m, &mut q, &mut b, 0, 1000, false, Dice::NONE),
             Verdict::Drop(DropReason::QueueFull)
         );
     }
@@ -218,12 +278,12 @@ mod tests {
         ) {
             let jitter_ms = (delay_ms as f64 * jitter_frac) as u64;
             let m = model(delay_ms, jitter_ms, 0.0, 0);
-            let mut s = State::default();
+            let (mut q, mut f) = (Queue::default(), Flow::default());
             let mut now = 0u64;
             let mut previous = 0u64;
             for (gap, len, j) in packets {
                 now += gap;
-                let Verdict::Deliver { at } = decide(&m, &mut s, now, len, false, Dice { loss: 1.0, jitter: j }) else {
+                let Verdict::Deliver { at } = decide(&m, &mut q, &mut f, now, len, false, Dice { loss: 1.0, jitter: j }) else {
                     panic!("an ideal link dropped a packet");
                 };
                 prop_assert!(at >= previous, "reordered");
@@ -234,20 +294,22 @@ mod tests {
             }
         }
 
+        /// However many flows share the link, together they get its bandwidth.
         #[test]
         fn bandwidth_is_never_exceeded(
             bytes_per_sec in 10_000u64..1_000_000_000,
-            packets in prop::collection::vec((0u64..2_000_000, 1usize..9_000), 1..300),
+            packets in prop::collection::vec((0u64..2_000_000, 1usize..9_000, 0usize..4), 1..300),
         ) {
             let m = model(5, 0, 0.0, bytes_per_sec);
-            let mut s = State::default();
+            let mut q = Queue::default();
+            let mut flows = [Flow::default(); 4];
             let mut now = 0u64;
             let mut first: Option<u64> = None;
             let mut last = 0u64;
             let mut bytes = 0u128;
-            for (gap, len) in packets {
+            for (gap, len, flow) in packets {
                 now += gap;
-                if let Verdict::Deliver { at } = decide(&m, &mut s, now, len, false, Dice::NONE) {
+                if let Verdict::Deliver { at } = decide(&m, &mut q, &mut flows[flow], now, len, false, Dice::NONE) {
                     // The first packet's own serialisation happens before its release.
                     let start = at - m.delay_ns - (len as u128 * 1_000_000_000 / u128::from(bytes_per_sec)) as u64;
                     first.get_or_insert(start);
@@ -265,9 +327,9 @@ mod tests {
         #[test]
         fn loss_rate_is_respected(loss in 0.0f64..1.0, draws in prop::collection::vec(0.0f64..1.0, 1..500)) {
             let m = model(1, 0, loss, 0);
-            let mut s = State::default();
+            let (mut q, mut f) = (Queue::default(), Flow::default());
             for d in draws {
-                let v = decide(&m, &mut s, 0, 100, false, Dice { loss: d, jitter: 0.0 });
+                let v = decide(&m, &mut q, &mut f, 0, 100, false, Dice { loss: d, jitter: 0.0 });
                 prop_assert_eq!(matches!(v, Verdict::Drop(DropReason::Loss)), loss > 0.0 && d < loss);
             }
         }

@@ -6,7 +6,10 @@
 //!   the destination from the IPv4 header (`10.77.R.N` indexes a table directly), asks
 //!   [`link::decide`] when the packet may arrive, and passes the round's packets to egress in
 //!   one batch (one channel operation and at most one wake-up per round, not per packet). It
-//!   also owns the link states and partitions, and applies [`Control`] messages between rounds.
+//!   also owns the link states and partitions, and applies [`Control`] messages between rounds:
+//!   one [`link::Queue`] per directed region link, so a link's bandwidth is shared by all the
+//!   traffic that crosses it, and one [`link::Flow`] per ordered node pair, so that no packet
+//!   overtakes an earlier one of the same pair.
 //! - **egress** keeps the packets in a [`TimerQueue`] and writes each into its destination TUN
 //!   when due, sleeping until the next release time otherwise.
 //!
@@ -215,7 +218,8 @@ impl Router {
             table,
             regions,
             links: flat,
-            states: vec![link::State::default(); n * n],
+            queues: vec![link::Queue::default(); regions * regions],
+            flows: vec![link::Flow::default(); n * n],
             partitioned: vec![false; regions * regions],
             control: control_rx,
             out: batch_tx,
@@ -302,8 +306,10 @@ struct Ingress {
     regions: usize,
     /// `links[from_region * regions + to_region]`.
     links: Vec<Model>,
-    /// `states[src_endpoint * n + dst_endpoint]`.
-    states: Vec<link::State>,
+    /// `queues[from_region * regions + to_region]`, like `links`.
+    queues: Vec<link::Queue>,
+    /// `flows[src_endpoint * n + dst_endpoint]`.
+    flows: Vec<link::Flow>,
     partitioned: Vec<bool>,
     control: Receiver<Control>,
     out: Sender<Vec<Packet>>,
@@ -428,8 +434,15 @@ impl Ingress {
             Dice::NONE
         };
         let now = self.clock.now();
-        let state = &mut self.states[src * n + usize::from(dst)];
-        let verdict = link::decide(&model, state, now, len, self.partitioned[link_index], dice);
+        let verdict = link::decide(
+            &model,
+            &mut self.queues[link_index],
+            &mut self.flows[src * n + usize::from(dst)],
+            now,
+            len,
+            self.partitioned[link_index],
+            dice,
+        );
         let at = match verdict {
             Verdict::Deliver { at } => at,
             Verdict::Drop(reason) => {

@@ -11,9 +11,9 @@
 //!   steady rate and the receiver compares each probe's one-way time with the configured delay
 //!   (both threads read the same monotonic clock). The error includes both kernels' UDP paths.
 
-use std::net::{SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -83,7 +83,7 @@ pub enum Error {
     Socket(#[from] std::io::Error),
 }
 
-/// Deletes the selftest's namespaces however the test ends.
+/// Deletes a lab's namespaces however its measurement ends.
 struct Namespaces(Vec<String>);
 
 impl Drop for Namespaces {
@@ -94,6 +94,71 @@ impl Drop for Namespaces {
     }
 }
 
+/// Nodes in namespaces of their own, each with its TUN, and a router between them: what the
+/// router's own measurements run on. Dropping it stops the router, then deletes the
+/// namespaces.
+pub(crate) struct Lab {
+    pub(crate) router: Router,
+    /// Declared after the router, so dropped after it has closed the TUNs.
+    names: Namespaces,
+    addrs: Vec<Ipv4Addr>,
+}
+
+/// Tells apart the labs of one process, e.g. two tests running side by side.
+static LABS_STARTED: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Starts node `i` in region `regions[i]`, with ideal links between all regions.
+    /// `label` goes into the namespace names, with the pid and a per-lab number.
+    pub(crate) fn start(label: &str, regions: &[usize]) -> Result<Lab, Error> {
+        if !netns::have_privileges() {
+            return Err(Error::NotRoot);
+        }
+        let lab = LABS_STARTED.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("netsim-{label}-{}-{lab}", std::process::id());
+        let region_count = regions.iter().max().map_or(0, |r| r + 1);
+        let mut names = Namespaces(Vec::with_capacity(regions.len()));
+        let mut addrs = Vec::with_capacity(regions.len());
+        let mut endpoints = Vec::with_capacity(regions.len());
+        let mut slots = vec![0; region_count];
+        for (i, &region) in regions.iter().enumerate() {
+            slots[region] += 1;
+            let addr = router::address(region, slots[region]);
+            let name = format!("{prefix}-{i}");
+            // Recorded first, so that a half-made namespace is deleted too.
+            names.0.push(name.clone());
+            netns::create(&name)?;
+            endpoints.push(Endpoint {
+                device: netns::create_tun(&name, addr)?,
+                addr,
+                region,
+            });
+            addrs.push(addr);
+        }
+        let router = Router::start(
+            endpoints,
+            vec![vec![Model::ideal(); region_count]; region_count],
+        )?;
+        Ok(Lab {
+            router,
+            names,
+            addrs,
+        })
+    }
+
+    pub(crate) fn addr(&self, node: usize) -> Ipv4Addr {
+        self.addrs[node]
+    }
+
+    /// A UDP socket in `node`'s namespace, bound to its address and `port` (0 for any).
+    pub(crate) fn bind(&self, node: usize, port: u16) -> Result<UdpSocket, Error> {
+        let addr = self.addrs[node];
+        Ok(netns::run_in(&self.names.0[node], move || {
+            UdpSocket::bind((addr, port))
+        })??)
+    }
+}
+
 const PORT: u16 = 9_000;
 /// Bytes the throughput sender lets be in flight before it waits for the receiver.
 const WINDOW_BYTES: u64 = 4 << 20;
@@ -101,33 +166,17 @@ const SMALL: usize = 1200;
 const LARGE: usize = 60_000;
 
 pub fn run(options: &Options) -> Result<Report, Error> {
-    if !netns::have_privileges() {
-        return Err(Error::NotRoot);
-    }
-    let prefix = format!("netsim-selftest-{}", std::process::id());
-    let names = Namespaces(vec![format!("{prefix}-a"), format!("{prefix}-b")]);
-    let a_addr = router::address(0, 1);
-    let b_addr = router::address(1, 1);
-    let mut endpoints = Vec::new();
-    for (i, (name, addr)) in names.0.iter().zip([a_addr, b_addr]).enumerate() {
-        netns::create(name)?;
-        endpoints.push(Endpoint {
-            device: netns::create_tun(name, addr)?,
-            addr,
-            region: i,
-        });
-    }
-    let router = Router::start(endpoints, vec![vec![Model::ideal(); 2]; 2])?;
-
-    let sender = netns::run_in(&names.0[0], move || UdpSocket::bind((a_addr, 0)))??;
-    sender.connect(SocketAddrV4::new(b_addr, PORT))?;
-    let receiver = netns::run_in(&names.0[1], move || UdpSocket::bind((b_addr, PORT)))??;
+    let lab = Lab::start("selftest", &[0, 1])?;
+    let router = &lab.router;
+    let sender = lab.bind(0, 0)?;
+    sender.connect(SocketAddrV4::new(lab.addr(1), PORT))?;
+    let receiver = lab.bind(1, PORT)?;
     receiver.set_read_timeout(Some(Duration::from_millis(50)))?;
     let sender = Arc::new(sender);
     let receiver = Arc::new(receiver);
 
-    let small = throughput(&router, &sender, &receiver, SMALL, options.phase)?;
-    let large = throughput(&router, &sender, &receiver, LARGE, options.phase)?;
+    let small = throughput(router, &sender, &receiver, SMALL, options.phase)?;
+    let large = throughput(router, &sender, &receiver, LARGE, options.phase)?;
 
     let delay = Model {
         delay_ns: link::duration_ns(options.delay),
@@ -140,8 +189,7 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     });
     let precision = precision(&sender, &receiver, options)?;
     let drops = router.stats();
-    router.stop();
-    drop(names);
+    drop(lab);
 
     let mut failures = Vec::new();
     if small.packets_per_sec < GOAL_PACKETS_PER_SEC {
