@@ -274,3 +274,95 @@ action = "heal"
     assert!(out.status.success(), "{}", self::text(&out));
     assert!(up.wait().expect("up exits").success());
 }
+
+#[test]
+fn sigterm_tears_down_and_the_next_up_cleans_a_crashed_run() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = fake_bin_dir(dir.path());
+    let run_dir = dir.path().join("run");
+
+    // SIGTERM (a service manager stopping it; Ctrl-C is SIGINT, handled the same way) takes
+    // every process and namespace along, and `up` exits by itself.
+    let mut up = start_up(&run_dir, &bin);
+    wait_for("every process to start", Duration::from_secs(30), || {
+        all_running(&run_dir)
+    });
+    let first = state::load(&run_dir).expect("state");
+    let pids: Vec<u32> = first.nodes.iter().filter_map(|n| n.pid).collect();
+    assert_eq!(pids.len(), 7);
+    let sent = Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    wait_for(
+        "netsim up to exit after SIGTERM",
+        Duration::from_secs(30),
+        || matches!(up.try_wait(), Ok(Some(_))),
+    );
+    assert!(
+        pids.iter().all(|pid| !state::process_alive(*pid, "sleep")),
+        "a child outlived netsim up"
+    );
+    for ns in &first.namespaces {
+        assert!(
+            !mesh_netsim::netns::exists(ns),
+            "{ns} is left after SIGTERM"
+        );
+    }
+    assert!(
+        !state::state_path(&run_dir).exists(),
+        "the state file is left"
+    );
+
+    // A crash (SIGKILL) cannot clean up: its children die with it, its namespaces stay ...
+    let mut up = start_up(&run_dir, &bin);
+    wait_for("every process to start", Duration::from_secs(30), || {
+        all_running(&run_dir)
+    });
+    let crashed = state::load(&run_dir).expect("state");
+    up.kill().expect("kill -9 netsim up");
+    let _ = up.wait();
+    assert!(
+        crashed
+            .namespaces
+            .iter()
+            .all(|ns| mesh_netsim::netns::exists(ns)),
+        "a crash left no namespaces to clean"
+    );
+    // ... and the next `up` removes them before it starts its own run.
+    let up = Command::new(env!("CARGO_BIN_EXE_netsim"))
+        .arg("up")
+        .arg(topology())
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--bin-dir")
+        .arg(&bin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start netsim up");
+    // (The crashed run's state file says "running" too until the new run replaces it.)
+    wait_for("the new run to start", Duration::from_secs(30), || {
+        state::load(&run_dir).is_ok_and(|s| s.run != crashed.run) && all_running(&run_dir)
+    });
+    for ns in &crashed.namespaces {
+        assert!(
+            !mesh_netsim::netns::exists(ns),
+            "{ns} of the crashed run is left"
+        );
+    }
+    let third = state::load(&run_dir).expect("state");
+    let out = netsim(&run_dir, &["down"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = up.wait_with_output().expect("up exits");
+    let printed = text(&printed);
+    assert!(
+        printed.contains(&format!("cleaned up after run {}", crashed.run)),
+        "{printed}"
+    );
+    for ns in &third.namespaces {
+        assert!(!mesh_netsim::netns::exists(ns), "{ns} is left");
+    }
+}
