@@ -20,7 +20,7 @@ pub const WIRE_VERSION: u8 = 1;
 
 /// Kademlia protocol name of the mesh (contract).
 pub const KAD_PROTOCOL: &str = "/mesh/kad/1.0.0";
-/// Chunk transfer: store, fetch, has.
+/// Chunk transfer: store, fetch, has, and copy (fetch from a named holder and store).
 pub const CHUNK_PROTOCOL: &str = "/mesh/chunk/1";
 /// Placement records and manifests.
 pub const CONTROL_PROTOCOL: &str = "/mesh/control/1";

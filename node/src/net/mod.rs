@@ -5,7 +5,7 @@
 //! under `/mesh/kad/1.0.0`, identify (carries zone, role and version), ping (RTT samples),
 //! gossipsub (signed load reports), AutoNAT, DCUtR, an optional relay server (bootstrap
 //! peers), connection limits, and three request-response protocols with bounded frames:
-//! `/mesh/chunk/1` (store, fetch, has), `/mesh/control/1` (placement records, manifests) and
+//! `/mesh/chunk/1` (store, fetch, has, copy), `/mesh/control/1` (placement records, manifests) and
 //! `/mesh/auth/1` (membership proof).
 //!
 //! Data flow: outbound requests come in as commands and their responses go back through the

@@ -14,7 +14,9 @@
 //! that acknowledged something, over `/mesh/control/1`; each commits its part, keeps the record
 //! and announces the object in the DHT. Holders still owed chunks (or the record) are written
 //! to a durable queue before the put returns; [`complete`] finishes them in the background,
-//! after a restart too.
+//! after a restart too. A replica the sender does not hold itself is not relayed: the holder
+//! to be fetches it from a holder that has it (`ChunkRequest::Copy`, served by
+//! `answer_copy`), so the bytes cross the network once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
