@@ -57,17 +57,24 @@ fn start_up(run_dir: &Path, bin: &Path) -> Child {
 }
 
 fn start_topology(run_dir: &Path, bin: &Path, topology: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_netsim"))
+    up_command(run_dir, bin, topology)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start netsim up")
+}
+
+/// `netsim up TOPOLOGY` on `run_dir` with the stand-in binaries; standard error discarded.
+fn up_command(run_dir: &Path, bin: &Path, topology: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_netsim"));
+    command
         .arg("up")
         .arg(topology)
         .arg("--run-dir")
         .arg(run_dir)
         .arg("--bin-dir")
         .arg(bin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start netsim up")
+        .stderr(Stdio::null());
+    command
 }
 
 /// Waits until `check` holds, failing after `limit`.
@@ -332,15 +339,8 @@ fn sigterm_tears_down_and_the_next_up_cleans_a_crashed_run() {
         "a crash left no namespaces to clean"
     );
     // ... and the next `up` removes them before it starts its own run.
-    let up = Command::new(env!("CARGO_BIN_EXE_netsim"))
-        .arg("up")
-        .arg(topology())
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .arg("--bin-dir")
-        .arg(&bin)
+    let up = up_command(&run_dir, &bin, &topology())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .expect("start netsim up");
     // (The crashed run's state file says "running" too until the new run replaces it.)

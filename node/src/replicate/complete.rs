@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Mesh, MeshError, lock, now_ms, store_remote};
+use super::{Mesh, MeshError, lock, now_ms, store_remote, stored_answer};
 use crate::net::{Frame, Network};
 use crate::objects::IngestError;
 use crate::store::MetaStore;
@@ -203,21 +203,8 @@ async fn copy_remote(
     if from.is_empty() {
         return Err("no other holder to copy from".into());
     }
-    match net
-        .chunk(peer, Frame::new(ChunkRequest::Copy { id, from }))
-        .await
-    {
-        Ok(Frame {
-            header: ChunkResponse::Stored { new },
-            ..
-        }) => Ok(new),
-        Ok(Frame {
-            header: ChunkResponse::Refused { reason, message },
-            ..
-        }) => Err(format!("{peer} refused: {reason}: {message}")),
-        Ok(other) => Err(format!("{peer} answered {:?}", other.header)),
-        Err(e) => Err(e.to_string()),
-    }
+    let request = Frame::new(ChunkRequest::Copy { id, from });
+    stored_answer(peer, net.chunk(peer, request).await)
 }
 
 /// Sends a placement record (with the manifest as payload) and checks the holder kept it.

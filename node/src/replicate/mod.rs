@@ -170,7 +170,15 @@ async fn store_remote(
     data: Bytes,
 ) -> Result<bool, String> {
     let request = Frame::with_payload(ChunkRequest::Store { id }, data);
-    match net.chunk(peer, request).await {
+    stored_answer(peer, net.chunk(peer, request).await)
+}
+
+/// `Ok(new)` when `peer` answered a `Store` or `Copy` with `Stored`, else what went wrong.
+fn stored_answer(
+    peer: PeerId,
+    answer: Result<Frame<ChunkResponse>, crate::net::NetError>,
+) -> Result<bool, String> {
+    match answer {
         Ok(Frame {
             header: ChunkResponse::Stored { new },
             ..
