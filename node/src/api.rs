@@ -15,7 +15,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use mesh_proto::api::{
@@ -42,6 +42,8 @@ pub struct ApiState {
     inner: Arc<Inner>,
     /// Status and start of scrub passes (`/v1/scrub`); see [`ApiState::with_scrub`].
     scrub: Option<crate::scrub::Handle>,
+    /// The job coordinator (`/v1/jobs`); see [`ApiState::with_jobs`].
+    jobs: Option<crate::jobs::coordinator::Coordinator>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -88,6 +90,7 @@ impl ApiState {
                 uploads,
             }),
             scrub: None,
+            jobs: None,
         }
     }
 }
@@ -97,6 +100,22 @@ impl ApiState {
     pub fn with_scrub(mut self, scrub: crate::scrub::Handle) -> Self {
         self.scrub = Some(scrub);
         self
+    }
+
+    /// Serves job submission and reports.
+    pub fn with_jobs(mut self, jobs: crate::jobs::coordinator::Coordinator) -> Self {
+        self.jobs = Some(jobs);
+        self
+    }
+
+    fn jobs(&self) -> Result<crate::jobs::coordinator::Coordinator, ApiError> {
+        self.jobs.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "this node runs no job service",
+            )
+        })
     }
 
     fn scrub(&self) -> Result<crate::scrub::Handle, ApiError> {
@@ -121,6 +140,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/repair", get(repair))
         .route("/v1/peers", get(peers))
         .route("/v1/scrub", get(scrub_status).post(scrub_start))
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs/{id}", get(job_status).delete(forget_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
@@ -228,6 +250,7 @@ impl From<MeshError> for ApiError {
             ),
             MeshError::Ingest(e) => e.into(),
             MeshError::Store(e) => e.into(),
+            MeshError::Invalid(reason) => Self::internal(reason),
         }
     }
 }
@@ -329,7 +352,7 @@ async fn put_object(
     result
 }
 
-async fn put_object_from<R: AsyncRead + Unpin>(
+async fn put_object_from<R: AsyncRead + Unpin + Send>(
     state: &ApiState,
     query: Result<Query<PutQuery>, QueryRejection>,
     reader: R,
@@ -373,6 +396,7 @@ async fn put_object_from<R: AsyncRead + Unpin>(
         name: query.name,
         redundancy,
         chunker,
+        created_ms: None,
     };
     let quorum = query
         .quorum
@@ -769,6 +793,72 @@ async fn scrub_start(State(state): State<ApiState>) -> Result<Json<ScrubStartRes
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, ErrorCode::BadRequest, e.to_string()))?;
     let status = blocking(move || scrub.status()).await?;
     Ok(Json(ScrubStartResponse { started, status }))
+}
+
+impl From<crate::jobs::coordinator::JobError> for ApiError {
+    fn from(e: crate::jobs::coordinator::JobError) -> Self {
+        use crate::jobs::coordinator::JobError;
+        match e {
+            JobError::Spec(_) | JobError::Invalid(_) | JobError::InputNotFound(_) => {
+                Self::bad_request(e.to_string())
+            }
+            JobError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+            }
+            JobError::Store(e) => e.into(),
+            JobError::Mesh(e) => e.into(),
+        }
+    }
+}
+
+fn parse_job_id(
+    path: Result<Path<String>, PathRejection>,
+) -> Result<mesh_proto::JobId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    raw.parse()
+        .map_err(|e| ApiError::bad_request(format!("bad job id {raw:?}: {e}")))
+}
+
+/// `POST /v1/jobs`: checks a job spec and starts coordinating it here.
+async fn submit_job(
+    State(state): State<ApiState>,
+    body: Result<Json<mesh_proto::job::JobSubmit>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<mesh_proto::job::SubmitResponse>, ApiError> {
+    let Json(submit) = body.map_err(|e| ApiError::bad_request(format!("bad job spec: {}", e.body_text())))?;
+    Ok(Json(state.jobs()?.submit(submit).await?))
+}
+
+async fn list_jobs(
+    State(state): State<ApiState>,
+) -> Result<Json<mesh_proto::job::JobList>, ApiError> {
+    Ok(Json(state.jobs()?.list()))
+}
+
+async fn job_status(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<mesh_proto::job::JobStatus>, ApiError> {
+    let id = parse_job_id(path)?;
+    Ok(Json(state.jobs()?.status(id)?))
+}
+
+async fn cancel_job(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<mesh_proto::job::JobStatus>, ApiError> {
+    let id = parse_job_id(path)?;
+    let jobs = state.jobs()?;
+    jobs.cancel(id)?;
+    Ok(Json(jobs.status(id)?))
+}
+
+async fn forget_job(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_job_id(path)?;
+    state.jobs()?.forget(id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn peers(State(state): State<ApiState>) -> Json<PeersResponse> {

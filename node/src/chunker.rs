@@ -149,6 +149,49 @@ pub struct Chunker<R> {
     eof: bool,
 }
 
+/// Where a put takes its chunks from: a [`Chunker`] over a byte stream, or chunks cut before
+/// ([`PreCut`], for task outputs whose chunk boundaries are decided by the task).
+pub trait ChunkSource: Send {
+    fn next_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, ChunkError>> + Send;
+}
+
+impl<R: AsyncRead + Unpin + Send> ChunkSource for Chunker<R> {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ChunkError> {
+        Chunker::next_chunk(self).await
+    }
+}
+
+/// Chunks already cut, handed out in order.
+#[derive(Debug, Default)]
+pub struct PreCut(pub std::collections::VecDeque<Bytes>);
+
+impl ChunkSource for PreCut {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ChunkError> {
+        Ok(self.0.pop_front())
+    }
+}
+
+/// Cuts an in-memory buffer with `spec` (the same cuts a [`Chunker`] makes over a stream of
+/// the same bytes).
+pub fn cut_all(data: &Bytes, spec: ChunkerSpec) -> Result<Vec<Bytes>, ChunkError> {
+    let cutter = Cutter::new(spec);
+    let mut chunks = Vec::new();
+    let mut at = 0usize;
+    while at < data.len() {
+        let window = &data[at..];
+        let eof = window.len() <= cutter.lookahead();
+        let len = cutter.cut(window, eof, at as u64)?;
+        if len == 0 {
+            break;
+        }
+        chunks.push(data.slice(at..at + len));
+        at += len;
+    }
+    Ok(chunks)
+}
+
 impl<R: AsyncRead + Unpin> Chunker<R> {
     pub fn new(reader: R, spec: ChunkerSpec) -> Self {
         let cutter = Cutter::new(spec);
@@ -204,6 +247,32 @@ mod tests {
     use tokio::io::ReadBuf;
 
     use super::*;
+
+    #[tokio::test]
+    async fn cutting_a_buffer_makes_the_cuts_the_stream_chunker_makes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut data = Vec::new();
+        while data.len() < 3 << 20 {
+            let n = rng.random_range(10..400);
+            data.extend(std::iter::repeat_n(b'a' + (n % 26) as u8, n));
+            data.push(b'\n');
+        }
+        let spec = ChunkerSpec::Records {
+            format: RecordFormat::Jsonl,
+            min: 64 * 1024,
+            avg: 256 * 1024,
+            max: 1024 * 1024,
+        };
+        let data = Bytes::from(data);
+        let cut = cut_all(&data, spec).unwrap();
+        let mut chunker = Chunker::new(&data[..], spec);
+        let mut streamed = Vec::new();
+        while let Some(c) = chunker.next_chunk().await.unwrap() {
+            streamed.push(c);
+        }
+        assert!(cut.len() > 3);
+        assert_eq!(cut, streamed);
+    }
 
     /// A reader that hands out its data in reads of random sizes.
     struct Trickle {

@@ -410,6 +410,21 @@ impl Metrics {
         &self.inner.tombstones_abandoned
     }
 
+    /// A counter registered on first use (the job service's `mesh_job_*_total`).
+    pub fn counter(&self, name: &'static str) -> Counter {
+        self.inner
+            .recorder
+            .register_counter(&Key::from_static_name(name), &METADATA)
+    }
+    /// A gauge registered on first use, with one label.
+    pub fn gauge(&self, name: &'static str, label: Option<(&'static str, &'static str)>) -> Gauge {
+        let key = match label {
+            Some((k, v)) => Key::from_parts(name, vec![Label::new(k, v)]),
+            None => Key::from_static_name(name),
+        };
+        self.inner.recorder.register_gauge(&key, &METADATA)
+    }
+
     /// Counts an error answer with its code.
     pub fn api_error(&self, code: &'static str) {
         let key = Key::from_parts("mesh_api_errors_total", vec![Label::new("code", code)]);

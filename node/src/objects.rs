@@ -45,6 +45,9 @@ pub struct PutOptions {
     pub name: Option<String>,
     pub redundancy: Redundancy,
     pub chunker: ChunkerSpec,
+    /// The manifest's creation time; `None` is now. A job's outputs fix it, so that the same
+    /// input always makes the same object.
+    pub created_ms: Option<u64>,
 }
 
 /// Reads `reader` to its end, stores its chunks and commits the object.

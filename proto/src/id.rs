@@ -105,6 +105,10 @@ digest_id!(
     /// The BLAKE3-256 digest of an object's canonical manifest encoding.
     ObjectId
 );
+digest_id!(
+    /// The BLAKE3-256 digest of a job's canonical spec encoding.
+    JobId
+);
 
 fn parse_digest(s: &str) -> Result<[u8; DIGEST_LEN], IdParseError> {
     let len = s.chars().count();

@@ -7,6 +7,8 @@
 //! - [`manifest`]: the versioned, canonically encoded description of an object.
 //! - [`wire`]: what nodes say to each other: framed chunk, control and membership messages,
 //!   gossiped load reports and placement records, each versioned and bounded.
+//! - [`job`]: job specs and their canonical [`JobId`], the job protocol's messages (claim,
+//!   renew, finish) and the job report.
 //! - [`api`]: request and response types of the meshd control API, so that `meshd` and `meshctl`
 //!   cannot drift apart.
 //!
@@ -16,11 +18,12 @@
 
 pub mod api;
 pub mod id;
+pub mod job;
 pub mod manifest;
 pub mod policy;
 pub mod wire;
 
-pub use id::{ChunkId, IdParseError, ObjectId};
+pub use id::{ChunkId, IdParseError, JobId, ObjectId};
 pub use manifest::{ChunkRef, Manifest, ManifestError};
 pub use policy::{ChunkerSpec, PolicyError, RecordFormat, Redundancy};
 

@@ -30,6 +30,8 @@ pub const AUTH_PROTOCOL: &str = "/mesh/auth/1";
 pub const IDENTIFY_PROTOCOL: &str = "/mesh/id/1";
 /// Gossipsub topic of load reports.
 pub const LOAD_TOPIC: &str = "mesh/load/1";
+/// Gossipsub topic of job announcements.
+pub const JOB_TOPIC: &str = "mesh/jobs/1";
 
 /// Most chunk ids one `Has` request may carry.
 pub const MAX_HAS_IDS: usize = 4096;
@@ -39,6 +41,8 @@ pub const MAX_COPY_SOURCES: usize = 16;
 pub const MAX_NODE_ID_LEN: usize = 64;
 /// Longest load report on the wire (gossipsub caps messages at 64 KiB anyway).
 pub const MAX_LOAD_REPORT_LEN: usize = 4096;
+/// Most `exec:` processor names one load report carries.
+pub const MAX_REPORTED_PROCESSORS: usize = 32;
 /// Longest zone path.
 pub const MAX_ZONE_LEN: usize = 256;
 /// Most distinct holders one placement record may name.
@@ -280,6 +284,8 @@ pub enum ControlRequest {
     /// record, with no part lists (see [`PlacementRecord::validate_tombstone`]). No payload.
     /// The receiver keeps the tombstone and releases its share of the object.
     DeleteObject { record: PlacementRecord },
+    /// The job protocol: claiming, renewing and finishing tasks (see [`crate::job`]).
+    Job(crate::job::JobRequest),
 }
 
 /// Control protocol response. `Object` carries the manifest's bytes as the frame payload.
@@ -289,6 +295,7 @@ pub enum ControlResponse {
     Object { record: PlacementRecord },
     NotFound,
     Refused { reason: Refusal, message: String },
+    Job(crate::job::JobResponse),
 }
 
 /// Membership challenge: prove you know the cluster key by keying a hash of this nonce.
@@ -341,6 +348,8 @@ pub struct LoadReport {
     pub tasks_queued: u32,
     pub net_rx_bytes_per_sec: u64,
     pub net_tx_bytes_per_sec: u64,
+    /// `exec:` processors this node's config registers (jobs needing them ask it).
+    pub processors: Vec<String>,
 }
 
 impl LoadReport {
@@ -370,6 +379,13 @@ impl LoadReport {
         }
         if !report.cpu.is_finite() {
             return Err(WireError::Malformed("cpu is not a number".into()));
+        }
+        if report.processors.len() > MAX_REPORTED_PROCESSORS
+            || report.processors.iter().any(|p| p.len() > 64)
+        {
+            return Err(WireError::Malformed(
+                "too many or too long processor names".into(),
+            ));
         }
         Ok(report)
     }

@@ -3,9 +3,11 @@
 //!
 //! Behaviours: QUIC transport (with DNS, and a relay client for nodes behind NAT), Kademlia
 //! under `/mesh/kad/1.0.0`, identify (carries zone, role and version), ping (RTT samples),
-//! gossipsub (signed load reports), AutoNAT, DCUtR, an optional relay server (bootstrap
+//! gossipsub (signed load reports, and job announcements handed to [`Network::job_announcements`]
+//! subscribers), AutoNAT, DCUtR, an optional relay server (bootstrap
 //! peers), connection limits, and three request-response protocols with bounded frames:
-//! `/mesh/chunk/1` (store, fetch, has, copy), `/mesh/control/1` (placement records, manifests) and
+//! `/mesh/chunk/1` (store, fetch, has, copy), `/mesh/control/1` (placement records, manifests,
+//! the job protocol's claims) and
 //! `/mesh/auth/1` (membership proof).
 //!
 //! Data flow: outbound requests come in as commands and their responses go back through the
@@ -44,7 +46,7 @@ use mesh_proto::wire::{
     self, AuthRequest, AuthResponse, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     Limits, LoadReport, NodeId, Refusal,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -195,7 +197,13 @@ pub enum Command {
         peer: PeerId,
         rtt: Duration,
     },
+    /// Gossip a job announcement.
+    AnnounceJob(mesh_proto::job::JobAnnouncement),
 }
+
+/// Job announcements heard over gossip, with the peer that published them, buffered for
+/// slow subscribers (a lagging one skips some; they are repeated every few seconds).
+const JOB_ANNOUNCEMENTS: usize = 1024;
 
 /// The cloneable handle to the network.
 #[derive(Debug, Clone)]
@@ -205,9 +213,25 @@ pub struct Network {
     status: watch::Receiver<Arc<NetStatus>>,
     local_peer_id: PeerId,
     zone: String,
+    jobs: broadcast::Sender<(PeerId, mesh_proto::job::JobAnnouncement)>,
 }
 
 impl Network {
+    /// Job announcements gossiped by other nodes from now on.
+    pub fn job_announcements(
+        &self,
+    ) -> broadcast::Receiver<(PeerId, mesh_proto::job::JobAnnouncement)> {
+        self.jobs.subscribe()
+    }
+
+    /// Gossips a job announcement to every node.
+    pub async fn announce_job(&self, announcement: mesh_proto::job::JobAnnouncement) {
+        let _ = self
+            .commands
+            .send(Command::AnnounceJob(announcement))
+            .await;
+    }
+
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
     }
@@ -570,11 +594,15 @@ pub async fn start(
         }
     }
     let topic = gossipsub::IdentTopic::new(wire::LOAD_TOPIC);
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| NetError::Build(e.to_string()))?;
+    let job_topic = gossipsub::IdentTopic::new(wire::JOB_TOPIC);
+    for t in [&topic, &job_topic] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(t)
+            .map_err(|e| NetError::Build(e.to_string()))?;
+    }
+    let (jobs_tx, _) = broadcast::channel(JOB_ANNOUNCEMENTS);
     if config.cluster_key.is_none() && config.role == Role::Storage {
         warn!("no cluster key configured: this is an open mesh, any peer may store and fetch");
     }
@@ -593,6 +621,7 @@ pub async fn start(
         status: status_rx,
         local_peer_id,
         zone: config.zone.clone(),
+        jobs: jobs_tx.clone(),
     };
     let timeouts = Timeouts {
         suspect_after: config.suspect_after,
@@ -618,6 +647,8 @@ pub async fn start(
         inbound,
         load,
         topic,
+        job_topic,
+        jobs_tx,
         bootstrap,
         bootstrap_backoff: Duration::from_secs(1),
         next_bootstrap: Instant::now(),
@@ -657,6 +688,8 @@ struct EventLoop {
     inbound: Option<mpsc::Sender<Inbound>>,
     load: LoadFn,
     topic: gossipsub::IdentTopic,
+    job_topic: gossipsub::IdentTopic,
+    jobs_tx: broadcast::Sender<(PeerId, mesh_proto::job::JobAnnouncement)>,
     bootstrap: Vec<(PeerId, Multiaddr)>,
     bootstrap_backoff: Duration,
     next_bootstrap: Instant,
@@ -861,6 +894,18 @@ impl EventLoop {
             Command::RttSample { peer, rtt } => {
                 self.table.rtt_sample(&peer, rtt, Instant::now());
             }
+            Command::AnnounceJob(announcement) => {
+                let topic = self.job_topic.clone();
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, announcement.encode())
+                {
+                    // No peer subscribed yet (a lone node) is normal; it is repeated.
+                    debug!(job = %announcement.job, error = %e, "job announcement not published");
+                }
+            }
         }
     }
 
@@ -1032,12 +1077,24 @@ impl EventLoop {
         if !self.is_member(source) {
             return gossipsub::MessageAcceptance::Reject;
         }
-        if message.topic != self.topic.hash() {
-            return gossipsub::MessageAcceptance::Ignore;
-        }
         let Some(author) = message.source else {
             return gossipsub::MessageAcceptance::Reject;
         };
+        if message.topic == self.job_topic.hash() {
+            return match mesh_proto::job::JobAnnouncement::decode(&message.data) {
+                Ok(announcement) => {
+                    let _ = self.jobs_tx.send((author, announcement));
+                    gossipsub::MessageAcceptance::Accept
+                }
+                Err(e) => {
+                    debug!(peer = %source, error = %e, "bad job announcement");
+                    gossipsub::MessageAcceptance::Reject
+                }
+            };
+        }
+        if message.topic != self.topic.hash() {
+            return gossipsub::MessageAcceptance::Ignore;
+        }
         match LoadReport::decode(&message.data) {
             Ok(report) => {
                 if self.table.contains(&author) {

@@ -35,7 +35,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::chunker::Chunker;
+use crate::chunker::{ChunkSource, Chunker};
 use crate::metrics::Metrics;
 use crate::net::{Frame, Inbound, Network, PeerView, Role};
 use crate::objects::{IngestError, PutOptions};
@@ -44,6 +44,7 @@ use crate::store::rocks::Upload;
 use crate::store::{ChunkStore, MetaStore, RocksStore, StoreError};
 
 pub mod complete;
+pub mod compose;
 pub mod delete;
 pub mod repair;
 
@@ -86,6 +87,14 @@ pub struct Settings {
     pub repair_rate: u64,
 }
 
+/// An object a put stored: what the API answers, and the manifest and record it committed.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub response: PutResponse,
+    pub manifest: Manifest,
+    pub record: PlacementRecord,
+}
+
 /// Why a replicated put or get failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -106,6 +115,9 @@ pub enum MeshError {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Objects that cannot be composed (see [`compose`]).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where one copy of a chunk goes.
@@ -242,6 +254,16 @@ struct Inner {
     pace: repair::Pace,
     /// Bounds the `Copy` requests served at once ([`COPY_WORKERS`]).
     copies: Arc<Semaphore>,
+    /// Where job-protocol requests go, once the job service runs.
+    jobs: std::sync::OnceLock<mpsc::Sender<JobCall>>,
+}
+
+/// A job-protocol request from a peer, for the job service, with the way to answer it.
+#[derive(Debug)]
+pub struct JobCall {
+    pub peer: PeerId,
+    pub request: mesh_proto::job::JobRequest,
+    pub reply: oneshot::Sender<mesh_proto::job::JobResponse>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -273,6 +295,7 @@ impl Mesh {
                 repair: repair::Shared::default(),
                 pace: repair::Pace::new(settings.repair_rate),
                 copies: Arc::new(Semaphore::new(COPY_WORKERS)),
+                jobs: std::sync::OnceLock::new(),
                 settings,
             }),
         }
@@ -280,6 +303,41 @@ impl Mesh {
 
     pub fn network(&self) -> &Network {
         &self.inner.net
+    }
+
+    /// Hands job-protocol requests to `jobs` from now on (set once, by the job service).
+    pub fn serve_jobs(&self, jobs: mpsc::Sender<JobCall>) {
+        let _ = self.inner.jobs.set(jobs);
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &Arc<RocksStore> {
+        &self.inner.store
+    }
+
+    /// Reads chunk `index` of an object (locally, or from its holders; decoded from shards for
+    /// `ec:`), verified.
+    pub async fn read_chunk(
+        &self,
+        manifest: &Manifest,
+        record: Option<&PlacementRecord>,
+        index: usize,
+    ) -> Result<Bytes, MeshError> {
+        let chunk = *manifest.chunks.get(index).ok_or_else(|| {
+            MeshError::Invalid(format!(
+                "chunk {index} of an object with {} chunks",
+                manifest.chunks.len()
+            ))
+        })?;
+        match record.filter(|r| matches!(r.redundancy, Redundancy::Erasure { .. })) {
+            Some(record) => self.fetch_erasure_chunk(chunk, index, record, None).await,
+            None => {
+                let holders = record
+                    .map(|r| Self::part_holders(r, index))
+                    .unwrap_or_default();
+                self.fetch_chunk(chunk.id, holders).await
+            }
+        }
     }
 
     fn local_id(&self) -> PeerId {
@@ -323,12 +381,28 @@ impl Mesh {
 
     /// Stores `reader` as an object with `rep:N` replicas or `ec:K+M` shards per chunk, of
     /// which `quorum` must be stored for each chunk.
-    pub async fn put<R: AsyncRead + Unpin>(
+    pub async fn put<R: AsyncRead + Unpin + Send>(
         &self,
         reader: R,
         options: PutOptions,
         quorum: usize,
     ) -> Result<PutResponse, MeshError> {
+        let chunker = Chunker::new(reader, options.chunker);
+        let written = self.put_chunks(chunker, options, quorum, true).await?;
+        Ok(written.response)
+    }
+
+    /// Stores the chunks `source` yields as one object, like [`Mesh::put`], and returns its
+    /// manifest and placement record too. `wait_announce`: wait (bounded) until the DHT
+    /// stored this node's announcement; a job's task outputs do not, as their coordinator
+    /// learns where they are from the answer.
+    pub async fn put_chunks<S: ChunkSource>(
+        &self,
+        source: S,
+        options: PutOptions,
+        quorum: usize,
+        wait_announce: bool,
+    ) -> Result<Written, MeshError> {
         let width = options.redundancy.width();
         let quorum = quorum.clamp(1, width);
         let inner = &self.inner;
@@ -338,7 +412,7 @@ impl Mesh {
         )>(inner.settings.write_window);
         let writer = spawn_local_writer(Arc::clone(&inner.store), local_rx);
 
-        let mut chunker = Chunker::new(reader, options.chunker);
+        let mut chunker = source;
         let mut in_flight = FuturesUnordered::new();
         let mut placed: BTreeMap<usize, (ChunkRef, Vec<PartPlaced>, Vec<ChunkId>)> =
             BTreeMap::new();
@@ -427,7 +501,7 @@ impl Mesh {
             options.redundancy,
             chunks,
             BTreeMap::new(),
-            now_ms(),
+            options.created_ms.unwrap_or_else(now_ms),
         )
         .map_err(IngestError::from)?;
         let object = manifest.object_id();
@@ -518,8 +592,10 @@ impl Mesh {
             async move { (peer, complete::send_record(&net, peer, request).await) }
         });
         let announce = async {
-            if is_holder {
+            if is_holder && wait_announce {
                 self.announce(object).await;
+            } else if is_holder {
+                self.inner.net.provide(object).await;
             }
         };
         let ((), results) = tokio::join!(announce, futures::future::join_all(sends));
@@ -538,12 +614,16 @@ impl Mesh {
         inner.metrics.puts().increment(1);
         inner.metrics.put_bytes().increment(size);
         info!(%object, size, chunks = chunk_count, holders = nodes.len(), "stored replicated object");
-        Ok(PutResponse {
-            id: object,
-            size,
-            chunks: chunk_count,
-            new_chunks,
-            new_bytes,
+        Ok(Written {
+            response: PutResponse {
+                id: object,
+                size,
+                chunks: chunk_count,
+                new_chunks,
+                new_bytes,
+            },
+            manifest,
+            record,
         })
     }
 
@@ -1503,6 +1583,24 @@ impl Mesh {
         let store = Arc::clone(&self.inner.store);
         let me = NodeId(self.local_id().to_bytes());
         match request.header {
+            ControlRequest::Job(request) => {
+                let Some(jobs) = self.inner.jobs.get() else {
+                    return refused(Refusal::Busy, "jobs are not running here yet".into());
+                };
+                let (reply, answer) = oneshot::channel();
+                let call = JobCall {
+                    peer,
+                    request,
+                    reply,
+                };
+                if jobs.send(call).await.is_err() {
+                    return refused(Refusal::Busy, "jobs stopped".into());
+                }
+                match answer.await {
+                    Ok(response) => Frame::new(ControlResponse::Job(response)),
+                    Err(_) => refused(Refusal::Internal, "job service dropped the request".into()),
+                }
+            }
             ControlRequest::PutObject { record } => {
                 let object = record.object;
                 let manifest = match Manifest::decode_verified(&object, &request.payload) {

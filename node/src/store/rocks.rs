@@ -63,6 +63,8 @@ const CF_HELD: &str = "held";
 /// `ec:K+M` objects: the id of every part (shard), which `held` indexes; absent for `rep:N`,
 /// whose parts are the manifest's chunks.
 const CF_PARTS: &str = "parts";
+/// Job state kept by coordinators: free-form keys owned by [`crate::jobs`].
+const CF_JOBS: &str = "jobs";
 
 /// Layout version of everything this module writes; checked at open.
 const SCHEMA_VERSION: u32 = 1;
@@ -269,6 +271,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_HELD, meta_opts(false)),
             ColumnFamilyDescriptor::new(CF_PARTS, meta_opts(false)),
             ColumnFamilyDescriptor::new(scrub::CF_QUARANTINE, meta_opts(false)),
+            ColumnFamilyDescriptor::new(CF_JOBS, meta_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let text = e.into_string();
@@ -588,6 +591,46 @@ impl RocksStore {
             .max(0) as u64)
     }
 
+    /// A job-state value.
+    pub fn job_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_JOBS), key)?)
+    }
+
+    /// Writes job-state values (`None` deletes) atomically; `sync` waits for the disk.
+    pub fn job_write(
+        &self,
+        entries: &[(Vec<u8>, Option<Vec<u8>>)],
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_JOBS);
+        for (key, value) in entries {
+            match value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        self.write(batch, sync)
+    }
+
+    /// Every job-state entry whose key starts with `prefix`, in key order.
+    pub fn job_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let cf = self.cf(CF_JOBS);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Flushes memtables so a restart replays no WAL; called at shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
@@ -602,6 +645,7 @@ impl RocksStore {
             CF_HELD,
             CF_PARTS,
             scrub::CF_QUARANTINE,
+            CF_JOBS,
         ] {
             self.db.flush_cf(self.cf(cf))?;
         }

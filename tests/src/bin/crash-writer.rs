@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
     for seed in first_seed.. {
         let data = mesh_tests::prefixed_object(seed);
         let options = PutOptions {
-            name: Some(format!("obj-{seed}")),
+            name: Some(format!("obj-{seed    created_ms: None,
+    }")),
             redundancy: Redundancy::DEFAULT,
             chunker: ChunkerSpec::Fixed { size: 64 * 1024 },
         };

@@ -1,0 +1,632 @@
+//! The worker: every node runs one. It learns of jobs from gossip (and from its own
+//! coordinator), and while it has a free task slot and its CPU load is under the ceiling it
+//! asks their coordinators for work, one task per claim. A granted task reads its input chunk
+//! (a local read when the coordinator chose this node for its locality), runs the pipeline,
+//! stores the output through the normal write path, and reports the output's manifest and
+//! placement record. The lease is renewed every third of its term while the task runs; a
+//! renewal answered `Lost` stops the task without reporting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use libp2p::PeerId;
+use mesh_proto::job::{
+    JobId, JobRequest, JobResponse, JobSpec, Part, StageStat, TaskOutput, Work,
+};
+use mesh_proto::wire::{ControlRequest, ControlResponse, NodeId};
+use mesh_proto::{ChunkerSpec, Manifest, RecordFormat, Redundancy};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::coordinator::{Coordinator, parse_pipeline};
+use super::exec;
+use super::processors::{ChunkInput, Format, Pipeline};
+use crate::chunker::{PreCut, cut_all};
+use crate::config::{ExecConfig, JobsConfig};
+use crate::net::Frame;
+use crate::objects::PutOptions;
+use crate::placement;
+use crate::replicate::Mesh;
+
+/// How often an idle worker looks for work.
+const POLL: Duration = Duration::from_millis(200);
+/// Longest wait between asks of a coordinator that had nothing to give.
+const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
+/// A job not announced for this long is forgotten (its coordinator is gone or it ended).
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Chunks a reduce task reads at once.
+const REDUCE_READ_WINDOW: usize = 8;
+/// Attempts to deliver a task's result to its coordinator.
+const FINISH_TRIES: u32 = 5;
+
+/// A job this worker may ask for work.
+struct Known {
+    coordinator: PeerId,
+    exec: Vec<String>,
+    prepared: Option<Arc<Prepared>>,
+    next_ask: Instant,
+    idle_backoff: Duration,
+    heard: Instant,
+    /// The coordinator said to stop asking.
+    done: bool,
+}
+
+/// A job's spec and parsed pipeline.
+struct Prepared {
+    spec: JobSpec,
+    pipeline: Pipeline,
+}
+
+/// The worker of one node.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mesh: Mesh,
+    coordinator: Coordinator,
+    config: JobsConfig,
+    exec: BTreeMap<String, ExecConfig>,
+    known: Mutex<HashMap<JobId, Known>>,
+    running: AtomicUsize,
+    wake: Notify,
+    cpu: Mutex<(crate::CpuSampler, Instant, f32)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Worker {
+    pub fn new(
+        mesh: Mesh,
+        coordinator: Coordinator,
+        config: JobsConfig,
+        exec: BTreeMap<String, ExecConfig>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                mesh,
+                coordinator,
+                config,
+                exec,
+                known: Mutex::new(HashMap::new()),
+                running: AtomicUsize::new(0),
+                wake: Notify::new(),
+                cpu: Mutex::new((crate::CpuSampler::default(), Instant::now(), 0.0)),
+            }),
+        }
+    }
+
+    /// Tasks running now.
+    pub fn running(&self) -> usize {
+        self.inner.running.load(Ordering::Relaxed)
+    }
+
+    fn me(&self) -> PeerId {
+        self.inner.mesh.network().local_peer_id()
+    }
+
+    fn exec_names(&self) -> Vec<String> {
+        self.inner.exec.keys().cloned().collect()
+    }
+
+    /// Learns of jobs and claims work until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut announcements = self.inner.mesh.network().job_announcements();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                heard = announcements.recv() => match heard {
+                    Ok((author, a)) => self.heard(a.job, a.coordinator, author, a.exec, a.running),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+            let me = self.me();
+            for (job, exec) in self.inner.coordinator.running() {
+                self.heard(job, NodeId(me.to_bytes()), me, exec, true);
+            }
+            self.claim_round(&stop).await;
+        }
+        // Tasks still running stop with the node; their leases expire at the coordinator.
+    }
+
+    fn heard(&self, job: JobId, coordinator: NodeId, author: PeerId, exec: Vec<String>, running: bool) {
+        let Ok(coordinator) = PeerId::from_bytes(&coordinator.0) else {
+            return;
+        };
+        // Only the coordinator itself announces its jobs.
+        if coordinator != author {
+            return;
+        }
+        let mut known = lock(&self.inner.known);
+        if !running {
+            known.remove(&job);
+            return;
+        }
+        let now = Instant::now();
+        let entry = known.entry(job).or_insert_with(|| Known {
+            coordinator,
+            exec,
+            prepared: None,
+            next_ask: now,
+            idle_backoff: POLL,
+            heard: now,
+            done: false,
+        });
+        entry.heard = now;
+    }
+
+    fn cpu_load(&self) -> f32 {
+        let mut cpu = lock(&self.inner.cpu);
+        if cpu.1.elapsed() >= Duration::from_secs(1) {
+            cpu.2 = cpu.0.sample();
+            cpu.1 = Instant::now();
+        }
+        cpu.2
+    }
+
+    /// May this node take one more task now?
+    fn has_room(&self) -> bool {
+        let running = self.running();
+        running < self.inner.config.task_slots
+            && (running == 0 || self.cpu_load() <= self.inner.config.max_load)
+    }
+
+    async fn claim_round(&self, stop: &CancellationToken) {
+        let now = Instant::now();
+        let candidates: Vec<(JobId, PeerId)> = {
+            let mut known = lock(&self.inner.known);
+            known.retain(|_, k| now.duration_since(k.heard) < FORGET_AFTER);
+            let mine = self.exec_names();
+            let mut list: Vec<(JobId, PeerId)> = known
+                .iter()
+                .filter(|(_, k)| !k.done && k.next_ask <= now)
+                .filter(|(_, k)| k.exec.iter().all(|e| mine.contains(e)))
+                .map(|(id, k)| (*id, k.coordinator))
+                .collect();
+            list.sort();
+            list
+        };
+        for (job, coordinator) in candidates {
+            while self.has_room() && !stop.is_cancelled() {
+                let Some(prepared) = self.prepare(job, coordinator).await else {
+                    break;
+                };
+                let request = JobRequest::Claim {
+                    job,
+                    near: self.near_peers(),
+                    exec: self.exec_names(),
+                };
+                match self.call(coordinator, request).await {
+                    Ok(JobResponse::Granted {
+                        task,
+                        attempt,
+                        lease_ms,
+                        work,
+                    }) => {
+                        self.inner.running.fetch_add(1, Ordering::Relaxed);
+                        if let Some(k) = lock(&self.inner.known).get_mut(&job) {
+                            k.idle_backoff = POLL;
+                        }
+                        let this = self.clone();
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            this.run_task(job, coordinator, prepared, task, attempt, lease_ms, work, stop)
+                                .await;
+                            this.inner.running.fetch_sub(1, Ordering::Relaxed);
+                            this.inner.wake.notify_one();
+                        });
+                    }
+                    Ok(JobResponse::NoWork { ended }) => {
+                        self.idle(job, ended);
+                        break;
+                    }
+                    Ok(JobResponse::UnknownJob) => {
+                        self.idle(job, true);
+                        break;
+                    }
+                    Ok(other) => {
+                        debug!(%job, answer = ?other, "unexpected answer to a claim");
+                        self.idle(job, false);
+                        break;
+                    }
+                    Err(e) => {
+                        debug!(%job, %coordinator, error = %e, "claim failed");
+                        self.idle(job, false);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn idle(&self, job: JobId, done: bool) {
+        if let Some(k) = lock(&self.inner.known).get_mut(&job) {
+            k.done |= done;
+            k.next_ask = Instant::now() + k.idle_backoff;
+            k.idle_backoff = (k.idle_backoff * 2).min(MAX_IDLE_BACKOFF);
+        }
+    }
+
+    /// The job's spec and pipeline, fetched from its coordinator once.
+    async fn prepare(&self, job: JobId, coordinator: PeerId) -> Option<Arc<Prepared>> {
+        if let Some(p) = lock(&self.inner.known)
+            .get(&job)
+            .and_then(|k| k.prepared.clone())
+        {
+            return Some(p);
+        }
+        let answer = self.call(coordinator, JobRequest::Spec { job }).await;
+        let prepared = match answer {
+            Ok(JobResponse::Spec { spec }) => match JobSpec::decode(&spec) {
+                Ok(spec) if spec.id() == job => match parse_pipeline(&spec) {
+                    Ok(pipeline) => Some(Arc::new(Prepared { spec, pipeline })),
+                    Err(e) => {
+                        warn!(%job, error = %e, "cannot run a job's pipeline here");
+                        None
+                    }
+                },
+                Ok(_) => {
+                    warn!(%job, %coordinator, "coordinator sent a spec that is not the job's");
+                    None
+                }
+                Err(e) => {
+                    warn!(%job, error = %e, "bad job spec from the coordinator");
+                    None
+                }
+            },
+            Ok(JobResponse::UnknownJob) => {
+                self.idle(job, true);
+                return None;
+            }
+            Ok(_) | Err(_) => None,
+        };
+        match &prepared {
+            Some(p) => {
+                if let Some(k) = lock(&self.inner.known).get_mut(&job) {
+                    k.prepared = Some(Arc::clone(p));
+                }
+            }
+            None => self.idle(job, false),
+        }
+        prepared
+    }
+
+    /// Peers within this node's near band (for the coordinator's locality choice).
+    fn near_peers(&self) -> Vec<NodeId> {
+        let peers = self.inner.mesh.network().peers();
+        let mut measured: Vec<(Duration, NodeId)> = peers
+            .iter()
+            .filter(|p| p.liveness == placement::Liveness::Alive)
+            .filter_map(|p| Some((p.rtt?, NodeId(p.id.to_bytes()))))
+            .collect();
+        measured.sort();
+        let Some((best, _)) = measured.first() else {
+            return Vec::new();
+        };
+        let band = placement::near_band(*best);
+        measured
+            .into_iter()
+            .take_while(|(rtt, _)| *rtt <= band)
+            .take(64)
+            .map(|(_, n)| n)
+            .collect()
+    }
+
+    /// Sends a job-protocol request to `coordinator` (a direct call when it is this node).
+    async fn call(&self, coordinator: PeerId, request: JobRequest) -> Result<JobResponse, String> {
+        if coordinator == self.me() {
+            return Ok(self
+                .inner
+                .coordinator
+                .handle(NodeId(coordinator.to_bytes()), request));
+        }
+        let frame = Frame::new(ControlRequest::Job(request));
+        match self.inner.mesh.network().control(coordinator, frame).await {
+            Ok(Frame {
+                header: ControlResponse::Job(answer),
+                ..
+            }) => Ok(answer),
+            Ok(Frame { header, .. }) => Err(format!("{coordinator} answered {header:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_task(
+        &self,
+        job: JobId,
+        coordinator: PeerId,
+        prepared: Arc<Prepared>,
+        task: u32,
+        attempt: u32,
+        lease_ms: u64,
+        work: Work,
+        stop: CancellationToken,
+    ) {
+        let lost = CancellationToken::new();
+        let renewer = {
+            let this = self.clone();
+            let lost = lost.clone();
+            let every = Duration::from_millis((lease_ms / 3).max(200));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let answer = this
+                        .call(coordinator, JobRequest::Renew { job, task, attempt })
+                        .await;
+                    match answer {
+                        Ok(JobResponse::Renewed) => {}
+                        Ok(JobResponse::Lost | JobResponse::UnknownJob) => {
+                            lost.cancel();
+                            break;
+                        }
+                        // Unreachable for now: keep working; the lease may still hold.
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            })
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => None,
+            () = lost.cancelled() => None,
+            result = self.execute(Arc::clone(&prepared), work) => Some(result),
+        };
+        renewer.abort();
+        let Some(result) = result else {
+            debug!(%job, task, attempt, "task stopped: lease lost or node stopping");
+            return;
+        };
+        match &result {
+            Ok(_) => debug!(%job, task, attempt, elapsed = ?started.elapsed(), "task done"),
+            Err(e) => warn!(%job, task, attempt, error = %e, "task attempt failed"),
+        }
+        let request = JobRequest::Finish {
+            job,
+            task,
+            attempt,
+            result,
+        };
+        for tries in 1..=FINISH_TRIES {
+            match self.call(coordinator, request.clone()).await {
+                Ok(_) => return,
+                Err(e) if tries == FINISH_TRIES => {
+                    info!(%job, task, error = %e, "cannot report a task to its coordinator; its lease will expire");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500 * u64::from(tries))).await,
+            }
+        }
+    }
+
+    /// Runs one task: read, process, write.
+    async fn execute(&self, prepared: Arc<Prepared>, work: Work) -> Result<TaskOutput, String> {
+        let mesh = &self.inner.mesh;
+        let redundancy = prepared.spec.output;
+        match work {
+            Work::Map {
+                input,
+                chunk,
+                format,
+                csv_header,
+            } => {
+                let started = Instant::now();
+                let (manifest, record) = mesh
+                    .open(input)
+                    .await
+                    .map_err(|e| format!("opening input {input}: {e}"))?;
+                let data = mesh
+                    .read_chunk(&manifest, record.as_ref(), chunk as usize)
+                    .await
+                    .map_err(|e| format!("reading chunk {chunk} of {input}: {e}"))?;
+                let read = StageStat {
+                    stage: "read".into(),
+                    nanos: started.elapsed().as_nanos() as u64,
+                    bytes_in: data.len() as u64,
+                    ..Default::default()
+                };
+                if let Some(name) = prepared.pipeline.exec_name() {
+                    let config = self
+                        .inner
+                        .exec
+                        .get(name)
+                        .ok_or_else(|| format!("exec:{name} is not registered on this node"))?;
+                    let started = Instant::now();
+                    let out = exec::run(config, data.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let ran = StageStat {
+                        stage: format!("exec:{name}"),
+                        nanos: started.elapsed().as_nanos() as u64,
+                        bytes_in: data.len() as u64,
+                        ..Default::default()
+                    };
+                    let out = Bytes::from(out);
+                    let chunks = cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
+                    let (output, write) = self.write(chunks, redundancy, ChunkerSpec::default()).await?;
+                    return Ok(TaskOutput {
+                        output,
+                        partition_chunks: Vec::new(),
+                        rejects: None,
+                        stats: vec![read, ran, write],
+                    });
+                }
+                let format = match format {
+                    Some(RecordFormat::Jsonl) => Format::Jsonl,
+                    Some(RecordFormat::Csv) => Format::Csv,
+                    None => return Err(format!("input {input} is not record-chunked")),
+                };
+                let partitions = if prepared.pipeline.shuffles() {
+                    prepared.spec.partitions
+                } else {
+                    0
+                };
+                let owned = Arc::clone(&prepared);
+                let mapped = tokio::task::spawn_blocking(move || {
+                    let input = ChunkInput {
+                        data: &data,
+                        format,
+                        csv_header: csv_header.as_deref(),
+                        first_chunk: chunk == 0,
+                    };
+                    owned.pipeline.run_map(&input, partitions.max(1))
+                })
+                .await
+                .map_err(|e| format!("processing failed: {e}"))?
+                .map_err(|e| e.to_string())?;
+                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
+                let mut stats = vec![read];
+                stats.extend(mapped.stats);
+                let (output, partition_chunks, write) = if partitions > 0 {
+                    let mut all = Vec::new();
+                    let mut counts = Vec::with_capacity(mapped.partitions.len());
+                    for p in mapped.partitions {
+                        let cut = cut_all(&Bytes::from(p), spec).map_err(|e| e.to_string())?;
+                        counts.push(cut.len() as u32);
+                        all.extend(cut);
+                    }
+                    let (output, write) = self.write(all, redundancy, spec).await?;
+                    (output, counts, write)
+                } else {
+                    let cut = cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
+                    let (output, write) = self.write(cut, redundancy, spec).await?;
+                    (output, Vec::new(), write)
+                };
+                let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
+                let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
+                let (rejects, write_rejects) = self.write(cut, redundancy, spec).await?;
+                stats.push(merge_write(write, write_rejects));
+                stats.push(StageStat {
+                    stage: "rejected".into(),
+                    records_out: rejected,
+                    ..Default::default()
+                });
+                Ok(TaskOutput {
+                    output,
+                    partition_chunks,
+                    rejects,
+                    stats,
+                })
+            }
+            Work::Reduce { partition, sources } => {
+                let started = Instant::now();
+                let mut reads = Vec::new();
+                for source in &sources {
+                    let manifest =
+                        Manifest::decode_verified(&source.part.record.object, &source.part.manifest)
+                            .map_err(|e| format!("a map output's manifest: {e}"))?;
+                    let manifest = Arc::new(manifest);
+                    let record = Arc::new(source.part.record.clone());
+                    for index in source.first..source.first.saturating_add(source.count) {
+                        reads.push((Arc::clone(&manifest), Arc::clone(&record), index as usize));
+                    }
+                }
+                let chunks: Vec<Bytes> = futures::stream::iter(reads.into_iter().map(
+                    |(manifest, record, index)| async move {
+                        mesh.read_chunk(&manifest, Some(&record), index)
+                            .await
+                            .map_err(|e| format!("reading a map output for partition {partition}: {e}"))
+                    },
+                ))
+                .buffered(REDUCE_READ_WINDOW)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+                let read = StageStat {
+                    stage: "reduce read".into(),
+                    nanos: started.elapsed().as_nanos() as u64,
+                    bytes_in: chunks.iter().map(|c| c.len() as u64).sum(),
+                    ..Default::default()
+                };
+                let owned = Arc::clone(&prepared);
+                let reduced = tokio::task::spawn_blocking(move || {
+                    let slices: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+                    owned.pipeline.run_reduce(&slices)
+                })
+                .await
+                .map_err(|e| format!("reduce failed: {e}"))?
+                .map_err(|e| e.to_string())?;
+                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
+                let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
+                let (output, mut write) = self.write(cut, redundancy, spec).await?;
+                write.stage = "reduce write".into();
+                let mut stats = vec![read];
+                stats.extend(reduced.stats.into_iter().map(|mut s| {
+                    s.stage = format!("reduce {}", s.stage);
+                    s
+                }));
+                stats.push(write);
+                Ok(TaskOutput {
+                    output,
+                    partition_chunks: Vec::new(),
+                    rejects: None,
+                    stats,
+                })
+            }
+        }
+    }
+
+    /// Stores a task's output chunks as one object (nothing for no chunks).
+    async fn write(
+        &self,
+        chunks: Vec<Bytes>,
+        redundancy: Redundancy,
+        chunker: ChunkerSpec,
+    ) -> Result<(Option<Part>, StageStat), String> {
+        let started = Instant::now();
+        let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if chunks.is_empty() {
+            return Ok((None, write_stat(started, 0)));
+        }
+        let options = PutOptions {
+            name: None,
+            redundancy,
+            chunker,
+            created_ms: Some(0),
+        };
+        let written = self
+            .inner
+            .mesh
+            .put_chunks(
+                PreCut(chunks.into()),
+                options,
+                redundancy.default_write_quorum(),
+                false,
+            )
+            .await
+            .map_err(|e| format!("storing the output: {e}"))?;
+        Ok((
+            Some(Part {
+                manifest: written.manifest.encode(),
+                record: written.record,
+            }),
+            write_stat(started, bytes),
+        ))
+    }
+}
+
+fn write_stat(started: Instant, bytes: u64) -> StageStat {
+    StageStat {
+        stage: "write".into(),
+        nanos: started.elapsed().as_nanos() as u64,
+        bytes_in: bytes,
+        ..Default::default()
+    }
+}
+
+fn merge_write(mut a: StageStat, b: StageStat) -> StageStat {
+    a.nanos += b.nanos;
+    a.bytes_in += b.bytes_in;
+    a
+}
