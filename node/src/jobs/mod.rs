@@ -8,3 +8,4 @@
 //! per-stage statistics and rejected records.
 
 pub mod exec;
+pub mod processors;
