@@ -5,6 +5,7 @@
 //! `MESH_STORE__BLOB_FILES=false`), then command-line flags. Unknown keys are errors, and every
 //! error names the key (and the file line or the variable) and the bad value.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ pub struct Config {
     pub api: ApiConfig,
     pub net: NetConfig,
     pub durability: DurabilityConfig,
+    pub jobs: JobsConfig,
+    /// Commands that `exec:NAME` jobs may run on this node, by NAME. A node runs no command
+    /// that is not listed here, whatever a job spec asks.
+    pub processors: BTreeMap<String, ExecConfig>,
 }
 
 /// Networking: where to listen, how to join, and the mesh's timing.
@@ -212,6 +217,85 @@ impl Default for DurabilityConfig {
     }
 }
 
+/// How much job work this node takes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Tasks run at once; defaults to the number of CPU cores.
+    pub task_slots: usize,
+    /// A node whose CPU load (busy fraction, 0 to 1) is above this claims no new tasks.
+    pub max_load: f32,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            task_slots: std::thread::available_parallelism()
+                .map(std::num::NonZeroUsize::get)
+                .unwrap_or(1),
+            max_load: 0.9,
+        }
+    }
+}
+
+/// A command that `exec:NAME` runs: `[processors.NAME]` in the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Program and arguments, run without a shell; the task's input goes to its stdin and its
+    /// stdout is the task's output.
+    pub command: Vec<String>,
+    /// The command is killed when it runs longer than this.
+    #[serde(with = "humantime_serde", default = "ExecConfig::default_timeout")]
+    pub timeout: Duration,
+    /// Output beyond this size fails the task (and the command is killed).
+    #[serde(default = "ExecConfig::default_max_output")]
+    pub max_output: bytesize::ByteSize,
+}
+
+impl ExecConfig {
+    fn default_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    fn default_max_output() -> bytesize::ByteSize {
+        bytesize::ByteSize::mib(256)
+    }
+
+    /// An entry with the default timeout and output limit.
+    pub fn new(command: Vec<String>) -> Self {
+        Self {
+            command,
+            timeout: Self::default_timeout(),
+            max_output: Self::default_max_output(),
+        }
+    }
+
+    /// Checks the entry registered as `name`; the message names what is wrong.
+    fn validate(&self, name: &str) -> Result<(), String> {
+        if !crate::jobs::exec::is_valid_name(name) {
+            return Err(format!(
+                "{name:?} is not a valid processor name: use 1 to {} characters of A-Z, a-z, 0-9, _ and -",
+                crate::jobs::exec::MAX_NAME_LEN
+            ));
+        }
+        match self.command.first() {
+            None => return Err(format!("{name}.command must name a program")),
+            Some(program) if program.is_empty() => {
+                return Err(format!("{name}.command starts with an empty program name"));
+            }
+            Some(_) => {}
+        }
+        if self.timeout.is_zero() {
+            return Err(format!("{name}.timeout must be longer than 0s"));
+        }
+        if self.max_output.as_u64() == 0 {
+            return Err(format!("{name}.max_output must be larger than 0"));
+        }
+        Ok(())
+    }
+}
+
 /// Control-API limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -269,6 +353,8 @@ impl Default for Config {
             api: ApiConfig::default(),
             durability: DurabilityConfig::default(),
             net: NetConfig::default(),
+            jobs: JobsConfig::default(),
+            processors: BTreeMap::new(),
         }
     }
 }
@@ -434,6 +520,28 @@ impl Config {
                 message: "must be at least 1 MiB".into(),
             });
         }
+        if !(1..=1024).contains(&self.jobs.task_slots) {
+            return Err(ConfigError::Invalid {
+                key: "jobs.task_slots",
+                message: format!("{} is not 1 to 1024", self.jobs.task_slots),
+            });
+        }
+        if !(self.jobs.max_load > 0.0 && self.jobs.max_load <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "jobs.max_load",
+                message: format!(
+                    "{} is not a CPU load above 0 and at most 1 (1 = always claim)",
+                    self.jobs.max_load
+                ),
+            });
+        }
+        for (name, exec) in &self.processors {
+            exec.validate(name)
+                .map_err(|message| ConfigError::Invalid {
+                    key: "processors",
+                    message,
+                })?;
+        }
         Ok(())
     }
 }
@@ -527,6 +635,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("api.max_concurrent_uploads"), "{err}");
+    }
+
+    #[test]
+    fn jobs_and_registered_commands() {
+        let config = load_str(
+            "[jobs]\ntask_slots = 3\nmax_load = 0.5\n\n[processors.word-count_2]\ncommand = [\"/usr/bin/python3\", \"wc.py\"]\ntimeout = \"5s\"\nmax_output = \"1 MiB\"\n\n[processors.cat]\ncommand = [\"/bin/cat\"]\n",
+            &[("MESH_JOBS__TASK_SLOTS", "5")],
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.jobs.task_slots, 5);
+        assert_eq!(config.jobs.max_load, 0.5);
+        let wc = &config.processors["word-count_2"];
+        assert_eq!(wc.command, ["/usr/bin/python3", "wc.py"]);
+        assert_eq!(wc.timeout, Duration::from_secs(5));
+        assert_eq!(wc.max_output, bytesize::ByteSize::mib(1));
+        assert_eq!(
+            config.processors["cat"],
+            ExecConfig::new(vec!["/bin/cat".into()])
+        );
+        assert!(Config::default().jobs.task_slots >= 1);
+
+        let invalid = |text: &str| {
+            load_str(text, &[])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let err = invalid("[processors.\"a b\"]\ncommand = [\"x\"]\n");
+        assert!(
+            err.contains("processors") && err.contains("\"a b\""),
+            "{err}"
+        );
+        let err = invalid("[processors.x]\ncommand = []\n");
+        assert!(err.contains("x.command"), "{err}");
+        let err = invalid("[processors.x]\ncommand = [\"sh\"]\ntimeout = \"0s\"\n");
+        assert!(err.contains("x.timeout"), "{err}");
+        let err = invalid("[jobs]\ntask_slots = 0\n");
+        assert!(err.contains("jobs.task_slots"), "{err}");
+        let err = invalid("[jobs]\nmax_load = 1.5\n");
+        assert!(err.contains("jobs.max_load"), "{err}");
+        let err = load_str("[processors.x]\ncommand = [\"sh\"]\nshell = true\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shell"), "{err}");
+        let err = load_str("[processors.x]\ntimeout = \"1s\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("command"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!   their space back, and drops old tombstones.
 //! - [`scrub`]: the background worker that re-hashes stored chunks at a bounded rate,
 //!   quarantines those that went bad and replaces them from other holders.
+//! - [`jobs`]: processing stored objects: record pipelines over JSONL and CSV chunks (validate,
+//!   map, filter, dedup by key) and registered commands (`exec:NAME`).
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
@@ -44,6 +46,7 @@ pub mod config;
 pub mod erasure;
 pub mod gc;
 pub mod identity;
+pub mod jobs;
 pub mod metrics;
 pub mod net;
 pub mod objects;

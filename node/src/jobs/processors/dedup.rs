@@ -1,0 +1,204 @@
+//! `dedup`: one record per key, the latest by a timestamp field. It shuffles: the map side
+//! sends each record to a reduce partition by the hash of its key, and the reduce side keeps
+//! one record per key.
+//!
+//! Parameters: `key`, comma-separated field names or dotted paths (`user.id,day`); `ts`
+//! (optional), the timestamp field.
+//!
+//! - A record's key is the compact JSON array of its key fields' values, a missing field
+//!   counting as `null`. So records that lack every key field share the key `[null]` (and one
+//!   of them is kept), and keys compare by their encoding: `1`, `1.0` and `"1"` are three
+//!   different keys.
+//! - Partition: the first 8 bytes of the key's BLAKE3 hash, little-endian, modulo the number
+//!   of partitions: the same on every platform and in every version that keeps this rule.
+//! - Which record is kept: the greatest `ts` (missing or null oldest, then false, true,
+//!   numbers numerically, strings byte-wise, arrays and objects); between equal timestamps,
+//!   or without `ts`, the record whose compact JSON is greatest byte-wise. The choice depends
+//!   only on the set of records, not on their order or on how they were partitioned.
+//! - The reduce output lists the kept records sorted by key (byte-wise on the key encoding).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::input::Record;
+use super::value::{self, FieldPath};
+
+/// A parsed `dedup` stage.
+#[derive(Debug)]
+pub(crate) struct Dedup {
+    key: Vec<FieldPath>,
+    ts: Option<FieldPath>,
+}
+
+impl Dedup {
+    /// Parses the parameters; errors name the parameter at fault.
+    pub fn new(key: &str, ts: Option<&str>) -> Result<Self, (&'static str, String)> {
+        let key = key
+            .split(',')
+            .map(|field| value::parse_path(field.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("key", e))?;
+        let ts = ts
+            .map(|t| value::parse_path(t.trim()))
+            .transpose()
+            .map_err(|e| ("ts", e))?;
+        Ok(Self { key, ts })
+    }
+
+    /// Writes the key of `record` to `out` (cleared first).
+    pub fn write_key(&self, record: &Value, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(b'[');
+        for (i, path) in self.key.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            value::write_json(out, value::lookup(record, path).unwrap_or(&Value::Null));
+        }
+        out.push(b']');
+    }
+
+    /// The reduce partition of each record (`partitions` must be at least 1).
+    pub fn partition(&self, records: &[Record], partitions: u32) -> Vec<u32> {
+        let mut key = Vec::with_capacity(64);
+        records
+            .iter()
+            .map(|r| {
+                self.write_key(&r.value, &mut key);
+                partition_of(&key, partitions)
+            })
+            .collect()
+    }
+
+    /// The timestamp of `record`.
+    fn ts<'v>(&self, record: &'v Value) -> Option<&'v Value> {
+        self.ts
+            .as_ref()
+            .and_then(|path| value::lookup(record, path))
+    }
+}
+
+/// The partition of a key: BLAKE3, first 8 bytes little-endian, modulo `partitions`.
+pub(crate) fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    let hash = blake3::hash(key);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    (u64::from_le_bytes(first) % u64::from(partitions.max(1))) as u32
+}
+
+/// The reduce side: the best record seen so far for each key. Records are borrowed lines of
+/// the reduce input, which are the compact JSON the map side wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Latest<'a> {
+    best: HashMap<Vec<u8>, Best<'a>>,
+    key: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Best<'a> {
+    ts: Option<Value>,
+    line: &'a [u8],
+}
+
+impl<'a> Latest<'a> {
+    /// Offers a record (`value` parsed from `line`).
+    pub fn offer(&mut self, dedup: &Dedup, value: &Value, line: &'a [u8]) {
+        dedup.write_key(value, &mut self.key);
+        let ts = dedup.ts(value);
+        if let Some(best) = self.best.get_mut(self.key.as_slice()) {
+            let newer = value::cmp_ts(ts, best.ts.as_ref()).then_with(|| line.cmp(best.line));
+            if newer == Ordering::Greater {
+                *best = Best {
+                    ts: ts.cloned(),
+                    line,
+                };
+            }
+        } else {
+            self.best.insert(
+                self.key.clone(),
+                Best {
+                    ts: ts.cloned(),
+                    line,
+                },
+            );
+        }
+    }
+
+    /// Number of keys seen.
+    pub fn len(&self) -> usize {
+        self.best.len()
+    }
+
+    /// The kept records, sorted by key.
+    pub fn into_sorted(self) -> Vec<&'a [u8]> {
+        let mut kept: Vec<(Vec<u8>, &[u8])> =
+            self.best.into_iter().map(|(k, b)| (k, b.line)).collect();
+        kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        kept.into_iter().map(|(_, line)| line).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_and_partitions() {
+        let d = Dedup::new("id, user.name", None).unwrap();
+        let mut key = Vec::new();
+        d.write_key(&json!({"id": 7, "user": {"name": "a"}, "x": 1}), &mut key);
+        assert_eq!(key, br#"[7,"a"]"#);
+        d.write_key(&json!({"x": 1}), &mut key);
+        assert_eq!(key, b"[null,null]");
+        // Fixed across platforms and releases: a change here moves records between partitions.
+        assert_eq!(partition_of(br#"[7,"a"]"#, 1), 0);
+        let spread: std::collections::BTreeSet<u32> = (0..200)
+            .map(|i| partition_of(format!("[{i}]").as_bytes(), 4))
+            .collect();
+        assert_eq!(spread.len(), 4);
+        let h = blake3::hash(b"[1]");
+        let expected = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap()) % 10;
+        assert_eq!(u64::from(partition_of(b"[1]", 10)), expected);
+        assert!(Dedup::new("a,,b", None).unwrap_err().0 == "key");
+        assert!(Dedup::new("a", Some("")).unwrap_err().0 == "ts");
+    }
+
+    #[test]
+    fn latest_wins_then_greatest_encoding() {
+        let d = Dedup::new("id", Some("ts")).unwrap();
+        let lines: Vec<Vec<u8>> = [
+            json!({"id": 1, "ts": 5, "v": "a"}),
+            json!({"id": 1, "ts": 9, "v": "b"}),
+            json!({"id": 1, "ts": 7, "v": "c"}),
+            json!({"id": 2, "v": "no ts"}),
+            json!({"id": 2, "ts": null, "v": "null ts"}),
+            json!({"id": 2, "ts": 1, "v": "x"}),
+            json!({"id": 3, "ts": "2024-01-02", "v": "p"}),
+            json!({"id": 3, "ts": "2024-01-02", "v": "q"}),
+        ]
+        .iter()
+        .map(value::encode)
+        .collect();
+        let mut latest = Latest::default();
+        for line in lines.iter().rev() {
+            let v: Value = serde_json::from_slice(line).unwrap();
+            latest.offer(&d, &v, line);
+        }
+        let kept: Vec<Value> = latest
+            .into_sorted()
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                json!({"id": 1, "ts": 9, "v": "b"}),
+                json!({"id": 2, "ts": 1, "v": "x"}),
+                json!({"id": 3, "ts": "2024-01-02", "v": "q"}),
+            ]
+        );
+    }
+}

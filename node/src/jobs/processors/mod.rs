@@ -1,0 +1,613 @@
+//! Record pipelines over line-delimited JSON and CSV: the built-in processors of a job.
+//!
+//! A job names its stages ([`StageSpec`]); [`Pipeline::parse`] checks them once (every
+//! parameter error is found there, naming the stage, processor and parameter) and compiles
+//! what can be compiled (a `validate` schema, a `filter` condition). Then, per task:
+//!
+//! - **map side** ([`Pipeline::run_map`]), one input chunk: parse the chunk into records (a
+//!   chunk holds whole records), run the record stages in order — `validate`, `map`, `filter`,
+//!   in any order and number — and encode the records that are left. A pipeline that ends in
+//!   `dedup` shuffles: instead of one output it writes one buffer per reduce partition, each
+//!   record going to the partition of its key's hash.
+//! - **reduce side** ([`Pipeline::run_reduce`]), one partition: `dedup` over the map outputs
+//!   for that partition, keeping one record per key.
+//!
+//! Each stage handles the whole chunk before the next starts, so a stage is timed with two
+//! clock reads per chunk, not per record, and a [`StageStat`] per stage (plus `parse` and
+//! `encode`) tells a job report where the time went.
+//!
+//! Records that cannot go on are rejects, not task failures: a line that is not a JSON
+//! object, a CSV row with the wrong number of fields, a record the schema refuses, a value
+//! `map` cannot cast. Each becomes one JSONL line in [`MapOutput::rejects`],
+//! `{"line":N,"reason":"...","record":{...}}` (the record as it was read from the input) or,
+//! for input that did not parse, `{"line":N,"reason":"...","raw":"<the line>"}`. `line` is the
+//! 1-based line of the chunk on which the record starts (for CSV in the first chunk, the
+//! header is line 1).
+//!
+//! Output is always JSONL: one compact JSON object per line, `\n`-terminated. CSV rows become
+//! objects of strings keyed by the header's column names (an empty field is `""`). Object keys
+//! come out sorted byte-wise: serde_json keeps objects in a `BTreeMap` unless its
+//! `preserve_order` feature is on, which nothing in this workspace enables (a test checks).
+//! Everything here is deterministic: the same input gives byte-identical output.
+//!
+//! An `exec:NAME` pipeline has no records: the task's bytes go to the registered command
+//! ([`super::exec::run`]).
+
+mod dedup;
+mod filter;
+mod input;
+mod map;
+mod validate;
+mod value;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use self::dedup::{Dedup, Latest};
+use self::filter::Filter;
+use self::input::{Record, Rejects, Source, input_bytes};
+use self::map::MapFields;
+use self::validate::Validate;
+
+/// Records the reduce side parses before it offers them to `dedup`: bounds its memory to
+/// the kept records plus one batch, while keeping the clock reads few.
+const REDUCE_BATCH: usize = 4096;
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// How an input object's records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per line.
+    Jsonl,
+    /// RFC 4180 CSV with a header line.
+    Csv,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        })
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "jsonl" => Ok(Format::Jsonl),
+            "csv" => Ok(Format::Csv),
+            other => Err(format!(
+                "unknown record format {other:?}: expected jsonl or csv"
+            )),
+        }
+    }
+}
+
+/// One stage as a job spec names it: a processor name and string parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct StageSpec<'a> {
+    /// `validate`, `map`, `filter`, `dedup` or `exec:NAME`.
+    pub processor: &'a str,
+    pub params: &'a BTreeMap<String, String>,
+}
+
+/// A job's spec that cannot run, naming the stage (1-based), its processor and the parameter
+/// at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "stage {stage}: unknown processor {processor:?}; expected validate, map, filter, dedup or exec:NAME"
+    )]
+    UnknownProcessor { stage: usize, processor: String },
+    #[error("stage {stage} ({processor}): missing parameter {param:?}")]
+    MissingParam {
+        stage: usize,
+        processor: String,
+        param: &'static str,
+    },
+    #[error("stage {stage} ({processor}): unknown parameter {param:?}; {expected}")]
+    UnknownParam {
+        stage: usize,
+        processor: String,
+        param: String,
+        expected: String,
+    },
+    #[error("stage {stage} ({processor}): parameter {param:?} {message}")]
+    InvalidParam {
+        stage: usize,
+        processor: String,
+        param: &'static str,
+        message: String,
+    },
+    #[error("stage {stage} ({processor}): {message}")]
+    Misplaced {
+        stage: usize,
+        processor: String,
+        message: String,
+    },
+}
+
+/// Why a task failed as a whole (bad records are rejects instead).
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("the pipeline runs the command exec:{0}, not records: run it with jobs::exec::run")]
+    Exec(String),
+    #[error("the pipeline ends in dedup and shuffles: it needs at least 1 reduce partition")]
+    NoPartitions,
+    #[error("the pipeline does not end in dedup, so it has no reduce side")]
+    NoReduce,
+    #[error("invalid CSV header: {0}")]
+    CsvHeader(String),
+    #[error("cannot read the CSV input: {0}")]
+    Csv(String),
+    #[error("reduce input {input}, line {line}: {message}")]
+    ReduceInput {
+        /// Index in the `inputs` given to [`Pipeline::run_reduce`].
+        input: usize,
+        line: u64,
+        message: String,
+    },
+}
+
+/// One input chunk of a map task.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkInput<'a> {
+    /// Whole records.
+    pub data: &'a [u8],
+    pub format: Format,
+    /// For CSV: the object's raw header line (it is in the first chunk only). When it is none,
+    /// the first chunk's first row is read as the header; later chunks need it.
+    pub csv_header: Option<&'a [u8]>,
+    /// The object's first chunk, whose first CSV row is the header and is skipped.
+    pub first_chunk: bool,
+}
+
+/// What a map task produced.
+#[derive(Debug, Default)]
+pub struct MapOutput {
+    /// JSONL records, when the pipeline does not shuffle.
+    pub output: Vec<u8>,
+    /// JSONL reject lines, in line order.
+    pub rejects: Vec<u8>,
+    /// When the pipeline shuffles: one JSONL buffer per reduce partition.
+    pub partitions: Vec<Vec<u8>>,
+    /// `parse`, each stage in order, then `encode`.
+    pub stats: Vec<StageStat>,
+}
+
+/// What a reduce task produced.
+#[derive(Debug, Default)]
+pub struct ReduceOutput {
+    /// JSONL records, sorted by key.
+    pub output: Vec<u8>,
+    /// `parse`, `dedup`, `encode`.
+    pub stats: Vec<StageStat>,
+}
+
+/// Time and volume of one stage over one task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStat {
+    /// `parse`, `encode`, or the stage's name from [`Pipeline::stage_names`].
+    pub stage: String,
+    pub nanos: u64,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Input bytes of the records that entered the stage (for `parse`, of the whole input).
+    pub bytes_in: u64,
+}
+
+/// A parsed, validated pipeline: zero or more record stages (validate, map, filter) in order,
+/// optionally ending with dedup (which makes the job shuffle into reduce partitions); or a
+/// single exec stage (`exec:NAME`), which cannot be combined with others.
+///
+/// It is `Send + Sync`: one pipeline can serve every task slot of a node.
+#[derive(Debug)]
+pub struct Pipeline {
+    body: Body,
+}
+
+#[derive(Debug)]
+enum Body {
+    Records {
+        stages: Vec<Named>,
+        dedup: Option<Dedup>,
+    },
+    Exec(String),
+}
+
+#[derive(Debug)]
+struct Named {
+    name: String,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+enum Stage {
+    Validate(Validate),
+    Map(MapFields),
+    Filter(Filter),
+}
+
+/// The parameters of one stage, for checks whose errors name the stage.
+struct Params<'a> {
+    stage: usize,
+    spec: &'a StageSpec<'a>,
+}
+
+impl<'a> Params<'a> {
+    fn allow(&self, allowed: &[&str]) -> Result<(), SpecError> {
+        match self
+            .spec
+            .params
+            .keys()
+            .find(|k| !allowed.contains(&k.as_str()))
+        {
+            None => Ok(()),
+            Some(param) => Err(SpecError::UnknownParam {
+                stage: self.stage,
+                processor: self.spec.processor.to_owned(),
+                param: param.clone(),
+                expected: match allowed {
+                    [] => "it takes none".to_owned(),
+                    _ => format!("expected {}", allowed.join(", ")),
+                },
+            }),
+        }
+    }
+
+    fn required(&self, param: &'static str) -> Result<&'a str, SpecError> {
+        self.spec
+            .params
+            .get(param)
+            .map(String::as_str)
+            .ok_or_else(|| SpecError::MissingParam {
+                stage: self.stage,
+                processor: self.spec.processor.to_owned(),
+                param,
+            })
+    }
+
+    fn optional(&self, param: &str) -> Option<&'a str> {
+        self.spec.params.get(param).map(String::as_str)
+    }
+
+    fn invalid(&self, param: &'static str) -> impl FnOnce(String) -> SpecError + '_ {
+        move |message| SpecError::InvalidParam {
+            stage: self.stage,
+            processor: self.spec.processor.to_owned(),
+            param,
+            message,
+        }
+    }
+
+    fn misplaced(&self, message: &str) -> SpecError {
+        SpecError::Misplaced {
+            stage: self.stage,
+            processor: self.spec.processor.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Checks and compiles the stages of a job.
+    pub fn parse(stages: &[StageSpec<'_>]) -> Result<Pipeline, SpecError> {
+        let mut record_stages = Vec::new();
+        let mut dedup = None;
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, spec) in stages.iter().enumerate() {
+            let params = Params { stage: i + 1, spec };
+            if let Some(name) = spec.processor.strip_prefix("exec:") {
+                if !super::exec::is_valid_name(name) {
+                    return Err(params.misplaced(&format!(
+                        "{name:?} is not a processor name: use 1 to {} of A-Z, a-z, 0-9, _ and -",
+                        super::exec::MAX_NAME_LEN
+                    )));
+                }
+                if stages.len() > 1 {
+                    return Err(params
+                        .misplaced("an exec stage runs alone: it cannot be combined with others"));
+                }
+                params.allow(&[])?;
+                return Ok(Pipeline {
+                    body: Body::Exec(name.to_owned()),
+                });
+            }
+            if dedup.is_some() {
+                return Err(SpecError::Misplaced {
+                    stage: i,
+                    processor: "dedup".into(),
+                    message: "dedup must be the last stage".into(),
+                });
+            }
+            let stage = match spec.processor {
+                "validate" => {
+                    params.allow(&["schema"])?;
+                    let schema = params.required("schema")?;
+                    Stage::Validate(Validate::new(schema).map_err(params.invalid("schema"))?)
+                }
+                "map" => {
+                    params.allow(&["spec"])?;
+                    let text = params.required("spec")?;
+                    Stage::Map(MapFields::new(text).map_err(params.invalid("spec"))?)
+                }
+                "filter" => {
+                    params.allow(&["where"])?;
+                    let text = params.required("where")?;
+                    Stage::Filter(Filter::new(text).map_err(params.invalid("where"))?)
+                }
+                "dedup" => {
+                    params.allow(&["key", "ts"])?;
+                    let key = params.required("key")?;
+                    dedup = Some(
+                        Dedup::new(key, params.optional("ts"))
+                            .map_err(|(param, message)| params.invalid(param)(message))?,
+                    );
+                    continue;
+                }
+                other => {
+                    return Err(SpecError::UnknownProcessor {
+                        stage: i + 1,
+                        processor: other.to_owned(),
+                    });
+                }
+            };
+            let count = seen.entry(spec.processor).or_default();
+            *count += 1;
+            let name = match *count {
+                1 => spec.processor.to_owned(),
+                n => format!("{}#{n}", spec.processor),
+            };
+            record_stages.push(Named { name, stage });
+        }
+        Ok(Pipeline {
+            body: Body::Records {
+                stages: record_stages,
+                dedup,
+            },
+        })
+    }
+
+    /// Whether the pipeline ends with dedup, so its map tasks feed reduce partitions.
+    pub fn shuffles(&self) -> bool {
+        matches!(self.body, Body::Records { dedup: Some(_), .. })
+    }
+
+    /// `Some(NAME)` for an `exec:NAME` pipeline.
+    pub fn exec_name(&self) -> Option<&str> {
+        match &self.body {
+            Body::Exec(name) => Some(name),
+            Body::Records { .. } => None,
+        }
+    }
+
+    /// The stages' names for reports, in order: the processor's name, with `#2`, `#3`, ...
+    /// for its later occurrences (`filter`, `map`, `filter#2`, `dedup`, or `exec:NAME`).
+    pub fn stage_names(&self) -> Vec<String> {
+        match &self.body {
+            Body::Exec(name) => vec![format!("exec:{name}")],
+            Body::Records { stages, dedup } => stages
+                .iter()
+                .map(|s| s.name.clone())
+                .chain(dedup.as_ref().map(|_| "dedup".to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Runs the map side over one input chunk. When the pipeline shuffles, the records go to
+    /// `partitions` buffers by their key's hash (`partitions` must then be at least 1);
+    /// otherwise it is ignored.
+    pub fn run_map(&self, input: &ChunkInput<'_>, partitions: u32) -> Result<MapOutput, TaskError> {
+        let (stages, dedup) = match &self.body {
+            Body::Records { stages, dedup } => (stages, dedup),
+            Body::Exec(name) => return Err(TaskError::Exec(name.clone())),
+        };
+        if dedup.is_some() && partitions == 0 {
+            return Err(TaskError::NoPartitions);
+        }
+        let mut stats = Vec::with_capacity(stages.len() + 3);
+        let mut rejects = Rejects::default();
+        let mut records: Vec<Record> = Vec::with_capacity(input.data.len() / 128);
+
+        let started = Instant::now();
+        // A byte order mark may open an object; it is not part of the first record.
+        let data = match input.data.strip_prefix(UTF8_BOM) {
+            Some(rest) if input.first_chunk => rest,
+            _ => input.data,
+        };
+        let (header, seen) = match input.format {
+            Format::Jsonl => (None, input::parse_jsonl(data, &mut records, &mut rejects)),
+            Format::Csv => input::parse_csv(
+                data,
+                input.csv_header,
+                input.first_chunk,
+                &mut records,
+                &mut rejects,
+            )?,
+        };
+        stats.push(StageStat {
+            stage: "parse".into(),
+            nanos: nanos_since(started),
+            records_in: seen,
+            records_out: records.len() as u64,
+            bytes_in: input.data.len() as u64,
+        });
+        let source = Source {
+            data,
+            format: input.format,
+            header,
+        };
+
+        for named in stages {
+            let records_in = records.len() as u64;
+            let bytes_in = input_bytes(&records);
+            let started = Instant::now();
+            match &named.stage {
+                Stage::Validate(v) => v.run(&mut records, &source, &mut rejects),
+                Stage::Map(m) => m.run(&mut records, &source, &mut rejects),
+                Stage::Filter(f) => f.run(&mut records),
+            }
+            stats.push(StageStat {
+                stage: named.name.clone(),
+                nanos: nanos_since(started),
+                records_in,
+                records_out: records.len() as u64,
+                bytes_in,
+            });
+        }
+
+        let mut out = MapOutput::default();
+        let bytes_in = input_bytes(&records);
+        let count = records.len() as u64;
+        let stat = |stage: &str, started: Instant| StageStat {
+            stage: stage.into(),
+            nanos: nanos_since(started),
+            records_in: count,
+            records_out: count,
+            bytes_in,
+        };
+        match dedup {
+            None => {
+                let started = Instant::now();
+                out.output.reserve(input.data.len());
+                for record in &records {
+                    value::write_json(&mut out.output, &record.value);
+                    out.output.push(b'\n');
+                }
+                drop(records);
+                stats.push(stat("encode", started));
+            }
+            Some(dedup) => {
+                let started = Instant::now();
+                let targets = dedup.partition(&records, partitions);
+                stats.push(stat("dedup", started));
+                let started = Instant::now();
+                let share = input.data.len() / partitions as usize;
+                out.partitions = (0..partitions).map(|_| Vec::with_capacity(share)).collect();
+                for (record, target) in records.iter().zip(targets) {
+                    if let Some(buffer) = out.partitions.get_mut(target as usize) {
+                        value::write_json(buffer, &record.value);
+                        buffer.push(b'\n');
+                    }
+                }
+                drop(records);
+                stats.push(stat("encode", started));
+            }
+        }
+        out.rejects = rejects.into_bytes();
+        out.stats = stats;
+        Ok(out)
+    }
+
+    /// Runs the reduce side (dedup) over the concatenation of one partition's map outputs,
+    /// given in map-task order (the result does not depend on the order).
+    pub fn run_reduce(&self, inputs: &[&[u8]]) -> Result<ReduceOutput, TaskError> {
+        let dedup = match &self.body {
+            Body::Records {
+                dedup: Some(dedup), ..
+            } => dedup,
+            Body::Records { dedup: None, .. } => return Err(TaskError::NoReduce),
+            Body::Exec(name) => return Err(TaskError::Exec(name.clone())),
+        };
+        let mut parse = StageStat {
+            stage: "parse".into(),
+            bytes_in: inputs.iter().map(|i| i.len() as u64).sum(),
+            ..StageStat::default()
+        };
+        let mut keep = StageStat {
+            stage: "dedup".into(),
+            ..StageStat::default()
+        };
+        let mut latest = Latest::default();
+        let mut lines = inputs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, data)| lines(data).map(move |(n, line)| (i, n, line)));
+        let mut batch: Vec<(Value, &[u8])> = Vec::with_capacity(REDUCE_BATCH);
+        loop {
+            let started = Instant::now();
+            for (input, line_no, line) in lines.by_ref() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match serde_json::from_slice::<Value>(line) {
+                    Ok(value @ Value::Object(_)) => batch.push((value, line)),
+                    Ok(other) => {
+                        return Err(TaskError::ReduceInput {
+                            input,
+                            line: line_no,
+                            message: format!("not a JSON object but {}", value::type_name(&other)),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(TaskError::ReduceInput {
+                            input,
+                            line: line_no,
+                            message: format!("invalid JSON: {e}"),
+                        });
+                    }
+                }
+                if batch.len() == REDUCE_BATCH {
+                    break;
+                }
+            }
+            parse.nanos += nanos_since(started);
+            if batch.is_empty() {
+                break;
+            }
+            parse.records_in += batch.len() as u64;
+            parse.records_out += batch.len() as u64;
+            let started = Instant::now();
+            keep.records_in += batch.len() as u64;
+            for (value, line) in batch.drain(..) {
+                keep.bytes_in += line.len() as u64;
+                latest.offer(dedup, &value, line);
+            }
+            keep.nanos += nanos_since(started);
+        }
+        keep.records_out = latest.len() as u64;
+
+        let started = Instant::now();
+        let kept = latest.into_sorted();
+        let kept_bytes: usize = kept.iter().map(|l| l.len()).sum();
+        let mut output = Vec::with_capacity(kept_bytes + kept.len());
+        for line in &kept {
+            output.extend_from_slice(line);
+            output.push(b'\n');
+        }
+        let encode = StageStat {
+            stage: "encode".into(),
+            nanos: nanos_since(started),
+            records_in: kept.len() as u64,
+            records_out: kept.len() as u64,
+            bytes_in: kept_bytes as u64,
+        };
+        Ok(ReduceOutput {
+            output,
+            stats: vec![parse, keep, encode],
+        })
+    }
+}
+
+fn nanos_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The lines of `data` with their 1-based numbers, without `\n` or `\r\n`.
+fn lines(data: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    data.split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| (i as u64 + 1, line.strip_suffix(b"\r").unwrap_or(line)))
+}
+
+#[cfg(test)]
+mod tests;
