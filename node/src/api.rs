@@ -811,9 +811,7 @@ impl From<crate::jobs::coordinator::JobError> for ApiError {
     }
 }
 
-fn parse_job_id(
-    path: Result<Path<String>, PathRejection>,
-) -> Result<mesh_proto::JobId, ApiError> {
+fn parse_job_id(path: Result<Path<String>, PathRejection>) -> Result<mesh_proto::JobId, ApiError> {
     let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     raw.parse()
         .map_err(|e| ApiError::bad_request(format!("bad job id {raw:?}: {e}")))
@@ -824,7 +822,8 @@ async fn submit_job(
     State(state): State<ApiState>,
     body: Result<Json<mesh_proto::job::JobSubmit>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<mesh_proto::job::SubmitResponse>, ApiError> {
-    let Json(submit) = body.map_err(|e| ApiError::bad_request(format!("bad job spec: {}", e.body_text())))?;
+    let Json(submit) =
+        body.map_err(|e| ApiError::bad_request(format!("bad job spec: {}", e.body_text())))?;
     Ok(Json(state.jobs()?.submit(submit).await?))
 }
 

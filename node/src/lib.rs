@@ -21,8 +21,10 @@
 //!   their space back, and drops old tombstones.
 //! - [`scrub`]: the background worker that re-hashes stored chunks at a bounded rate,
 //!   quarantines those that went bad and replaces them from other holders.
-//! - [`jobs`]: processing stored objects: record pipelines over JSONL and CSV chunks (validate,
-//!   map, filter, dedup by key) and registered commands (`exec:NAME`).
+//! - [`jobs`]: processing stored objects: the coordinator of the jobs submitted here (state
+//!   in the store, leases, retries, dead letters, the composed output), the worker that claims
+//!   tasks near their input, record pipelines over JSONL and CSV chunks (validate, map,
+//!   filter, dedup by key) and registered commands (`exec:NAME`).
 //! - [`api`]: the HTTP control API `meshctl` talks to, with `/metrics` from [`metrics`].
 //!
 //! A put streams the request body through the chunker; each chunk is placed on `rep:N`
@@ -114,6 +116,7 @@ pub struct Node {
     repair_task: JoinHandle<()>,
     scrub: scrub::Handle,
     scrub_task: Option<JoinHandle<()>>,
+    jobs: Arc<jobs::service::Jobs>,
     _lock: std::fs::File,
 }
 
@@ -165,7 +168,13 @@ impl Node {
         let stop = CancellationToken::new();
         let net_config = config.net.resolve(net::Role::Storage)?;
         let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(net::INBOUND_QUEUE);
-        let load = load_reporter(Arc::clone(&store), config.net.zone.clone());
+        let exec_names: Vec<String> = config
+            .processors
+            .keys()
+            .take(mesh_proto::wire::MAX_REPORTED_PROCESSORS)
+            .cloned()
+            .collect();
+        let load = load_reporter(Arc::clone(&store), config.net.zone.clone(), exec_names);
         let (network, net_task) =
             net::start(net_config, keypair, load, Some(inbound_tx), stop.clone()).await?;
         let mesh = replicate::Mesh::new(
@@ -210,6 +219,19 @@ impl Node {
                 stop.clone(),
             ))
         });
+        let jobs = Arc::new(
+            jobs::service::Jobs::start(
+                Arc::clone(&store),
+                mesh.clone(),
+                metrics.clone(),
+                &config,
+                stop.clone(),
+            )
+            .map_err(|source| StartError::Store {
+                path: store.path().to_owned(),
+                source,
+            })?,
+        );
         let state = api::ApiState::new(
             Arc::clone(&store),
             mesh.clone(),
@@ -219,7 +241,8 @@ impl Node {
             peer_id.to_string(),
             api_addr.to_string(),
         )
-        .with_scrub(scrub.clone());
+        .with_scrub(scrub.clone())
+        .with_jobs(jobs.coordinator.clone());
         let app = api::router(state);
         let serve_stop = stop.clone();
         let server = tokio::spawn(async move {
@@ -266,6 +289,7 @@ impl Node {
             repair_task,
             scrub,
             scrub_task,
+            jobs,
             _lock: lock,
         })
     }
@@ -304,6 +328,11 @@ impl Node {
         &self.store
     }
 
+    /// The job coordinator and worker.
+    pub fn jobs(&self) -> &jobs::service::Jobs {
+        &self.jobs
+    }
+
     /// The scrubber's status and its start-a-pass switch.
     pub fn scrub(&self) -> &scrub::Handle {
         &self.scrub
@@ -324,6 +353,7 @@ impl Node {
             gc_task,
             repair_task,
             scrub_task,
+            jobs,
             mesh,
             store,
             config,
@@ -348,6 +378,11 @@ impl Node {
         // The scrubber stops between batches; its cursor is in the store.
         if let Some(task) = scrub_task {
             let _ = task.await;
+        }
+        // The job service's loops stop on the token; running tasks are dropped (their leases
+        // expire at their coordinators).
+        if let Ok(jobs) = Arc::try_unwrap(jobs) {
+            jobs.stopped().await;
         }
         // The swarm stops on the same token; its QUIC endpoint closes when it is dropped.
         let _ = net_task.await;
@@ -386,7 +421,7 @@ async fn open_scrub(store: Arc<RocksStore>, config: &Config) -> Result<scrub::Ha
 }
 
 /// Builds the load report gossiped every few seconds.
-fn load_reporter(store: Arc<RocksStore>, zone: String) -> net::LoadFn {
+fn load_reporter(store: Arc<RocksStore>, zone: String, processors: Vec<String>) -> net::LoadFn {
     use crate::store::MetaStore;
     let cpu = std::sync::Mutex::new(CpuSampler::default());
     Arc::new(move || {
@@ -407,6 +442,7 @@ fn load_reporter(store: Arc<RocksStore>, zone: String) -> net::LoadFn {
             disk_used: stats.bytes,
             chunks: stats.chunks,
             bytes: stats.bytes,
+            processors: processors.clone(),
             ..Default::default()
         }
     })
@@ -414,12 +450,12 @@ fn load_reporter(store: Arc<RocksStore>, zone: String) -> net::LoadFn {
 
 /// CPU busy fraction between samples, from `/proc/stat` (0 where that is unavailable).
 #[derive(Debug, Default)]
-struct CpuSampler {
+pub(crate) struct CpuSampler {
     last: Option<(u64, u64)>,
 }
 
 impl CpuSampler {
-    fn sample(&mut self) -> f32 {
+    pub(crate) fn sample(&mut self) -> f32 {
         let Some((busy, total)) = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
             let line = text.lines().next()?;
             let values: Vec<u64> = line

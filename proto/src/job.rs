@@ -237,7 +237,9 @@ impl JobSpec {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated("job spec"))?;
+        let (&version, rest) = bytes
+            .split_first()
+            .ok_or(WireError::Truncated("job spec"))?;
         if version != JOB_SPEC_VERSION {
             return Err(WireError::UnsupportedVersion { found: version });
         }
@@ -310,16 +312,17 @@ impl JobAnnouncement {
         if version != JOB_SPEC_VERSION {
             return Err(WireError::UnsupportedVersion { found: version });
         }
-        let (a, used): (JobAnnouncement, usize) =
-            bincode::serde::decode_from_slice(rest, config())
-                .map_err(|e| WireError::Malformed(e.to_string()))?;
+        let (a, used): (JobAnnouncement, usize) = bincode::serde::decode_from_slice(rest, config())
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
         if used != rest.len() {
             return Err(WireError::TrailingBytes {
                 extra: rest.len() - used,
             });
         }
         if a.exec.len() > MAX_STAGES || a.exec.iter().any(|e| e.len() > MAX_NAME_LEN) {
-            return Err(WireError::Malformed("too many or too long exec names".into()));
+            return Err(WireError::Malformed(
+                "too many or too long exec names".into(),
+            ));
         }
         Ok(a)
     }
@@ -353,7 +356,10 @@ pub enum Work {
         csv_header: Option<Vec<u8>>,
     },
     /// One reduce partition over every map task's share of it, in map-task order.
-    Reduce { partition: u32, sources: Vec<Source> },
+    Reduce {
+        partition: u32,
+        sources: Vec<Source>,
+    },
 }
 
 /// Timing and counts of one stage of one task.
@@ -407,7 +413,7 @@ pub enum JobRequest {
         job: JobId,
         task: u32,
         attempt: u32,
-        result: Result<TaskOutput, String>,
+        result: Result<Box<TaskOutput>, String>,
     },
     /// Send me the job's spec.
     Spec { job: JobId },
@@ -423,13 +429,15 @@ pub enum JobResponse {
         work: Work,
     },
     /// Nothing to give now; ask again later. `ended`: the job is over, stop asking.
-    NoWork { ended: bool },
+    NoWork {
+        ended: bool,
+    },
     Renewed,
     /// The lease is gone (expired and granted again, or the job ended): stop the task.
     Lost,
     Finished,
     Spec {
-            spec: Vec<u8>,
+        spec: Vec<u8>,
     },
     UnknownJob,
 }
@@ -618,7 +626,10 @@ mod tests {
         );
         let mut s = submit();
         s.max_attempts = Some(0);
-        assert_eq!(s.normalize(Redundancy::DEFAULT), Err(SpecError::Attempts(0)));
+        assert_eq!(
+            s.normalize(Redundancy::DEFAULT),
+            Err(SpecError::Attempts(0))
+        );
         let mut s = submit();
         s.inputs.push(s.inputs[0]);
         assert!(matches!(

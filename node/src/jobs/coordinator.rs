@@ -22,12 +22,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 use mesh_proto::job::{
-    Bottleneck, DeadLetter, JobAnnouncement, JobId, JobList, JobRequest, JobResponse, JobSpec,
-    JobState, JobStatus, JobSummary, Locality, MAX_TASKS, NodeWork, OnFailure, Part, Source,
-    StageReport, SubmitResponse, TaskCounts, TaskOutput, Work,
+    Bottleneck, DeadLetter, JobAnnouncement, JobList, JobRequest, JobResponse, JobSpec, JobState,
+    JobStatus, JobSummary, Locality, MAX_TASKS, NodeWork, OnFailure, Part, Source, StageReport,
+    SubmitResponse, TaskCounts, TaskOutput, Work,
 };
 use mesh_proto::wire::{NodeId, PlacementRecord};
-use mesh_proto::{ChunkerSpec, Manifest, ObjectId, RecordFormat, Redundancy};
+use mesh_proto::{ChunkerSpec, JobId, Manifest, ObjectId, RecordFormat, Redundancy};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -159,7 +159,7 @@ enum Status {
     Done {
         node: NodeId,
         locality: Locality,
-        output: TaskOutput,
+        output: Box<TaskOutput>,
     },
     Dead,
 }
@@ -266,14 +266,13 @@ impl Coordinator {
                     ends.insert(job.to_owned(), decode(key, value)?);
                 }
                 _ if rest.starts_with("t/") && key.len() >= 4 => {
-                    let index = u32::from_be_bytes(
-                        key[key.len() - 4..]
-                            .try_into()
-                            .map_err(|_| StoreError::BadRecord {
+                    let index =
+                        u32::from_be_bytes(key[key.len() - 4..].try_into().map_err(|_| {
+                            StoreError::BadRecord {
                                 key: text.clone().into_owned(),
                                 reason: "bad task key".into(),
-                            })?,
-                    );
+                            }
+                        })?);
                     tasks
                         .entry(job.to_owned())
                         .or_default()
@@ -670,7 +669,10 @@ impl Coordinator {
         writes.task(&id, index, &job.tasks[index]);
         drop(jobs);
         self.persist(writes);
-        self.inner.metrics.counter("mesh_job_claims_total").increment(1);
+        self.inner
+            .metrics
+            .counter("mesh_job_claims_total")
+            .increment(1);
         JobResponse::Granted {
             task: index as u32,
             attempt,
@@ -688,13 +690,16 @@ impl Coordinator {
             return JobResponse::Lost;
         }
         let lease_ms = job.spec.lease_ms;
-        match job.tasks.get_mut(task as usize).map(|t| &mut t.status) {
-            Some(Status::Leased {
+        let Some(t) = job.tasks.get_mut(task as usize) else {
+            return JobResponse::Lost;
+        };
+        match &mut t.status {
+            Status::Leased {
                 node: holder,
                 attempt: a,
                 expires_ms,
                 ..
-            }) if holder == node && *a == attempt => {
+            } if *holder == *node && *a == attempt => {
                 *expires_ms = now_ms() + lease_ms;
                 JobResponse::Renewed
             }
@@ -708,7 +713,7 @@ impl Coordinator {
         id: JobId,
         index: u32,
         attempt: u32,
-        result: Result<TaskOutput, String>,
+        result: Result<Box<TaskOutput>, String>,
     ) -> JobResponse {
         let now = now_ms();
         let mut writes = Writes(Vec::new());
@@ -731,7 +736,14 @@ impl Coordinator {
             let Some(task) = job.tasks.get_mut(index as usize) else {
                 return JobResponse::Lost;
             };
-            let current = matches!(&task.status, Status::Leased { node: n, attempt: a, .. } if n == node && *a == attempt);
+            let current = match &task.status {
+                Status::Leased {
+                    node: n,
+                    attempt: a,
+                    ..
+                } => n == node && *a == attempt,
+                _ => false,
+            };
             match result {
                 Ok(output) => {
                     if matches!(task.status, Status::Done { .. } | Status::Dead) {
@@ -749,10 +761,7 @@ impl Coordinator {
                             Status::Leased { locality, .. } => *locality,
                             _ => Locality::Remote,
                         };
-                        let records: u64 = output
-                            .stats
-                            .first()
-                            .map_or(0, |s| s.records_in);
+                        let records: u64 = output.stats.first().map_or(0, |s| s.records_in);
                         self.inner
                             .metrics
                             .counter("mesh_job_records_total")
@@ -789,7 +798,10 @@ impl Coordinator {
                         task.pending_since_ms = now;
                         task.not_before_ms = now + backoff(&id, index, task.attempts);
                         job.retries += 1;
-                        self.inner.metrics.counter("mesh_job_retries_total").increment(1);
+                        self.inner
+                            .metrics
+                            .counter("mesh_job_retries_total")
+                            .increment(1);
                     }
                     writes.task(&id, index as usize, &job.tasks[index as usize]);
                 }
@@ -932,8 +944,9 @@ impl Coordinator {
                 async move {
                     let mut decoded = Vec::with_capacity(parts.len());
                     for part in parts {
-                        let manifest = Manifest::decode_verified(&part.record.object, &part.manifest)
-                            .map_err(|e| format!("a task output's manifest: {e}"))?;
+                        let manifest =
+                            Manifest::decode_verified(&part.record.object, &part.manifest)
+                                .map_err(|e| format!("a task output's manifest: {e}"))?;
                         decoded.push((manifest, part.record));
                     }
                     this.inner
@@ -1230,8 +1243,7 @@ fn check_output(output: &TaskOutput, is_map: bool, partitions: usize) -> Result<
             .map_err(|e| format!("output record: {e}"))?;
         if is_map && partitions > 0 {
             let listed: u64 = output.partition_chunks.iter().map(|&c| u64::from(c)).sum();
-            if output.partition_chunks.len() != partitions
-                || listed != manifest.chunks.len() as u64
+            if output.partition_chunks.len() != partitions || listed != manifest.chunks.len() as u64
             {
                 return Err("shuffle output does not list its partitions".into());
             }
@@ -1406,19 +1418,21 @@ fn report_of(job: &Job) -> JobStatus {
             share: s.share,
             severity: severity(s.share).to_owned(),
         });
-    let records_in = stages.first().map_or(0, |s| s.records_in);
-    let records_out = job.tasks[job.map_tasks.min(job.tasks.len())..]
+    // Records read are what the map side parsed; records written, what the last phase
+    // encoded (the reduce side's, when the job shuffles).
+    let records_in = stages
         .iter()
-        .chain(if job.shuffles() {
-            [].iter()
-        } else {
-            job.tasks[..job.map_tasks].iter()
-        })
-        .filter_map(|t| match &t.status {
-            Status::Done { output, .. } => output.stats.last().map(|s| s.records_out),
-            _ => None,
-        })
-        .sum();
+        .find(|s| s.stage == "parse")
+        .map_or(0, |s| s.records_in);
+    let final_encode = if job.shuffles() {
+        "reduce encode"
+    } else {
+        "encode"
+    };
+    let records_out = stages
+        .iter()
+        .find(|s| s.stage == final_encode)
+        .map_or(0, |s| s.records_out);
     let end = job.end.as_ref();
     JobStatus {
         id: job.id,
@@ -1477,9 +1491,16 @@ mod tests {
             let base = (BASE_BACKOFF.as_millis() as u64)
                 .saturating_mul(1 << (attempt - 1).min(16))
                 .min(MAX_BACKOFF.as_millis() as u64);
-            assert!(b >= base / 2 && b <= base + base / 2, "{attempt}: {b} vs {base}");
+            assert!(
+                b >= base / 2 && b <= base + base / 2,
+                "{attempt}: {b} vs {base}"
+            );
         }
-        assert_ne!(backoff(&job, 1, 3), backoff(&job, 2, 3), "jitter differs per task");
+        assert_ne!(
+            backoff(&job, 1, 3),
+            backoff(&job, 2, 3),
+            "jitter differs per task"
+        );
     }
 
     #[test]

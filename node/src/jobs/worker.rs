@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::PeerId;
-use mesh_proto::job::{
-    JobId, JobRequest, JobResponse, JobSpec, Part, StageStat, TaskOutput, Work,
-};
+use mesh_proto::job::{JobRequest, JobResponse, JobSpec, Part, StageStat, TaskOutput, Work};
 use mesh_proto::wire::{ControlRequest, ControlResponse, NodeId};
-use mesh_proto::{ChunkerSpec, Manifest, RecordFormat, Redundancy};
+use mesh_proto::{ChunkerSpec, JobId, Manifest, RecordFormat, Redundancy};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -140,7 +138,14 @@ impl Worker {
         // Tasks still running stop with the node; their leases expire at the coordinator.
     }
 
-    fn heard(&self, job: JobId, coordinator: NodeId, author: PeerId, exec: Vec<String>, running: bool) {
+    fn heard(
+        &self,
+        job: JobId,
+        coordinator: NodeId,
+        author: PeerId,
+        exec: Vec<String>,
+        running: bool,
+    ) {
         let Ok(coordinator) = PeerId::from_bytes(&coordinator.0) else {
             return;
         };
@@ -164,6 +169,8 @@ impl Worker {
             done: false,
         });
         entry.heard = now;
+        // Announced as running again (resubmitted after it ended and was forgotten).
+        entry.done = false;
     }
 
     fn cpu_load(&self) -> f32 {
@@ -221,8 +228,17 @@ impl Worker {
                         let this = self.clone();
                         let stop = stop.clone();
                         tokio::spawn(async move {
-                            this.run_task(job, coordinator, prepared, task, attempt, lease_ms, work, stop)
-                                .await;
+                            this.run_task(
+                                job,
+                                coordinator,
+                                prepared,
+                                task,
+                                attempt,
+                                lease_ms,
+                                work,
+                                stop,
+                            )
+                            .await;
                             this.inner.running.fetch_sub(1, Ordering::Relaxed);
                             this.inner.wake.notify_one();
                         });
@@ -396,7 +412,7 @@ impl Worker {
             job,
             task,
             attempt,
-            result,
+            result: result.map(Box::new),
         };
         for tries in 1..=FINISH_TRIES {
             match self.call(coordinator, request.clone()).await {
@@ -452,8 +468,11 @@ impl Worker {
                         ..Default::default()
                     };
                     let out = Bytes::from(out);
-                    let chunks = cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
-                    let (output, write) = self.write(chunks, redundancy, ChunkerSpec::default()).await?;
+                    let chunks =
+                        cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
+                    let (output, write) = self
+                        .write(chunks, redundancy, ChunkerSpec::default())
+                        .await?;
                     return Ok(TaskOutput {
                         output,
                         partition_chunks: Vec::new(),
@@ -486,7 +505,7 @@ impl Worker {
                 .map_err(|e| e.to_string())?;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let mut stats = vec![read];
-                stats.extend(mapped.stats);
+                stats.extend(mapped.stats.into_iter().map(wire_stat));
                 let (output, partition_chunks, write) = if partitions > 0 {
                     let mut all = Vec::new();
                     let mut counts = Vec::with_capacity(mapped.partitions.len());
@@ -498,7 +517,8 @@ impl Worker {
                     let (output, write) = self.write(all, redundancy, spec).await?;
                     (output, counts, write)
                 } else {
-                    let cut = cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
+                    let cut =
+                        cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
                     let (output, write) = self.write(cut, redundancy, spec).await?;
                     (output, Vec::new(), write)
                 };
@@ -522,9 +542,11 @@ impl Worker {
                 let started = Instant::now();
                 let mut reads = Vec::new();
                 for source in &sources {
-                    let manifest =
-                        Manifest::decode_verified(&source.part.record.object, &source.part.manifest)
-                            .map_err(|e| format!("a map output's manifest: {e}"))?;
+                    let manifest = Manifest::decode_verified(
+                        &source.part.record.object,
+                        &source.part.manifest,
+                    )
+                    .map_err(|e| format!("a map output's manifest: {e}"))?;
                     let manifest = Arc::new(manifest);
                     let record = Arc::new(source.part.record.clone());
                     for index in source.first..source.first.saturating_add(source.count) {
@@ -535,7 +557,9 @@ impl Worker {
                     |(manifest, record, index)| async move {
                         mesh.read_chunk(&manifest, Some(&record), index)
                             .await
-                            .map_err(|e| format!("reading a map output for partition {partition}: {e}"))
+                            .map_err(|e| {
+                                format!("reading a map output for partition {partition}: {e}")
+                            })
                     },
                 ))
                 .buffered(REDUCE_READ_WINDOW)
@@ -562,7 +586,8 @@ impl Worker {
                 let (output, mut write) = self.write(cut, redundancy, spec).await?;
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
-                stats.extend(reduced.stats.into_iter().map(|mut s| {
+                stats.extend(reduced.stats.into_iter().map(|s| {
+                    let mut s = wire_stat(s);
                     s.stage = format!("reduce {}", s.stage);
                     s
                 }));
@@ -613,6 +638,17 @@ impl Worker {
             }),
             write_stat(started, bytes),
         ))
+    }
+}
+
+/// A processor's stage timing as the job protocol carries it.
+fn wire_stat(s: super::processors::StageStat) -> StageStat {
+    StageStat {
+        stage: s.stage,
+        nanos: s.nanos,
+        records_in: s.records_in,
+        records_out: s.records_out,
+        bytes_in: s.bytes_in,
     }
 }
 

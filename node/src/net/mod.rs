@@ -226,10 +226,7 @@ impl Network {
 
     /// Gossips a job announcement to every node.
     pub async fn announce_job(&self, announcement: mesh_proto::job::JobAnnouncement) {
-        let _ = self
-            .commands
-            .send(Command::AnnounceJob(announcement))
-            .await;
+        let _ = self.commands.send(Command::AnnounceJob(announcement)).await;
     }
 
     pub fn local_peer_id(&self) -> PeerId {

@@ -63,6 +63,8 @@ const CF_HELD: &str = "held";
 /// `ec:K+M` objects: the id of every part (shard), which `held` indexes; absent for `rep:N`,
 /// whose parts are the manifest's chunks.
 const CF_PARTS: &str = "parts";
+/// Keys and values of a scan.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 /// Job state kept by coordinators: free-form keys owned by [`crate::jobs`].
 const CF_JOBS: &str = "jobs";
 
@@ -614,7 +616,7 @@ impl RocksStore {
     }
 
     /// Every job-state entry whose key starts with `prefix`, in key order.
-    pub fn job_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn job_scan(&self, prefix: &[u8]) -> Result<KeyValues, StoreError> {
         let cf = self.cf(CF_JOBS);
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(

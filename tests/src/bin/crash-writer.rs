@@ -28,10 +28,10 @@ fn main() -> anyhow::Result<()> {
     for seed in first_seed.. {
         let data = mesh_tests::prefixed_object(seed);
         let options = PutOptions {
-            name: Some(format!("obj-{seed    created_ms: None,
-    }")),
+            name: Some(format!("obj-{seed}")),
             redundancy: Redundancy::DEFAULT,
             chunker: ChunkerSpec::Fixed { size: 64 * 1024 },
+            created_ms: None,
         };
         let put = runtime.block_on(ingest(&store, &metrics, &data[..], options))?;
         writeln!(stdout.lock(), "ACK {} {seed} {}", put.id, data.len())?;
