@@ -2,6 +2,7 @@
 //! result (text, or JSON with `--json`).
 
 mod get;
+mod job;
 mod objects;
 mod peers;
 mod put;
@@ -26,5 +27,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Peers => peers::run(&client, cli.json).await,
         Command::Repair => repair::run(&client, cli.json).await,
         Command::Scrub { now } => scrub::run(&client, now, cli.json).await,
+        Command::Job { command } => job::run(&client, command, cli.json).await,
     }
 }
