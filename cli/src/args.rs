@@ -12,9 +12,10 @@ use mesh_proto::{ChunkerSpec, JobId, ObjectId, RecordFormat, Redundancy};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  error (including a put that did not reach its write quorum)
-  2  usage error (bad arguments)
-  3  object not found
+  1  error (including a put that did not reach its write quorum, and a job
+     that ended failed or cancelled)
+  2  usage error (bad arguments, or an invalid job spec)
+  3  object or job not found
   4  cannot reach meshd
   5  the API token was refused";
 
