@@ -12,10 +12,10 @@ use mesh_proto::{ChunkerSpec, JobId, ObjectId, RecordFormat, Redundancy};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  error (including a put that did not reach its write quorum, and a job
-     that ended failed or cancelled)
+  1  error (including a put that did not reach its write quorum); also a job
+     that `job wait` or `job submit --wait` saw end failed or cancelled
   2  usage error (bad arguments, or an invalid job spec)
-  3  object or job not found
+  3  object not found, or job not found
   4  cannot reach meshd
   5  the API token was refused";
 
@@ -471,6 +471,17 @@ mod tests {
         assert!("abcz".parse::<JobRef>().unwrap_err().contains("'z'"));
         let err = Cli::try_parse_from(["meshctl", "job", "status", "xyz!"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_exit_codes_keep_their_documented_lines() {
+        // cli/tests/meshctl.rs checks these lines in `meshctl --help`.
+        for line in [
+            "1  error (including a put that did not reach its write quorum)",
+            "3  object not found",
+        ] {
+            assert!(EXIT_CODES.contains(line), "{line} missing");
+        }
     }
 
     #[test]
