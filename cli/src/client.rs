@@ -11,8 +11,9 @@ use mesh_proto::api::{
     DeleteResponse, ErrorBody, ErrorCode, ListQuery, ListResponse, PeersResponse, PutQuery,
     PutResponse, ScrubStartResponse, ScrubStatus, StatResponse, StatusResponse, TOKEN_FILE,
 };
+use mesh_proto::job::{JobList, JobStatus, JobSubmit, SubmitResponse};
 use mesh_proto::manifest::MAX_MANIFEST_LEN;
-use mesh_proto::{Manifest, ObjectId};
+use mesh_proto::{JobId, Manifest, ObjectId};
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -208,6 +209,42 @@ impl Client {
         let request = self.http.get(self.url("/v1/peers"));
         let response = self.send(request, None).await?;
         self.json(response).await
+    }
+
+    /// `POST /v1/jobs`: the node checks the spec and coordinates the job.
+    pub async fn submit_job(&self, submit: &JobSubmit) -> Result<SubmitResponse, Error> {
+        let request = self.http.post(self.url("/v1/jobs")).json(submit);
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `GET /v1/jobs`.
+    pub async fn jobs(&self) -> Result<JobList, Error> {
+        let request = self.http.get(self.url("/v1/jobs"));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub async fn job(&self, id: &JobId) -> Result<JobStatus, Error> {
+        let request = self.http.get(self.url(&format!("/v1/jobs/{id}")));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `POST /v1/jobs/{id}/cancel`: the job's state after the cancel (a job that had already
+    /// ended keeps its state).
+    pub async fn cancel_job(&self, id: &JobId) -> Result<JobStatus, Error> {
+        let request = self.http.post(self.url(&format!("/v1/jobs/{id}/cancel")));
+        let response = self.send(request, None).await?;
+        self.json(response).await
+    }
+
+    /// `DELETE /v1/jobs/{id}`: forgets an ended job (answered with 204, no body).
+    pub async fn forget_job(&self, id: &JobId) -> Result<(), Error> {
+        let request = self.http.delete(self.url(&format!("/v1/jobs/{id}")));
+        self.send(request, None).await?;
+        Ok(())
     }
 
     /// Maps a failure to send a request or to read a response body.

@@ -7,7 +7,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use mesh_proto::{ChunkId, ManifestError, ObjectId};
+use mesh_proto::job::JobState;
+use mesh_proto::{ChunkId, JobId, ManifestError, ObjectId};
 
 /// Exit codes, documented in `meshctl --help`.
 pub mod exit {
@@ -111,6 +112,23 @@ pub enum Error {
 
     #[error("interrupted; nothing was written")]
     Interrupted,
+
+    /// A local file the command line names (a job spec, a `--param KEY=@FILE`).
+    #[error("cannot read {what} from {}: {}", path.display(), describe_io(source))]
+    Read {
+        what: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+
+    /// A job that was waited for ended failed or cancelled; `details` is its error and dead
+    /// letters, one per line.
+    #[error("job {id} {state}{details}")]
+    JobEnded {
+        id: JobId,
+        state: JobState,
+        details: String,
+    },
 }
 
 impl Error {

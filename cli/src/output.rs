@@ -157,6 +157,24 @@ pub fn transfer_bar(verb: &str, total: Option<u64>) -> ProgressBar {
     bar
 }
 
+/// A progress line for a job being waited for: tasks done of all, and the job's state in the
+/// message. Hidden unless stderr is a terminal.
+pub fn job_bar(prefix: String) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "{prefix} [{wide_bar}] {pos}/{len} tasks done, {msg} {elapsed}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(prefix);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
