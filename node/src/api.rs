@@ -42,8 +42,11 @@ pub struct ApiState {
     inner: Arc<Inner>,
     /// Status and start of scrub passes (`/v1/scrub`); see [`ApiState::with_scrub`].
     scrub: Option<crate::scrub::Handle>,
-    /// The job coordinator (`/v1/jobs`); see [`ApiState::with_jobs`].
-    jobs: Option<crate::jobs::coordinator::Coordinator>,
+    /// The job coordinator (`/v1/jobs`) and worker; see [`ApiState::with_jobs`].
+    jobs: Option<(
+        crate::jobs::coordinator::Coordinator,
+        crate::jobs::worker::Worker,
+    )>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -103,13 +106,17 @@ impl ApiState {
     }
 
     /// Serves job submission and reports.
-    pub fn with_jobs(mut self, jobs: crate::jobs::coordinator::Coordinator) -> Self {
-        self.jobs = Some(jobs);
+    pub fn with_jobs(
+        mut self,
+        coordinator: crate::jobs::coordinator::Coordinator,
+        worker: crate::jobs::worker::Worker,
+    ) -> Self {
+        self.jobs = Some((coordinator, worker));
         self
     }
 
     fn jobs(&self) -> Result<crate::jobs::coordinator::Coordinator, ApiError> {
-        self.jobs.clone().ok_or_else(|| {
+        self.jobs.as_ref().map(|(c, _)| c.clone()).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,
@@ -833,22 +840,67 @@ async fn list_jobs(
     Ok(Json(state.jobs()?.list()))
 }
 
+/// Asks the coordinator of a job this node does not coordinate (known from its
+/// announcements) for its report, or to cancel it.
+async fn ask_coordinator(
+    state: &ApiState,
+    id: mesh_proto::JobId,
+    request: mesh_proto::job::JobRequest,
+) -> Result<mesh_proto::job::JobStatus, ApiError> {
+    use crate::jobs::coordinator::JobError;
+    use mesh_proto::job::JobResponse;
+    let not_here = || ApiError::from(JobError::NotFound(id));
+    let Some((_, worker)) = &state.jobs else {
+        return Err(not_here());
+    };
+    let Some(coordinator) = worker.coordinator_of(&id) else {
+        return Err(not_here());
+    };
+    match worker.call(coordinator, request).await {
+        Ok(JobResponse::Status(report)) => Ok(*report),
+        Ok(JobResponse::UnknownJob) => Err(not_here()),
+        Ok(other) => Err(ApiError::internal(format!(
+            "coordinator {coordinator} answered {other:?}"
+        ))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            format!("job {id} is coordinated by {coordinator}, which cannot be reached: {e}"),
+        )),
+    }
+}
+
+/// `GET /v1/jobs/{id}`: the report, from this node or from the job's coordinator.
 async fn job_status(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<mesh_proto::job::JobStatus>, ApiError> {
+    use crate::jobs::coordinator::JobError;
     let id = parse_job_id(path)?;
-    Ok(Json(state.jobs()?.status(id)?))
+    match state.jobs()?.status(id) {
+        Ok(report) => Ok(Json(report)),
+        Err(JobError::NotFound(_)) => Ok(Json(
+            ask_coordinator(&state, id, mesh_proto::job::JobRequest::Status { job: id }).await?,
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
+/// `POST /v1/jobs/{id}/cancel`, on this node or the job's coordinator.
 async fn cancel_job(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<mesh_proto::job::JobStatus>, ApiError> {
+    use crate::jobs::coordinator::JobError;
     let id = parse_job_id(path)?;
     let jobs = state.jobs()?;
-    jobs.cancel(id)?;
-    Ok(Json(jobs.status(id)?))
+    match jobs.cancel(id) {
+        Ok(_) => Ok(Json(jobs.status(id)?)),
+        Err(JobError::NotFound(_)) => Ok(Json(
+            ask_coordinator(&state, id, mesh_proto::job::JobRequest::Cancel { job: id }).await?,
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn forget_job(

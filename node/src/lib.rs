@@ -242,7 +242,7 @@ impl Node {
             api_addr.to_string(),
         )
         .with_scrub(scrub.clone())
-        .with_jobs(jobs.coordinator.clone());
+        .with_jobs(jobs.coordinator.clone(), jobs.worker.clone());
         let app = api::router(state);
         let serve_stop = stop.clone();
         let server = tokio::spawn(async move {

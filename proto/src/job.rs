@@ -417,10 +417,14 @@ pub enum JobRequest {
     },
     /// Send me the job's spec.
     Spec { job: JobId },
+    /// Send me the job's report (a node asked by `meshctl` for a job it does not coordinate).
+    Status { job: JobId },
+    /// Cancel the job (likewise) and send its report.
+    Cancel { job: JobId },
 }
 
 /// Answers of the job protocol.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum JobResponse {
     Granted {
         task: u32,
@@ -439,6 +443,7 @@ pub enum JobResponse {
     Spec {
         spec: Vec<u8>,
     },
+    Status(Box<JobStatus>),
     UnknownJob,
 }
 

@@ -289,7 +289,7 @@ pub enum ControlRequest {
 }
 
 /// Control protocol response. `Object` carries the manifest's bytes as the frame payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlResponse {
     Stored,
     Object { record: PlacementRecord },

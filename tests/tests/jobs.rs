@@ -204,6 +204,13 @@ async fn a_validate_and_dedup_job_outputs_exactly_the_reference_records() {
 
     let report = wait_ended(&cluster.nodes[1], &job).await;
     assert_eq!(report.state, JobState::Succeeded, "{report:?}");
+    // Another node answers for the job by asking its coordinator.
+    let relayed = status(&cluster.nodes[0], &job).await;
+    assert_eq!(relayed.output, report.output);
+    assert_eq!(
+        relayed.coordinator,
+        cluster.nodes[1].node().peer_id().to_string()
+    );
     assert!(report.map_tasks >= 8, "{} map tasks", report.map_tasks);
     assert_eq!(report.reduce_tasks, 4);
     assert_eq!(report.records_in, 120_000);
@@ -407,6 +414,35 @@ async fn failures_commands_and_bad_specs() {
     assert!(letter.error.contains("broken input"), "{}", letter.error);
     assert!(failed.output.is_none());
 
+    // A job cancelled through another node than its coordinator ends at once.
+    let slow = submit_ok(
+        &cluster.nodes[0],
+        &json!({"processor": "exec:fail", "inputs": [input.to_string()], "max_attempts": 9}),
+    )
+    .await;
+    wait_until(JOIN, "node 2 to hear of the job", || {
+        let known = cluster.nodes[2].node().jobs().worker.coordinator_of(&slow);
+        async move { Ok(known.is_some()) }
+    })
+    .await
+    .unwrap();
+    let response = api_client(&cluster.nodes[2])
+        .unwrap()
+        .post(format!(
+            "{}/v1/jobs/{slow}/cancel",
+            cluster.nodes[2].api_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let cancelled: JobStatus = response.json().await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(
+        status(&cluster.nodes[0], &slow).await.state,
+        JobState::Cancelled
+    );
+
     // A command only node 1 registers runs only there.
     let node1 = cluster.nodes[1].node().peer_id().to_string();
     wait_until(JOIN, "node 0 to hear that node 1 offers exec:upper", || {
@@ -485,12 +521,13 @@ async fn failures_commands_and_bad_specs() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list.jobs.len(), 2);
+    assert_eq!(list.jobs.len(), 3);
     let states: BTreeMap<String, usize> = list.jobs.iter().fold(BTreeMap::new(), |mut m, j| {
         *m.entry(j.state.to_string()).or_default() += 1;
         m
     });
     assert_eq!(states.get("failed"), Some(&1));
     assert_eq!(states.get("succeeded"), Some(&1));
+    assert_eq!(states.get("cancelled"), Some(&1));
     cluster.stop().await;
 }

@@ -45,6 +45,9 @@ struct Args {
     /// File holding the cluster key (see `meshd init`); without one the mesh is open
     #[arg(long, value_name = "FILE")]
     cluster_key_file: Option<PathBuf>,
+    /// Job tasks this node runs at once (default: its CPU cores)
+    #[arg(long, value_name = "N")]
+    task_slots: Option<usize>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -102,6 +105,9 @@ fn main() -> ExitCode {
     }
     if let Some(path) = args.cluster_key_file {
         config.net.cluster_key_file = Some(path);
+    }
+    if let Some(slots) = args.task_slots {
+        config.jobs.task_slots = slots;
     }
     if let Err(e) = config.validate() {
         return fail(&e);

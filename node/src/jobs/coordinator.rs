@@ -571,6 +571,14 @@ impl Coordinator {
                 },
                 None => JobResponse::UnknownJob,
             },
+            JobRequest::Status { job } => match self.status(job) {
+                Ok(report) => JobResponse::Status(Box::new(report)),
+                Err(_) => JobResponse::UnknownJob,
+            },
+            JobRequest::Cancel { job } => match self.cancel(job).and_then(|_| self.status(job)) {
+                Ok(report) => JobResponse::Status(Box::new(report)),
+                Err(_) => JobResponse::UnknownJob,
+            },
         }
     }
 

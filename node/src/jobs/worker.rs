@@ -39,6 +39,8 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
 const REDUCE_READ_WINDOW: usize = 8;
+/// Jobs whose coordinator a worker remembers.
+const MAX_REMEMBERED: usize = 4096;
 /// Attempts to deliver a task's result to its coordinator.
 const FINISH_TRIES: u32 = 5;
 
@@ -72,6 +74,9 @@ struct Inner {
     config: JobsConfig,
     exec: BTreeMap<String, ExecConfig>,
     known: Mutex<HashMap<JobId, Known>>,
+    /// The coordinator of every job heard of (running or ended), for `meshctl job status`
+    /// on a node that does not coordinate the job; at most [`MAX_REMEMBERED`] entries.
+    coordinators: Mutex<HashMap<JobId, PeerId>>,
     running: AtomicUsize,
     wake: Notify,
     cpu: Mutex<(crate::CpuSampler, Instant, f32)>,
@@ -95,6 +100,7 @@ impl Worker {
                 config,
                 exec,
                 known: Mutex::new(HashMap::new()),
+                coordinators: Mutex::new(HashMap::new()),
                 running: AtomicUsize::new(0),
                 wake: Notify::new(),
                 cpu: Mutex::new((crate::CpuSampler::default(), Instant::now(), 0.0)),
@@ -152,6 +158,16 @@ impl Worker {
         // Only the coordinator itself announces its jobs.
         if coordinator != author {
             return;
+        }
+        {
+            let mut remembered = lock(&self.inner.coordinators);
+            if remembered.len() >= MAX_REMEMBERED && !remembered.contains_key(&job) {
+                // Forget an arbitrary one: this map only helps operators find reports.
+                if let Some(old) = remembered.keys().next().copied() {
+                    remembered.remove(&old);
+                }
+            }
+            remembered.insert(job, coordinator);
         }
         let mut known = lock(&self.inner.known);
         if !running {
@@ -339,8 +355,17 @@ impl Worker {
             .collect()
     }
 
+    /// The coordinator of a job this node heard of.
+    pub fn coordinator_of(&self, job: &JobId) -> Option<PeerId> {
+        lock(&self.inner.coordinators).get(job).copied()
+    }
+
     /// Sends a job-protocol request to `coordinator` (a direct call when it is this node).
-    async fn call(&self, coordinator: PeerId, request: JobRequest) -> Result<JobResponse, String> {
+    pub async fn call(
+        &self,
+        coordinator: PeerId,
+        request: JobRequest,
+    ) -> Result<JobResponse, String> {
         if coordinator == self.me() {
             return Ok(self
                 .inner
