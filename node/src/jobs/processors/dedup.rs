@@ -18,9 +18,11 @@
 //! - The reduce output lists the kept records sorted by key (byte-wise on the key encoding).
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 
-use serde_json::Value;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::{Map, Value};
 
 use super::input::Record;
 use super::value::{self, FieldPath};
@@ -30,6 +32,8 @@ use super::value::{self, FieldPath};
 pub(crate) struct Dedup {
     key: Vec<FieldPath>,
     ts: Option<FieldPath>,
+    /// The top-level fields that the key and the timestamp read.
+    fields: BTreeSet<String>,
 }
 
 impl Dedup {
@@ -44,7 +48,21 @@ impl Dedup {
             .map(|t| value::parse_path(t.trim()))
             .transpose()
             .map_err(|e| ("ts", e))?;
-        Ok(Self { key, ts })
+        let fields = key
+            .iter()
+            .chain(&ts)
+            .filter_map(|path| path.first().cloned())
+            .collect();
+        Ok(Self { key, ts, fields })
+    }
+
+    /// Parses a record of the reduce input keeping only the top-level fields that the key and
+    /// the timestamp read; the rest is checked for syntax and skipped, not built.
+    pub fn parse_needed(&self, line: &[u8]) -> Result<Value, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(line);
+        let fields = Needed(&self.fields).deserialize(&mut de)?;
+        de.end()?;
+        Ok(Value::Object(fields))
     }
 
     /// Writes the key of `record` to `out` (cleared first).
@@ -77,6 +95,63 @@ impl Dedup {
         self.ts
             .as_ref()
             .and_then(|path| value::lookup(record, path))
+    }
+}
+
+/// Reads an object, building only the fields in the set.
+struct Needed<'a>(&'a BTreeSet<String>);
+
+impl<'de> DeserializeSeed<'de> for Needed<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Needed<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(wanted) = map.next_key_seed(Wanted(self.0))? {
+            match wanted {
+                Some(name) => {
+                    out.insert(name, map.next_value()?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A key of the object: its name if it is wanted (no allocation for the others).
+struct Wanted<'a>(&'a BTreeSet<String>);
+
+impl<'de> DeserializeSeed<'de> for Wanted<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for Wanted<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.contains(name).then(|| name.to_owned()))
     }
 }
 
@@ -163,6 +238,15 @@ mod tests {
         let expected = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap()) % 10;
         assert_eq!(u64::from(partition_of(b"[1]", 10)), expected);
         assert!(Dedup::new("a,,b", None).unwrap_err().0 == "key");
+        let partial = Dedup::new("user.id", Some("ts"))
+            .unwrap()
+            .parse_needed(br#"{"big":[1,{"x":"\u00e9"}],"user":{"id":3,"n":"a"},"ts":5,"z":null}"#)
+            .unwrap();
+        assert_eq!(partial, json!({"user": {"id": 3, "n": "a"}, "ts": 5}));
+        let d = Dedup::new("id", None).unwrap();
+        assert!(d.parse_needed(b"[1]").is_err());
+        assert!(d.parse_needed(br#"{"id":1} x"#).is_err());
+        assert!(d.parse_needed(br#"{"id":1,"x":[}"#).is_err());
         assert!(Dedup::new("a", Some("")).unwrap_err().0 == "ts");
     }
 

@@ -509,7 +509,9 @@ impl Pipeline {
     }
 
     /// Runs the reduce side (dedup) over the concatenation of one partition's map outputs,
-    /// given in map-task order (the result does not depend on the order).
+    /// given in map-task order (the result does not depend on the order). Each line is parsed
+    /// only as far as the key and timestamp need; the record itself is passed on as the
+    /// bytes the map side wrote.
     pub fn run_reduce(&self, inputs: &[&[u8]]) -> Result<ReduceOutput, TaskError> {
         let dedup = match &self.body {
             Body::Records {
@@ -539,20 +541,13 @@ impl Pipeline {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                match serde_json::from_slice::<Value>(line) {
-                    Ok(value @ Value::Object(_)) => batch.push((value, line)),
-                    Ok(other) => {
-                        return Err(TaskError::ReduceInput {
-                            input,
-                            line: line_no,
-                            message: format!("not a JSON object but {}", value::type_name(&other)),
-                        });
-                    }
+                match dedup.parse_needed(line) {
+                    Ok(value) => batch.push((value, line)),
                     Err(e) => {
                         return Err(TaskError::ReduceInput {
                             input,
                             line: line_no,
-                            message: format!("invalid JSON: {e}"),
+                            message: format!("not a JSON object: {e}"),
                         });
                     }
                 }
