@@ -90,6 +90,10 @@ struct Result {
     job_secs: f64,
     /// From before the submit was sent until a poll saw the job ended.
     job_wall_secs: f64,
+    /// Client-side, to a poll's resolution: from the submit until no reduce task waited for
+    /// the map phase, and from then until the end.
+    map_phase_secs: f64,
+    reduce_phase_secs: f64,
     records_per_sec: f64,
     input_mb_per_sec: f64,
     map_tasks: u64,
@@ -258,7 +262,7 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
             answer.id
         );
     }
-    let status = wait_job(writer, &mut http, &answer.id.to_string())?;
+    let (status, map_phase) = wait_job(writer, &mut http, &answer.id.to_string(), submitted)?;
     let job_wall = submitted.elapsed();
     let cpu_job_end = cpu_ticks_of(&pids)?;
     let rss: Vec<u64> = pids
@@ -379,6 +383,8 @@ pub fn run(setup: &Setup, options: &Options) -> anyhow::Result<Outcome> {
         state: status.state.to_string(),
         job_secs,
         job_wall_secs: job_wall.as_secs_f64(),
+        map_phase_secs: map_phase.as_secs_f64(),
+        reduce_phase_secs: job_wall.saturating_sub(map_phase).as_secs_f64(),
         records_per_sec: n as f64 / job_secs.max(1e-9),
         input_mb_per_sec: input_bytes as f64 / 1e6 / job_secs.max(1e-9),
         map_tasks: status.map_tasks,
@@ -529,17 +535,28 @@ fn wait_complete(apis: &[Api], what: &str) -> anyhow::Result<Duration> {
 }
 
 /// Polls the job's status on its coordinator until it ended, with a progress line every few
-/// seconds.
-fn wait_job(api: &Api, http: &mut super::http::Client, id: &str) -> anyhow::Result<JobStatus> {
+/// seconds. Also returns when a poll first saw the map phase over (no reduce task waiting for
+/// it; the job's end when it has no reduce tasks or ended before a poll saw that), measured
+/// from `submitted`.
+fn wait_job(
+    api: &Api,
+    http: &mut super::http::Client,
+    id: &str,
+    submitted: Instant,
+) -> anyhow::Result<(JobStatus, Duration)> {
     let path = format!("/v1/jobs/{id}");
     let started = Instant::now();
     let mut last = Instant::now();
+    let mut map_done = None;
     loop {
         let value = api.get_json_with(http, &path)?;
         let status: JobStatus = serde_json::from_value(value)
             .with_context(|| format!("GET {path} on {} answered no job status", api.node))?;
         if status.state.ended() {
-            return Ok(status);
+            return Ok((status, map_done.unwrap_or_else(|| submitted.elapsed())));
+        }
+        if map_done.is_none() && status.reduce_tasks > 0 && status.tasks.waiting == 0 {
+            map_done = Some(submitted.elapsed());
         }
         if started.elapsed() > JOB_TIMEOUT {
             bail!(
@@ -616,6 +633,10 @@ fn tables(r: &Result) -> Vec<Table> {
     row(
         "job wall time (client: submit sent to end seen)",
         format!("{:.2} s", r.job_wall_secs),
+    );
+    row(
+        "map phase / reduce phase (client, +-0.25 s)",
+        format!("{:.1} / {:.1} s", r.map_phase_secs, r.reduce_phase_secs),
     );
     row(
         "throughput",
