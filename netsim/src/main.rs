@@ -120,11 +120,11 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         size_mib: usize,
     },
-    /// Reproducible whole-system benchmarks (throughput, latency, ops, repair); writes a JSON report
-    /// and a markdown table next to it; exits 1 if any step fails or any byte differs
+    /// Reproducible whole-system benchmarks (throughput, latency, ops, repair, jobs); writes a JSON
+    /// report and a markdown table next to it; exits 1 if any step fails or any byte differs
     Bench {
-        /// Scenarios to run, comma-separated: throughput, latency (needs root), ops, repair, or
-        /// all
+        /// Scenarios to run, comma-separated: throughput, latency (needs root), ops, repair, jobs,
+        /// or all (every one but jobs, which takes minutes and runs only when named)
         #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
         scenario: Vec<bench::Scenario>,
         /// Run directory; each scenario runs in a subdirectory of it
@@ -164,6 +164,15 @@ enum Command {
         /// ec:4+2 (8 nodes)
         #[arg(long, value_enum, value_delimiter = ',', default_value = "rep:3")]
         repair_policy: Vec<bench::repair::Policy>,
+        /// jobs: JSONL records of 200 bytes to put and run the validate + dedup job over
+        #[arg(long, default_value_t = 10_000_000)]
+        records: u64,
+        /// jobs: redundancy of the job's output (rep:N or ec:K+M)
+        #[arg(long, default_value = "rep:3")]
+        job_output: mesh_proto::policy::Redundancy,
+        /// jobs: reduce partitions of the dedup stage
+        #[arg(long, default_value_t = 6)]
+        partitions: u32,
     },
     /// Internal: the trampoline that starts a child in its namespace
     #[command(name = "__enter", hide = true)]
@@ -333,6 +342,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ops_clients,
             repair_size_mib,
             repair_policy,
+            records,
+            job_output,
+            partitions,
         } => {
             let options = bench::Options {
                 scenarios: scenario,
@@ -360,6 +372,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         policies.dedup();
                         policies
                     },
+                },
+                jobs: bench::jobs::Options {
+                    records: records.clamp(1, 1_000_000_000),
+                    output: job_output,
+                    partitions: partitions.clamp(1, mesh_proto::job::MAX_PARTITIONS),
                 },
                 command: std::env::args_os()
                     .map(|a| a.to_string_lossy().into_owned())

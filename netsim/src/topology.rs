@@ -1129,6 +1129,9 @@ node = "aws-us-east-1-2"
         assert_eq!(standby, [false, false, false, true]);
         let ops = load(&dir.join("bench-ops.toml")).expect("bench-ops");
         assert_eq!(ops.nodes.len(), 3);
+        let jobs = load(&dir.join("bench-jobs.toml")).expect("bench-jobs");
+        assert_eq!(jobs.nodes.len(), 3);
+        assert!(jobs.nodes.iter().all(|n| !n.standby));
         let repair = load(&dir.join("bench-repair.toml")).expect("bench-repair");
         assert_eq!(repair.nodes.len(), 5);
         assert_eq!(

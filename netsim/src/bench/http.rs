@@ -2,9 +2,11 @@
 //! connection per thread, one request at a time, so a measured latency is one request's
 //! round trip and no process is spawned per operation.
 //!
-//! It speaks just what meshd's control API needs: a request with a `Content-Length` body, and
-//! a response framed by `Content-Length`, `Transfer-Encoding: chunked`, or the end of the
-//! connection. Header and body sizes are bounded.
+//! It speaks just what meshd's control API needs: a request with a `Content-Length` body (raw
+//! bytes or JSON) or a body streamed from a reader with `Transfer-Encoding: chunked` (the
+//! `jobs` scenario's gigabytes of records, never held in memory), and a response framed by
+//! `Content-Length`, `Transfer-Encoding: chunked`, or the end of the connection. Header and
+//! body sizes are bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -14,6 +16,10 @@ use std::time::Duration;
 const MAX_LINE: usize = 16 * 1024;
 /// Most header lines accepted.
 const MAX_HEADERS: usize = 100;
+/// Largest chunk of a streamed request body.
+const STREAM_CHUNK: usize = 1 << 20;
+const OCTET_STREAM: &str = "application/octet-stream";
+const JSON: &str = "application/json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,6 +66,37 @@ impl Client {
 
     /// Sends one request and reads the whole response.
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Result<Response, Error> {
+        self.send(method, path, OCTET_STREAM, Body::Bytes(body))
+    }
+
+    /// Sends one request with a JSON body (`Content-Type: application/json`).
+    pub fn request_json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response, Error> {
+        self.send(method, path, JSON, Body::Bytes(body))
+    }
+
+    /// Sends one request whose body is everything `body` reads, in chunks of at most 1 MiB
+    /// (`Transfer-Encoding: chunked`), and reads the whole response.
+    pub fn request_streamed(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &mut dyn Read,
+    ) -> Result<Response, Error> {
+        self.send(method, path, OCTET_STREAM, Body::Stream(body))
+    }
+
+    fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Body<'_>,
+    ) -> Result<Response, Error> {
         let io = |what: &'static str, addr: &str| {
             let addr = addr.to_string();
             move |source| Error::Io { what, addr, source }
@@ -78,13 +115,28 @@ impl Client {
                 BufReader::with_capacity(64 * 1024, stream)
             }
         };
-        let head = request_head(method, path, &self.addr, &self.token, body.len());
-        let mut message = Vec::with_capacity(head.len() + body.len());
-        message.extend_from_slice(head.as_bytes());
-        message.extend_from_slice(body);
-        conn.get_mut()
-            .write_all(&message)
-            .map_err(io("cannot send to", &self.addr))?;
+        let length = match &body {
+            Body::Bytes(bytes) => Some(bytes.len()),
+            Body::Stream(_) => None,
+        };
+        let head = request_head(method, path, &self.addr, &self.token, content_type, length);
+        let sent = match body {
+            Body::Bytes(bytes) => {
+                let mut message = Vec::with_capacity(head.len() + bytes.len());
+                message.extend_from_slice(head.as_bytes());
+                message.extend_from_slice(bytes);
+                conn.get_mut().write_all(&message)
+            }
+            Body::Stream(reader) => write_chunked(conn.get_mut(), head.as_bytes(), reader),
+        };
+        if let Err(e) = sent {
+            // The server may have answered early (a refused upload) and closed its side;
+            // its answer says more than the broken pipe.
+            if let Ok((response, _)) = read_response(&mut conn, self.max_body, &self.addr) {
+                return Ok(response);
+            }
+            return Err(io("cannot send to", &self.addr)(e));
+        }
         let (response, keep_alive) = read_response(&mut conn, self.max_body, &self.addr)?;
         if keep_alive {
             self.conn = Some(conn);
@@ -93,11 +145,57 @@ impl Client {
     }
 }
 
-fn request_head(method: &str, path: &str, host: &str, token: &str, len: usize) -> String {
+/// A request's body.
+enum Body<'a> {
+    Bytes(&'a [u8]),
+    Stream(&'a mut dyn Read),
+}
+
+/// Writes `head`, then what `body` reads as chunks (each one write: size line, data, CRLF),
+/// then the last chunk.
+fn write_chunked(out: &mut impl Write, head: &[u8], body: &mut dyn Read) -> std::io::Result<()> {
+    // Room for the size line in front of the data and the CRLF behind it.
+    const SIZE_LINE: usize = 16;
+    let mut buf = vec![0; SIZE_LINE + STREAM_CHUNK + 2];
+    out.write_all(head)?;
+    loop {
+        let mut n = 0;
+        while n < STREAM_CHUNK {
+            match body.read(&mut buf[SIZE_LINE + n..SIZE_LINE + STREAM_CHUNK]) {
+                Ok(0) => break,
+                Ok(read) => n += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            return out.write_all(b"0\r\n\r\n");
+        }
+        let size = format!("{n:x}\r\n");
+        let start = SIZE_LINE - size.len();
+        buf[start..SIZE_LINE].copy_from_slice(size.as_bytes());
+        buf[SIZE_LINE + n..SIZE_LINE + n + 2].copy_from_slice(b"\r\n");
+        out.write_all(&buf[start..SIZE_LINE + n + 2])?;
+    }
+}
+
+/// The request line and headers; the body is framed by `Content-Length` when its length is
+/// known, else chunked.
+fn request_head(
+    method: &str,
+    path: &str,
+    host: &str,
+    token: &str,
+    content_type: &str,
+    len: Option<usize>,
+) -> String {
+    let framing = match len {
+        Some(len) => format!("Content-Length: {len}"),
+        None => "Transfer-Encoding: chunked".to_string(),
+    };
     format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
-         User-Agent: netsim-bench\r\nContent-Type: application/octet-stream\r\n\
-         Content-Length: {len}\r\n\r\n"
+         User-Agent: netsim-bench\r\nContent-Type: {content_type}\r\n{framing}\r\n\r\n"
     )
 }
 
@@ -320,12 +418,59 @@ mod tests {
             "/v1/objects?redundancy=rep:3",
             "127.0.0.1:1",
             "tok",
-            4096,
+            OCTET_STREAM,
+            Some(4096),
         );
         assert!(head.starts_with("POST /v1/objects?redundancy=rep:3 HTTP/1.1\r\n"));
         assert!(head.contains("\r\nAuthorization: Bearer tok\r\n"));
+        assert!(head.contains("\r\nContent-Type: application/octet-stream\r\n"));
         assert!(head.contains("\r\nContent-Length: 4096\r\n"));
         assert!(head.ends_with("\r\n\r\n"));
+        let head = request_head("POST", "/v1/jobs", "h", "t", JSON, None);
+        assert!(head.contains("\r\nContent-Type: application/json\r\n"));
+        assert!(head.contains("\r\nTransfer-Encoding: chunked\r\n"));
+        assert!(!head.contains("Content-Length"));
+    }
+
+    /// A reader that hands out at most `step` bytes per call, to exercise partial reads.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.data.len().min(self.step).min(buf.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_are_framed_and_parse_back() {
+        let data: Vec<u8> = (0..STREAM_CHUNK * 2 + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut out = Vec::new();
+        let mut reader = Trickle {
+            data: &data,
+            step: 100_000,
+        };
+        write_chunked(&mut out, b"HEAD\r\n\r\n", &mut reader).expect("write");
+        assert!(out.starts_with(b"HEAD\r\n\r\n100000\r\n"));
+        assert!(
+            out.ends_with(b"\r\n0\r\n\r\n"),
+            "the last chunk ends the body"
+        );
+        // The same framing as a response: the chunked reader gives the bytes back.
+        let mut response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        response.extend_from_slice(&out[b"HEAD\r\n\r\n".len()..]);
+        let (r, _) = read_response(&mut Cursor::new(response), 4 << 20, "t").expect("parse");
+        assert_eq!(r.body, data);
+        let mut empty = Vec::new();
+        write_chunked(&mut empty, b"", &mut std::io::empty()).expect("empty");
+        assert_eq!(empty, b"0\r\n\r\n");
     }
 
     #[test]

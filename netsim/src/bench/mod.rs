@@ -12,6 +12,9 @@
 //!   talking HTTP to the control APIs directly; ops/s and p50/p99.
 //! - [`repair`]: a `rep:3` object (default 512 MiB) on five loopback nodes, one holder killed;
 //!   failure detection time, repair MB/s and CPU-seconds until the lost replicas are back.
+//! - [`jobs`]: a `validate` + `dedup` job over generated JSONL records (default 10 million) on
+//!   three loopback nodes; job time, records/s per stage, the bottleneck, CPU-seconds, peak
+//!   RSS. It takes minutes, so `all` leaves it out: it runs only when named.
 //!
 //! The report (machine, kernel, commit, build, command line, every figure) is written as JSON
 //! and as markdown tables; a failed step or a byte that does not match makes the exit status
@@ -19,10 +22,12 @@
 
 pub mod data;
 pub mod http;
+pub mod jobs;
 pub mod latency;
 pub mod markdown;
 pub mod ops;
 pub mod procfs;
+pub mod records;
 pub mod repair;
 pub mod stats;
 pub mod throughput;
@@ -53,6 +58,7 @@ pub enum Scenario {
     Latency,
     Ops,
     Repair,
+    Jobs,
     All,
 }
 
@@ -63,11 +69,13 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Ops => "ops",
             Scenario::Repair => "repair",
+            Scenario::Jobs => "jobs",
             Scenario::All => "all",
         }
     }
 
-    /// The scenarios to run for a selection, in a fixed order, without repeats.
+    /// The scenarios to run for a selection, in a fixed order, without repeats. `all` is
+    /// every scenario but `jobs`, which runs only when named.
     pub fn expand(selected: &[Scenario]) -> Vec<Scenario> {
         let all = [
             Scenario::Throughput,
@@ -75,11 +83,14 @@ impl Scenario {
             Scenario::Ops,
             Scenario::Repair,
         ];
-        let mut out: Vec<Scenario> = if selected.is_empty() || selected.contains(&Scenario::All) {
-            all.to_vec()
-        } else {
-            selected.to_vec()
-        };
+        let mut out: Vec<Scenario> = selected
+            .iter()
+            .copied()
+            .filter(|&s| s != Scenario::All)
+            .collect();
+        if selected.is_empty() || selected.contains(&Scenario::All) {
+            out.extend(all);
+        }
         out.sort();
         out.dedup();
         out
@@ -99,6 +110,7 @@ pub struct Options {
     pub latency: latency::Options,
     pub ops: ops::Options,
     pub repair: repair::Options,
+    pub jobs: jobs::Options,
     /// The command line, as typed, for the report.
     pub command: Vec<String>,
 }
@@ -219,6 +231,7 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
             Scenario::Latency => latency::run(&ctx, &options.latency),
             Scenario::Ops => ops::run(&ctx, &options.ops),
             Scenario::Repair => repair::run(&ctx, &options.repair),
+            Scenario::Jobs => jobs::run(&ctx, &options.jobs),
             Scenario::All => Err(anyhow!("`all` is expanded before running")),
         };
         let secs = t.elapsed().as_secs_f64();
@@ -619,6 +632,18 @@ mod tests {
             [Scenario::Throughput, Scenario::Repair]
         );
         assert_eq!(Scenario::expand(&[]).len(), 4);
+        assert!(!Scenario::expand(&[Scenario::All]).contains(&Scenario::Jobs));
+        assert_eq!(Scenario::expand(&[Scenario::Jobs]), [Scenario::Jobs]);
+        assert_eq!(
+            Scenario::expand(&[Scenario::Jobs, Scenario::All]),
+            [
+                Scenario::Throughput,
+                Scenario::Latency,
+                Scenario::Ops,
+                Scenario::Repair,
+                Scenario::Jobs
+            ]
+        );
     }
 
     #[test]
