@@ -4,8 +4,8 @@
 //! A job has one map task per input chunk and, when its pipeline shuffles (dedup), one reduce
 //! task per partition that waits until every map task is done. A claim gets the pending task
 //! with the best locality for the asking node: a chunk it holds, then one a peer in its near
-//! band holds, then any (a task another node could run locally is held back for
-//! [`LOCALITY_WAIT`] first, unless none of its holders is alive). A grant is a lease the
+//! band holds, then any; a task a live holder could run locally is held back from other
+//! nodes for [`LOCALITY_WAIT`] first (delay scheduling). A grant is a lease the
 //! worker renews; an expired lease returns the task to the queue, a failed attempt is retried
 //! after an exponential backoff with jitter, and a task out of attempts is a dead letter. When
 //! every task is done (or dead, for `on_failure = partial`), the coordinator composes the
@@ -628,15 +628,20 @@ impl Coordinator {
                         .unwrap_or_default();
                     if holders.contains(node) {
                         Locality::Local
-                    } else if holders.iter().any(|h| near.contains(h)) {
-                        Locality::Near
                     } else {
+                        // Delay scheduling: a task a live holder can run locally waits for it a
+                        // little, whether this node is near its holders or not; on one LAN
+                        // every peer is near, and stealing at once would halve locality.
                         let waited = now.saturating_sub(task.pending_since_ms) >= wait_ms;
                         let holder_alive = holders.iter().any(|h| alive.contains(h));
                         if holder_alive && !waited {
                             continue;
                         }
-                        Locality::Remote
+                        if holders.iter().any(|h| near.contains(h)) {
+                            Locality::Near
+                        } else {
+                            Locality::Remote
+                        }
                     }
                 }
                 Kind::Reduce { .. } => Locality::Remote,
