@@ -76,18 +76,13 @@ async fn status(node: &TestNode, job: &JobId) -> JobStatus {
 }
 
 async fn wait_ended(node: &TestNode, job: &JobId) -> JobStatus {
-    let deadline = tokio::time::Instant::now() + JOB;
-    loop {
-        let s = status(node, job).await;
-        if s.state != JobState::Running {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job did not end within {JOB:?}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(JOB, "the job to end", || {
+        let report = status(node, job);
+        async move { Ok(report.await.state != JobState::Running) }
+    })
+    .await
+    .unwrap();
+    status(node, job).await
 }
 
 async fn forget(node: &TestNode, job: &JobId) {

@@ -28,7 +28,6 @@ use crate::chunker::{PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
 use crate::net::Frame;
 use crate::objects::PutOptions;
-use crate::placement;
 use crate::replicate::Mesh;
 
 /// How often an idle worker looks for work.
@@ -39,6 +38,8 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
 const REDUCE_READ_WINDOW: usize = 8;
+/// Near peers a claim names.
+const MAX_NEAR: usize = 64;
 /// Jobs whose coordinator a worker remembers.
 const MAX_REMEMBERED: usize = 4096;
 /// Attempts to deliver a task's result to its coordinator.
@@ -336,22 +337,11 @@ impl Worker {
 
     /// Peers within this node's near band (for the coordinator's locality choice).
     fn near_peers(&self) -> Vec<NodeId> {
-        let peers = self.inner.mesh.network().peers();
-        let mut measured: Vec<(Duration, NodeId)> = peers
-            .iter()
-            .filter(|p| p.liveness == placement::Liveness::Alive)
-            .filter_map(|p| Some((p.rtt?, NodeId(p.id.to_bytes()))))
-            .collect();
-        measured.sort();
-        let Some((best, _)) = measured.first() else {
-            return Vec::new();
-        };
-        let band = placement::near_band(*best);
-        measured
+        self.inner
+            .mesh
+            .nearest_peers(MAX_NEAR)
             .into_iter()
-            .take_while(|(rtt, _)| *rtt <= band)
-            .take(64)
-            .map(|(_, n)| n)
+            .map(|p| NodeId(p.to_bytes()))
             .collect()
     }
 

@@ -21,7 +21,6 @@ use super::complete::{self, Delivery};
 use super::{Mesh, MeshError, now_ms};
 use crate::net::Frame;
 use crate::objects::IngestError;
-use crate::store::{MetaStore, StoreError};
 
 /// What a composed object is called and how it is described.
 #[derive(Debug, Clone)]
@@ -117,21 +116,10 @@ impl Mesh {
         if local {
             let store = Arc::clone(&self.inner.store);
             let (m, r, mine) = (manifest.clone(), record.clone(), me_node.clone());
-            tokio::task::spawn_blocking(move || {
-                let _object = store.object_lock(&object);
-                if let Some(existing) = store.record(&object)?
-                    && let Ok(existing) = PlacementRecord::decode(&existing)
-                    && (existing.tombstone || !r.supersedes(&existing))
-                {
-                    // Composed before (a coordinator that restarted), or deleted since.
-                    return Ok::<_, StoreError>(());
-                }
-                let held = r.chunks_held_by(&mine);
-                store.commit_placed(&m, &r.encode(), &held, &r.parts)?;
-                Ok(())
-            })
-            .await
-            .map_err(|_| IngestError::WorkerGone)??;
+            // Composed before (a coordinator that restarted) or deleted since: kept as it is.
+            tokio::task::spawn_blocking(move || super::keep_record(&store, &mine, &m, &r))
+                .await
+                .map_err(|_| IngestError::WorkerGone)??;
         }
         let peers: Vec<PeerId> = record
             .nodes

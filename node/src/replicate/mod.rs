@@ -277,6 +277,30 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Keeps an object's manifest and placement record as a holder named `me` in it, taking
+/// references on the chunks it holds; `Ok(None)` when the store keeps a record this one does
+/// not supersede (a tombstone, say), else the held chunks not stored here yet. The same
+/// record again (the writer's background completion delivered the rest of this node's
+/// chunks) takes references on the chunks now here.
+fn keep_record(
+    store: &RocksStore,
+    me: &NodeId,
+    manifest: &Manifest,
+    record: &PlacementRecord,
+) -> Result<Option<Vec<ChunkId>>, StoreError> {
+    let _object = store.object_lock(&record.object);
+    if let Some(existing) = store.record(&record.object)?
+        && let Ok(existing) = PlacementRecord::decode(&existing)
+        && existing != *record
+        && !record.supersedes(&existing)
+    {
+        return Ok(None);
+    }
+    let held = record.chunks_held_by(me);
+    let (_, missing) = store.commit_placed(manifest, &record.encode(), &held, &record.parts)?;
+    Ok(Some(missing))
+}
+
 /// Free space of the disk holding `path`, or `u64::MAX` when it cannot be read.
 pub fn disk_free(path: &std::path::Path) -> u64 {
     fs4::available_space(path).unwrap_or(u64::MAX)
@@ -958,7 +982,7 @@ impl Mesh {
     }
 
     /// Up to `limit` alive storage peers inside the near band of the nearest one.
-    fn nearest_peers(&self, limit: usize) -> Vec<PeerId> {
+    pub fn nearest_peers(&self, limit: usize) -> Vec<PeerId> {
         let measured = self.alive_by_rtt();
         let Some(&(best, _)) = measured.first() else {
             return Vec::new();
@@ -1611,20 +1635,7 @@ impl Mesh {
                     return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
                 }
                 let result = tokio::task::spawn_blocking(move || {
-                    let _object = store.object_lock(&object);
-                    if let Some(existing) = store.record(&object)?
-                        && let Ok(existing) = PlacementRecord::decode(&existing)
-                        && existing != record
-                        && !record.supersedes(&existing)
-                    {
-                        return Ok(None);
-                    }
-                    // The same record again (the writer's background completion delivered the
-                    // rest of this node's chunks) takes references on the chunks now here.
-                    let held = record.chunks_held_by(&me);
-                    let (_, missing) =
-                        store.commit_placed(&manifest, &record.encode(), &held, &record.parts)?;
-                    Ok::<_, StoreError>(Some(missing))
+                    keep_record(&store, &me, &manifest, &record)
                 })
                 .await;
                 match result {
