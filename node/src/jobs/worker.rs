@@ -5,8 +5,11 @@
 //! stores the output through the normal write path, and reports the output's manifest and
 //! placement record. The lease is renewed every third of its term while the task runs; a
 //! renewal answered `Lost` stops the task without reporting.
+//!
+//! A map task of a shuffling job stores its shuffle output with one copy, here: a reduce task
+//! that cannot read one reports the map tasks whose outputs are lost rather than failing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::PeerId;
-use mesh_proto::job::{JobRequest, JobResponse, JobSpec, Part, StageStat, TaskOutput, Work};
+use mesh_proto::job::{
+    JobRequest, JobResponse, JobSpec, Part, Source, StageStat, TaskOutput, Work,
+};
 use mesh_proto::wire::{ControlRequest, ControlResponse, NodeId};
 use mesh_proto::{ChunkerSpec, JobId, Manifest, RecordFormat, Redundancy};
 use tokio::sync::Notify;
@@ -38,12 +43,45 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
 const REDUCE_READ_WINDOW: usize = 8;
+/// Copies of a map task's shuffle output.
+const SHUFFLE_REDUNDANCY: Redundancy = Redundancy::Replicas(1);
 /// Near peers a claim names.
 const MAX_NEAR: usize = 64;
 /// Jobs whose coordinator a worker remembers.
 const MAX_REMEMBERED: usize = 4096;
 /// Attempts to deliver a task's result to its coordinator.
 const FINISH_TRIES: u32 = 5;
+
+/// Why a task attempt ended without an output.
+#[derive(Debug)]
+enum Failure {
+    /// A failed attempt, with its error.
+    Error(String),
+    /// A reduce task could not read the shuffle outputs of these map tasks: their holder is
+    /// gone.
+    InputsLost { maps: Vec<u32>, error: String },
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Self {
+        Failure::Error(error)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Error(e) => f.write_str(e),
+            Failure::InputsLost { maps, error } => {
+                write!(
+                    f,
+                    "the outputs of {} map tasks are lost: {error}",
+                    maps.len()
+                )
+            }
+        }
+    }
+}
 
 /// A job this worker may ask for work.
 struct Known {
@@ -423,11 +461,26 @@ impl Worker {
             Ok(_) => debug!(%job, task, attempt, elapsed = ?started.elapsed(), "task done"),
             Err(e) => warn!(%job, task, attempt, error = %e, "task attempt failed"),
         }
-        let request = JobRequest::Finish {
-            job,
-            task,
-            attempt,
-            result: result.map(Box::new),
+        let request = match result {
+            Ok(output) => JobRequest::Finish {
+                job,
+                task,
+                attempt,
+                result: Ok(Box::new(output)),
+            },
+            Err(Failure::Error(error)) => JobRequest::Finish {
+                job,
+                task,
+                attempt,
+                result: Err(error),
+            },
+            Err(Failure::InputsLost { maps, error }) => JobRequest::InputsLost {
+                job,
+                task,
+                attempt,
+                maps,
+                error,
+            },
         };
         for tries in 1..=FINISH_TRIES {
             match self.call(coordinator, request.clone()).await {
@@ -441,7 +494,7 @@ impl Worker {
     }
 
     /// Runs one task: read, process, write.
-    async fn execute(&self, prepared: Arc<Prepared>, work: Work) -> Result<TaskOutput, String> {
+    async fn execute(&self, prepared: Arc<Prepared>, work: Work) -> Result<TaskOutput, Failure> {
         let mesh = &self.inner.mesh;
         let redundancy = prepared.spec.output;
         match work {
@@ -498,7 +551,7 @@ impl Worker {
                 let format = match format {
                     Some(RecordFormat::Jsonl) => Format::Jsonl,
                     Some(RecordFormat::Csv) => Format::Csv,
-                    None => return Err(format!("input {input} is not record-chunked")),
+                    None => return Err(format!("input {input} is not record-chunked").into()),
                 };
                 let partitions = if prepared.pipeline.shuffles() {
                     prepared.spec.partitions
@@ -529,7 +582,10 @@ impl Worker {
                         counts.push(cut.len() as u32);
                         all.extend(cut);
                     }
-                    let (output, write) = self.write(all, redundancy, spec).await?;
+                    // Shuffle outputs are read once, by the reduce tasks, and can be made again
+                    // from the input: one copy, here, is enough. If this node dies before the
+                    // reduce tasks read them, the coordinator runs the map task again.
+                    let (output, write) = self.write(all, SHUFFLE_REDUNDANCY, spec).await?;
                     (output, counts, write)
                 } else {
                     let cut =
@@ -555,33 +611,7 @@ impl Worker {
             }
             Work::Reduce { partition, sources } => {
                 let started = Instant::now();
-                let mut reads = Vec::new();
-                for source in &sources {
-                    let manifest = Manifest::decode_verified(
-                        &source.part.record.object,
-                        &source.part.manifest,
-                    )
-                    .map_err(|e| format!("a map output's manifest: {e}"))?;
-                    let manifest = Arc::new(manifest);
-                    let record = Arc::new(source.part.record.clone());
-                    for index in source.first..source.first.saturating_add(source.count) {
-                        reads.push((Arc::clone(&manifest), Arc::clone(&record), index as usize));
-                    }
-                }
-                let chunks: Vec<Bytes> = futures::stream::iter(reads.into_iter().map(
-                    |(manifest, record, index)| async move {
-                        mesh.read_chunk(&manifest, Some(&record), index)
-                            .await
-                            .map_err(|e| {
-                                format!("reading a map output for partition {partition}: {e}")
-                            })
-                    },
-                ))
-                .buffered(REDUCE_READ_WINDOW)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?;
+                let chunks = self.read_sources(partition, &sources).await?;
                 let read = StageStat {
                     stage: "reduce read".into(),
                     nanos: started.elapsed().as_nanos() as u64,
@@ -615,6 +645,73 @@ impl Worker {
                 })
             }
         }
+    }
+
+    /// Reads one reduce partition's share of every map output, in map-task order. A shuffle
+    /// output has one holder; when it cannot be read, the holder is taken as gone, the other
+    /// outputs it held are not asked for, and the failure names every map task whose output
+    /// could not be read, so the coordinator runs them again.
+    async fn read_sources(
+        &self,
+        partition: u32,
+        sources: &[Source],
+    ) -> Result<Vec<Bytes>, Failure> {
+        let mesh = &self.inner.mesh;
+        let me = NodeId(mesh.network().local_peer_id().to_bytes());
+        let mut reads = Vec::new();
+        for source in sources {
+            let manifest =
+                Manifest::decode_verified(&source.part.record.object, &source.part.manifest)
+                    .map_err(|e| format!("a map output's manifest: {e}"))?;
+            let manifest = Arc::new(manifest);
+            let record = Arc::new(source.part.record.clone());
+            for index in source.first..source.first.saturating_add(source.count) {
+                reads.push((
+                    source.task,
+                    Arc::clone(&manifest),
+                    Arc::clone(&record),
+                    index as usize,
+                ));
+            }
+        }
+        let gone: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
+        let lost: Mutex<(BTreeSet<u32>, Option<String>)> = Mutex::new((BTreeSet::new(), None));
+        let chunks: Vec<Option<Bytes>> =
+            futures::stream::iter(reads.into_iter().map(|(task, manifest, record, index)| {
+                let gone = &gone;
+                let lost = &lost;
+                let me = &me;
+                async move {
+                    let holders: Vec<NodeId> = record.holders_of(index).cloned().collect();
+                    if !holders.is_empty() && holders.iter().all(|h| lock(gone).contains(h)) {
+                        lock(lost).0.insert(task);
+                        return None;
+                    }
+                    match mesh.read_chunk(&manifest, Some(&record), index).await {
+                        Ok(bytes) => Some(bytes),
+                        Err(e) => {
+                            lock(gone).extend(holders.into_iter().filter(|h| h != me));
+                            let mut lost = lock(lost);
+                            lost.0.insert(task);
+                            lost.1.get_or_insert_with(|| {
+                                format!("reading a map output for partition {partition}: {e}")
+                            });
+                            None
+                        }
+                    }
+                }
+            }))
+            .buffered(REDUCE_READ_WINDOW)
+            .collect()
+            .await;
+        let (maps, error) = lost.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !maps.is_empty() {
+            return Err(Failure::InputsLost {
+                maps: maps.into_iter().collect(),
+                error: error.unwrap_or_else(|| "a holder is gone".into()),
+            });
+        }
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     /// Stores a task's output chunks as one object (nothing for no chunks).
