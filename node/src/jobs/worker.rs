@@ -33,7 +33,7 @@ use crate::chunker::{PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
 use crate::net::Frame;
 use crate::objects::PutOptions;
-use crate::replicate::Mesh;
+use crate::replicate::{Announce, Mesh};
 
 /// How often an idle worker looks for work.
 const POLL: Duration = Duration::from_millis(200);
@@ -42,7 +42,7 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 /// A job not announced for this long is forgotten (its coordinator is gone or it ended).
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
-const REDUCE_READ_WINDOW: usize = 8;
+const REDUCE_READ_WINDOW: usize = 16;
 /// Copies of a map task's shuffle output.
 const SHUFFLE_REDUNDANCY: Redundancy = Redundancy::Replicas(1);
 /// Near peers a claim names.
@@ -539,7 +539,12 @@ impl Worker {
                     let chunks =
                         cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
                     let (output, write) = self
-                        .write(chunks, redundancy, ChunkerSpec::default())
+                        .write(
+                            chunks,
+                            redundancy,
+                            ChunkerSpec::default(),
+                            Announce::Background,
+                        )
                         .await?;
                     return Ok(TaskOutput {
                         output,
@@ -585,17 +590,23 @@ impl Worker {
                     // Shuffle outputs are read once, by the reduce tasks, and can be made again
                     // from the input: one copy, here, is enough. If this node dies before the
                     // reduce tasks read them, the coordinator runs the map task again.
-                    let (output, write) = self.write(all, SHUFFLE_REDUNDANCY, spec).await?;
+                    let (output, write) = self
+                        .write(all, SHUFFLE_REDUNDANCY, spec, Announce::Never)
+                        .await?;
                     (output, counts, write)
                 } else {
                     let cut =
                         cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
-                    let (output, write) = self.write(cut, redundancy, spec).await?;
+                    let (output, write) = self
+                        .write(cut, redundancy, spec, Announce::Background)
+                        .await?;
                     (output, Vec::new(), write)
                 };
                 let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
                 let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
-                let (rejects, write_rejects) = self.write(cut, redundancy, spec).await?;
+                let (rejects, write_rejects) = self
+                    .write(cut, redundancy, spec, Announce::Background)
+                    .await?;
                 stats.push(merge_write(write, write_rejects));
                 stats.push(StageStat {
                     stage: "rejected".into(),
@@ -628,7 +639,9 @@ impl Worker {
                 .map_err(|e| e.to_string())?;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
-                let (output, mut write) = self.write(cut, redundancy, spec).await?;
+                let (output, mut write) = self
+                    .write(cut, redundancy, spec, Announce::Background)
+                    .await?;
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
                 stats.extend(reduced.stats.into_iter().map(|s| {
@@ -720,6 +733,7 @@ impl Worker {
         chunks: Vec<Bytes>,
         redundancy: Redundancy,
         chunker: ChunkerSpec,
+        announce: Announce,
     ) -> Result<(Option<Part>, StageStat), String> {
         let started = Instant::now();
         let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -739,7 +753,7 @@ impl Worker {
                 PreCut(chunks.into()),
                 options,
                 redundancy.default_write_quorum(),
-                false,
+                announce,
             )
             .await
             .map_err(|e| format!("storing the output: {e}"))?;
