@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::coordinator::{Coordinator, parse_pipeline};
 use super::exec;
 use super::processors::{ChunkInput, Format, Pipeline};
+use super::shuffle;
 use crate::chunker::{PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
 use crate::net::Frame;
@@ -563,40 +564,50 @@ impl Worker {
                 } else {
                     0
                 };
+                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let owned = Arc::clone(&prepared);
-                let mapped = tokio::task::spawn_blocking(move || {
+                let (mut mapped, packed) = tokio::task::spawn_blocking(move || {
                     let input = ChunkInput {
                         data: &data,
                         format,
                         csv_header: csv_header.as_deref(),
                         first_chunk: chunk == 0,
                     };
-                    owned.pipeline.run_map(&input, partitions.max(1))
+                    let mut mapped = owned
+                        .pipeline
+                        .run_map(&input, partitions.max(1))
+                        .map_err(|e| e.to_string())?;
+                    let packed = if partitions > 0 {
+                        Some(pack_partitions(
+                            std::mem::take(&mut mapped.partitions),
+                            spec,
+                        )?)
+                    } else {
+                        None
+                    };
+                    Ok::<_, String>((mapped, packed))
                 })
                 .await
-                .map_err(|e| format!("processing failed: {e}"))?
-                .map_err(|e| e.to_string())?;
-                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
+                .map_err(|e| format!("processing failed: {e}"))??;
                 let mut stats = vec![read];
-                stats.extend(mapped.stats.into_iter().map(wire_stat));
-                let (output, partition_chunks, write) = if partitions > 0 {
-                    let mut all = Vec::new();
-                    let mut counts = Vec::with_capacity(mapped.partitions.len());
-                    for p in mapped.partitions {
-                        let cut = cut_all(&Bytes::from(p), spec).map_err(|e| e.to_string())?;
-                        counts.push(cut.len() as u32);
-                        all.extend(cut);
-                    }
+                stats.extend(std::mem::take(&mut mapped.stats).into_iter().map(wire_stat));
+                let (output, partition_chunks, write) = if let Some(packed) = packed {
                     // Shuffle outputs are read once, by the reduce tasks, and can be made again
                     // from the input: one copy, here, is enough. If this node dies before the
                     // reduce tasks read them, the coordinator runs the map task again.
-                    let (output, write) = self
-                        .write(all, SHUFFLE_REDUNDANCY, spec, Announce::Never)
+                    let (output, mut write) = self
+                        .write(
+                            packed.chunks,
+                            SHUFFLE_REDUNDANCY,
+                            ChunkerSpec::default(),
+                            Announce::Never,
+                        )
                         .await?;
-                    (output, counts, write)
+                    write.nanos += packed.nanos;
+                    (output, packed.counts, write)
                 } else {
-                    let cut =
-                        cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
+                    let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
+                        .map_err(|e| e.to_string())?;
                     let (output, write) = self
                         .write(cut, redundancy, spec, Announce::Background)
                         .await?;
@@ -622,21 +633,35 @@ impl Worker {
             }
             Work::Reduce { partition, sources } => {
                 let started = Instant::now();
-                let chunks = self.read_sources(partition, &sources).await?;
-                let read = StageStat {
+                let packed = self.read_sources(partition, &sources).await?;
+                let mut read = StageStat {
                     stage: "reduce read".into(),
                     nanos: started.elapsed().as_nanos() as u64,
-                    bytes_in: chunks.iter().map(|c| c.len() as u64).sum(),
+                    bytes_in: packed.iter().map(|(_, c)| c.len() as u64).sum(),
                     ..Default::default()
                 };
                 let owned = Arc::clone(&prepared);
-                let reduced = tokio::task::spawn_blocking(move || {
-                    let slices: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-                    owned.pipeline.run_reduce(&slices)
+                let (reduced, unpack_nanos) = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let mut chunks = Vec::with_capacity(packed.len());
+                    for (task, bytes) in &packed {
+                        chunks.push(shuffle::unpack(bytes).map_err(|e| Failure::InputsLost {
+                            maps: vec![*task],
+                            error: format!("the shuffle output of map task {task}: {e}"),
+                        })?);
+                    }
+                    drop(packed);
+                    let unpack_nanos = started.elapsed().as_nanos() as u64;
+                    let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+                    let reduced = owned
+                        .pipeline
+                        .run_reduce(&slices)
+                        .map_err(|e| Failure::Error(e.to_string()))?;
+                    Ok::<_, Failure>((reduced, unpack_nanos))
                 })
                 .await
-                .map_err(|e| format!("reduce failed: {e}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("reduce failed: {e}"))??;
+                read.nanos += unpack_nanos;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
                 let (output, mut write) = self
@@ -660,7 +685,8 @@ impl Worker {
         }
     }
 
-    /// Reads one reduce partition's share of every map output, in map-task order. A shuffle
+    /// Reads one reduce partition's share of every map output, in map-task order: each packed
+    /// chunk with the map task that wrote it. A shuffle
     /// output has one holder; when it cannot be read, the holder is taken as gone, the other
     /// outputs it held are not asked for, and the failure names every map task whose output
     /// could not be read, so the coordinator runs them again.
@@ -668,7 +694,7 @@ impl Worker {
         &self,
         partition: u32,
         sources: &[Source],
-    ) -> Result<Vec<Bytes>, Failure> {
+    ) -> Result<Vec<(u32, Bytes)>, Failure> {
         let mesh = &self.inner.mesh;
         let me = NodeId(mesh.network().local_peer_id().to_bytes());
         let mut reads = Vec::new();
@@ -689,7 +715,7 @@ impl Worker {
         }
         let gone: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
         let lost: Mutex<(BTreeSet<u32>, Option<String>)> = Mutex::new((BTreeSet::new(), None));
-        let chunks: Vec<Option<Bytes>> =
+        let chunks: Vec<Option<(u32, Bytes)>> =
             futures::stream::iter(reads.into_iter().map(|(task, manifest, record, index)| {
                 let gone = &gone;
                 let lost = &lost;
@@ -701,7 +727,7 @@ impl Worker {
                         return None;
                     }
                     match mesh.read_chunk(&manifest, Some(&record), index).await {
-                        Ok(bytes) => Some(bytes),
+                        Ok(bytes) => Some((task, bytes)),
                         Err(e) => {
                             lock(gone).extend(holders.into_iter().filter(|h| h != me));
                             let mut lost = lock(lost);
@@ -765,6 +791,33 @@ impl Worker {
             write_stat(started, bytes),
         ))
     }
+}
+
+/// A map task's shuffle output, cut and packed for storing.
+struct Packed {
+    chunks: Vec<Bytes>,
+    /// Chunks per partition.
+    counts: Vec<u32>,
+    /// Time spent cutting and compressing.
+    nanos: u64,
+}
+
+/// Cuts each partition's shuffle lines into record-aligned chunks and compresses each chunk
+/// ([`shuffle::pack`]), partition after partition.
+fn pack_partitions(partitions: Vec<Vec<u8>>, spec: ChunkerSpec) -> Result<Packed, String> {
+    let started = Instant::now();
+    let mut chunks = Vec::new();
+    let mut counts = Vec::with_capacity(partitions.len());
+    for p in partitions {
+        let cut = cut_all(&Bytes::from(p), spec).map_err(|e| e.to_string())?;
+        counts.push(cut.len() as u32);
+        chunks.extend(cut.iter().map(|c| shuffle::pack(c)));
+    }
+    Ok(Packed {
+        chunks,
+        counts,
+        nanos: started.elapsed().as_nanos() as u64,
+    })
 }
 
 /// A processor's stage timing as the job protocol carries it.
