@@ -43,7 +43,7 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 /// A job not announced for this long is forgotten (its coordinator is gone or it ended).
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
-const REDUCE_READ_WINDOW: usize = 16;
+const REDUCE_READ_WINDOW: usize = 32;
 /// Copies of a map task's shuffle output.
 const SHUFFLE_REDUNDANCY: Redundancy = Redundancy::Replicas(1);
 /// Near peers a claim names.

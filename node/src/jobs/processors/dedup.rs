@@ -182,65 +182,91 @@ fn newer(a_ts: &[u8], a: &[u8], b_ts: &[u8], b: &[u8]) -> Result<bool, serde_jso
     Ok(by_ts.then_with(|| a.cmp(b)) == Ordering::Greater)
 }
 
-/// The reduce side: the best record seen so far for each key. Everything is borrowed from the
-/// reduce input, the shuffle lines the map side wrote: nothing is parsed but the timestamps of
-/// two records that share a key (and not even those when their timestamps are equal bytes).
+/// The reduce side: every record of the partition, then one per key. Everything is borrowed
+/// from the reduce input, the shuffle lines the map side wrote: nothing is parsed but the
+/// timestamps of two records that share a key (and not even those when their timestamps are
+/// equal bytes).
+///
+/// It sorts rather than hashes: the output must come out sorted by key anyway, so one sort
+/// both groups the records of a key and orders the output. The sort compares 8 bytes of each
+/// key as one integer first, taken after the prefix every key of the partition shares (keys
+/// such as `["user-000123"]` share a long one), and the rest byte-wise only on a tie.
 #[derive(Debug, Default)]
 pub(crate) struct Latest<'a> {
-    best: foldhash::HashMap<&'a [u8], Best<'a>>,
+    entries: Vec<Entry<'a>>,
 }
 
+/// A shuffle line whose timestamp is not JSON: its (reduce input, line) and the error.
+pub(crate) type BadTimestamp = ((usize, u64), serde_json::Error);
+
 #[derive(Debug, Clone, Copy)]
-struct Best<'a> {
-    ts: &'a [u8],
-    record: &'a [u8],
+struct Entry<'a> {
+    prefix: u64,
+    framed: Framed<'a>,
+    /// Where the line came from (reduce input, line), for errors.
+    origin: (usize, u64),
 }
 
 impl<'a> Latest<'a> {
-    /// Room for `n` keys.
+    /// Room for `n` records.
     pub fn with_capacity(n: usize) -> Self {
         Latest {
-            best: foldhash::HashMap::with_capacity_and_hasher(n, Default::default()),
+            entries: Vec::with_capacity(n),
         }
     }
 
-    /// Offers a record; an error is a timestamp that is not JSON (a corrupt shuffle line).
-    pub fn offer(&mut self, framed: Framed<'a>) -> Result<(), serde_json::Error> {
-        match self.best.entry(framed.key) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let best = e.get_mut();
-                if newer(framed.ts, framed.record, best.ts, best.record)? {
-                    *best = Best {
-                        ts: framed.ts,
-                        record: framed.record,
-                    };
+    /// Offers a record, read from line `origin.1` of reduce input `origin.0`.
+    pub fn offer(&mut self, framed: Framed<'a>, origin: (usize, u64)) {
+        self.entries.push(Entry {
+            prefix: 0,
+            framed,
+            origin,
+        });
+    }
+
+    /// The kept records, one per key, sorted by key. An error names the line of a timestamp
+    /// that is not JSON (a corrupt shuffle line).
+    pub fn finish(self) -> Result<Vec<&'a [u8]>, BadTimestamp> {
+        let mut entries = self.entries;
+        let Some(first) = entries.first().map(|e| e.framed.key) else {
+            return Ok(Vec::new());
+        };
+        let common = entries.iter().fold(first.len(), |common, e| {
+            common.min(
+                first
+                    .iter()
+                    .zip(e.framed.key)
+                    .take_while(|(a, b)| a == b)
+                    .count(),
+            )
+        });
+        for e in &mut entries {
+            e.prefix = prefix(e.framed.key.get(common..).unwrap_or_default());
+        }
+        entries.sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| a.framed.key.cmp(b.framed.key))
+        });
+        let mut kept = Vec::new();
+        let mut i = 0;
+        while let Some(start) = entries.get(i) {
+            let mut best = start.framed;
+            let mut j = i + 1;
+            while let Some(e) = entries.get(j) {
+                if e.prefix != start.prefix || e.framed.key != start.framed.key {
+                    break;
                 }
+                let f = e.framed;
+                if newer(f.ts, f.record, best.ts, best.record).map_err(|err| (e.origin, err))? {
+                    best = f;
+                }
+                j += 1;
             }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Best {
-                    ts: framed.ts,
-                    record: framed.record,
-                });
-            }
+            kept.push(best.record);
+            i = j;
         }
-        Ok(())
-    }
-
-    /// Number of keys seen.
-    pub fn len(&self) -> usize {
-        self.best.len()
-    }
-
-    /// The kept records, sorted by key. The sort compares the keys' first 8 bytes as one
-    /// integer and only the rest byte-wise, which is most of its time saved.
-    pub fn into_sorted(self) -> Vec<&'a [u8]> {
-        let mut kept: Vec<(u64, &[u8], &[u8])> = self
-            .best
-            .into_iter()
-            .map(|(key, best)| (prefix(key), key, best.record))
-            .collect();
-        kept.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        kept.into_iter().map(|(_, _, record)| record).collect()
+        Ok(kept)
     }
 }
 
@@ -279,6 +305,42 @@ mod tests {
     }
 
     #[test]
+    fn keys_with_a_long_shared_prefix_come_out_in_byte_order() {
+        let keys = [
+            "[\"user-00010\"]",
+            "[\"user-0001\"]",
+            "[\"user-0002\"]",
+            "[\"user-0001\",2]",
+            "[\"user-000\"]",
+            "[\"user-0001\"]",
+        ];
+        let lines: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k}\t{i}\t{{\"n\":{i}}}"))
+            .collect();
+        let mut latest = Latest::default();
+        for (i, line) in lines.iter().enumerate() {
+            latest.offer(Framed::split(line.as_bytes()).unwrap(), (0, i as u64));
+        }
+        let kept: Vec<&str> = latest
+            .finish()
+            .unwrap()
+            .into_iter()
+            .map(|r| std::str::from_utf8(r).unwrap())
+            .collect();
+        let mut want: Vec<(&str, &str)> = vec![
+            (keys[0], "{\"n\":0}"),
+            (keys[1], "{\"n\":5}"),
+            (keys[2], "{\"n\":2}"),
+            (keys[3], "{\"n\":3}"),
+            (keys[4], "{\"n\":4}"),
+        ];
+        want.sort();
+        assert_eq!(kept, want.iter().map(|(_, r)| *r).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn latest_wins_then_greatest_encoding() {
         let d = Dedup::new("id", Some("ts")).unwrap();
         let lines: Vec<Vec<u8>> = [
@@ -309,11 +371,12 @@ mod tests {
             })
             .collect();
         let mut latest = Latest::default();
-        for line in framed.iter().rev() {
-            latest.offer(Framed::split(line).unwrap()).unwrap();
+        for (i, line) in framed.iter().rev().enumerate() {
+            latest.offer(Framed::split(line).unwrap(), (0, i as u64));
         }
         let kept: Vec<Value> = latest
-            .into_sorted()
+            .finish()
+            .unwrap()
             .iter()
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect();

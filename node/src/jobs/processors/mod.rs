@@ -570,18 +570,22 @@ impl Pipeline {
             let started = Instant::now();
             keep.records_in += batch.len() as u64;
             for (input, line, framed) in batch.drain(..) {
-                latest.offer(framed).map_err(|e| TaskError::ReduceInput {
-                    input,
-                    line,
-                    message: format!("a shuffle line's timestamp is not JSON: {e}"),
-                })?;
+                latest.offer(framed, (input, line));
             }
             keep.nanos += nanos_since(started);
         }
-        keep.records_out = latest.len() as u64;
+        let started = Instant::now();
+        let kept = latest
+            .finish()
+            .map_err(|((input, line), e)| TaskError::ReduceInput {
+                input,
+                line,
+                message: format!("a shuffle line's timestamp is not JSON: {e}"),
+            })?;
+        keep.nanos += nanos_since(started);
+        keep.records_out = kept.len() as u64;
 
         let started = Instant::now();
-        let kept = latest.into_sorted();
         let kept_bytes: usize = kept.iter().map(|l| l.len()).sum();
         let mut output = Vec::with_capacity(kept_bytes + kept.len());
         for line in &kept {
