@@ -2,7 +2,8 @@
 //! partition, encode) and of a dedup reduce task, over 5000 synthetic ~200-byte JSONL
 //! records (goal: >= 300k records/s on the map side). `baseline/serde_json-parse` is the
 //! floor the map side builds on: parsing the same lines into `serde_json::Value`s, nothing
-//! else.
+//! else. `shuffle/pack` and `shuffle/unpack`: the LZ4 packing of a shuffle output's chunks,
+//! per byte of shuffle lines.
 //!
 //! `cargo bench -p mesh-node --bench processors`
 
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mesh_node::jobs::processors::{ChunkInput, Format, Pipeline, StageSpec};
+use mesh_node::jobs::shuffle;
 
 const RECORDS: usize = 5000;
 const PARTITIONS: u32 = 6;
@@ -117,6 +119,23 @@ fn processors(c: &mut Criterion) {
     let inputs = [mapped.partitions[0].as_slice()];
     group.bench_function("dedup/reduce", |b| {
         b.iter(|| pipeline.run_reduce(&inputs).map(|o| o.output.len()))
+    });
+    group.finish();
+
+    // The LZ4 packing of shuffle chunks, per byte of shuffle lines.
+    let lines = mapped.partitions[0].as_slice();
+    let packed = shuffle::pack(lines);
+    eprintln!(
+        "shuffle: {} bytes of shuffle lines pack into {} ({:.2}x)",
+        lines.len(),
+        packed.len(),
+        lines.len() as f64 / packed.len().max(1) as f64
+    );
+    let mut group = c.benchmark_group("shuffle");
+    group.throughput(Throughput::Bytes(lines.len() as u64));
+    group.bench_function("pack", |b| b.iter(|| shuffle::pack(lines).len()));
+    group.bench_function("unpack", |b| {
+        b.iter(|| shuffle::unpack(&packed).map(|u| u.len()))
     });
     group.finish();
 }

@@ -338,6 +338,8 @@ pub struct Part {
 /// Chunks `first..first + count` of a map task's shuffle output: one reduce partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
+    /// The map task that wrote it, named back in [`JobRequest::InputsLost`].
+    pub task: u32,
     pub part: Part,
     pub first: u32,
     pub count: u32,
@@ -421,6 +423,15 @@ pub enum JobRequest {
     Status { job: JobId },
     /// Cancel the job (likewise) and send its report.
     Cancel { job: JobId },
+    /// This attempt of a reduce task could not read the shuffle outputs of map tasks `maps`
+    /// (their holder is gone): run those again. The attempt is not held against the task.
+    InputsLost {
+        job: JobId,
+        task: u32,
+        attempt: u32,
+        maps: Vec<u32>,
+        error: String,
+    },
 }
 
 /// Answers of the job protocol.
@@ -554,6 +565,9 @@ pub struct JobStatus {
     pub attempts: u64,
     pub retries: u64,
     pub lease_expiries: u64,
+    /// Map tasks run again because their shuffle output was lost (its holder died).
+    #[serde(default)]
+    pub lost_outputs: u64,
     /// Share of finished map tasks that ran where their input chunk is.
     pub locality: f64,
     pub nodes: Vec<NodeWork>,

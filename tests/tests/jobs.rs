@@ -370,6 +370,82 @@ async fn a_killed_worker_or_a_restarted_coordinator_leaves_the_output_unchanged(
     cluster.stop().await;
 }
 
+/// Smaller chunks still: many map tasks, so that a node can be caught between two of them.
+const TINY_RECORDS: &str = "records=jsonl&chunker=cdc:4096:16384:65536";
+
+/// Shuffle outputs have one copy, on the node that ran the map task. That node dies after
+/// its map tasks are done and before any reduce task reads them: the reduce tasks find them
+/// gone, the coordinator runs those map tasks again, and the output is the same as an
+/// undisturbed run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shuffle_outputs_lost_with_a_node_are_made_again() {
+    let mut cluster = start(4, |_, _| {}).await;
+    let (input, _, _) = users();
+    let id = put(&cluster.nodes[0], TINY_RECORDS, &input).await;
+    let spec = json!({
+        "stages": [
+            {"processor": "validate", "params": {"schema": USER_SCHEMA}},
+            {"processor": "dedup", "params": {"key": "id", "ts": "ts"}}
+        ],
+        "inputs": [id.to_string()],
+        "partitions": 3,
+        "lease": "2s"
+    });
+    let job = submit_ok(&cluster.nodes[0], &spec).await;
+    let clean = wait_ended(&cluster.nodes[0], &job).await;
+    assert_eq!(clean.state, JobState::Succeeded, "{clean:?}");
+    assert_eq!(clean.lost_outputs, 0);
+    let output = clean.output.unwrap();
+    forget(&cluster.nodes[0], &job).await;
+
+    // Again; stop the coordinator while node 3 has map outputs and the map phase is far
+    // from over, so no reduce task has started.
+    assert_eq!(submit_ok(&cluster.nodes[0], &spec).await, job);
+    let victim = cluster.nodes[3].node().peer_id().to_string();
+    wait_until(
+        JOB,
+        "node 3 to finish map tasks early in the map phase",
+        || {
+            let report = status(&cluster.nodes[0], &job);
+            let victim = victim.clone();
+            async move {
+                let r = report.await;
+                let done_there = r
+                    .nodes
+                    .iter()
+                    .find(|n| n.node == victim)
+                    .map_or(0, |n| n.tasks);
+                anyhow::ensure!(
+                    r.tasks.pending >= 20,
+                    "the map phase got too far before node 3 finished a task: {:?}",
+                    r.tasks
+                );
+                Ok(done_there >= 1)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let coordinator = cluster.nodes.remove(0).park().await;
+    let before = {
+        // The coordinator's store says what node 3 had done; nothing ran a reduce task.
+        drop(cluster.nodes.remove(2));
+        coordinator.start().await.unwrap()
+    };
+    let disturbed = wait_ended(&before, &job).await;
+    assert_eq!(disturbed.state, JobState::Succeeded, "{disturbed:?}");
+    assert!(
+        disturbed.lost_outputs >= 1,
+        "no map output was found lost: {disturbed:?}"
+    );
+    assert_eq!(disturbed.output, Some(output));
+    let mut got = lines(&get(&cluster.nodes[0], &output).await);
+    got.sort_by_key(|v| v.to_string());
+    assert_eq!(got, expected_dedup(&input));
+    cluster.nodes.insert(0, before);
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failures_commands_and_bad_specs() {
     let cluster = start(3, |i, config| {

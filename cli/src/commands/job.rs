@@ -544,8 +544,8 @@ fn render_status(status: &JobStatus, now_ms: u64) -> String {
         (
             "attempts",
             format!(
-                "{} ({} retries, {} lease expiries)",
-                status.attempts, status.retries, status.lease_expiries
+                "{} ({} retries, {} lease expiries, {} map outputs lost)",
+                status.attempts, status.retries, status.lease_expiries, status.lost_outputs
             ),
         ),
         (
@@ -1067,6 +1067,7 @@ mod tests {
             attempts: 14,
             retries: 4,
             lease_expiries: 1,
+            lost_outputs: 0,
             locality: 0.875,
             nodes: vec![NodeWork {
                 node: "12D3KooWQm7Lk2zSx9Pq4RtYv8NcWb3EdFh6Jk1Ma5Ab3xYz9QwE".into(),
@@ -1128,7 +1129,7 @@ mod tests {
             "elapsed      2m 5s\n".to_owned(),
             "tasks        10: 9 done, 0 leased, 0 pending, 0 waiting, 1 dead\n".to_owned(),
             "map/reduce   8 map, 2 reduce\n".to_owned(),
-            "attempts     14 (4 retries, 1 lease expiries)\n".to_owned(),
+            "attempts     14 (4 retries, 1 lease expiries, 0 map outputs lost)\n".to_owned(),
             "locality     88% of finished map tasks ran where their input chunk is\n".to_owned(),
             "records      1200 in, 1000 out, 50 rejected\n".to_owned(),
             format!("output       {}\n", oid("out")),

@@ -12,6 +12,11 @@
 //! tasks' outputs, in input order (partition order for reduce), into the output object; the
 //! rejects likewise. The same spec over the same inputs always gives the same ObjectIds.
 //!
+//! Shuffle outputs have one copy, on the node that ran the map task. A reduce task that
+//! cannot read some of them reports those map tasks ([`JobRequest::InputsLost`]), and so does
+//! the tick when the peer table declares a node dead: those map tasks run again, reduce tasks
+//! not yet granted wait for them, and the reduce attempt is not counted as a failure.
+//!
 //! Persistence, in the store's `jobs` column family: `j/<job>/h` the header (spec, inputs'
 //! formats and holders), `j/<job>/t/<task>` each task's state, `j/<job>/e` the end. Lease
 //! expiry times are not persisted: after a restart every lease gets a fresh term.
@@ -194,6 +199,8 @@ struct Job {
     attempts: u64,
     retries: u64,
     lease_expiries: u64,
+    /// Map outputs lost after their task was done (so it ran again).
+    lost_outputs: u64,
 }
 
 impl Job {
@@ -226,6 +233,9 @@ struct Inner {
     /// `exec:` processors this node's own config registers.
     local_exec: Vec<String>,
     jobs: Mutex<HashMap<JobId, Job>>,
+    /// The dead peers whose shuffle outputs were last looked for (they are looked for again
+    /// only when the set changes).
+    dead_seen: Mutex<HashSet<NodeId>>,
 }
 
 /// Decides on and persists task changes under the jobs lock; returns what to write.
@@ -326,6 +336,7 @@ impl Coordinator {
                 attempts,
                 retries: 0,
                 lease_expiries: 0,
+                lost_outputs: 0,
             };
             if job.end.is_none() {
                 info!(job = %id, "resuming a job after a restart");
@@ -340,6 +351,7 @@ impl Coordinator {
                 default_output,
                 local_exec,
                 jobs: Mutex::new(jobs),
+                dead_seen: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -483,6 +495,7 @@ impl Coordinator {
             attempts: 0,
             retries: 0,
             lease_expiries: 0,
+            lost_outputs: 0,
         };
         {
             let mut jobs = lock(&self.inner.jobs);
@@ -579,7 +592,69 @@ impl Coordinator {
                 Ok(report) => JobResponse::Status(Box::new(report)),
                 Err(_) => JobResponse::UnknownJob,
             },
+            JobRequest::InputsLost {
+                job,
+                task,
+                attempt,
+                maps,
+                error,
+            } => self.inputs_lost(&node, job, task, attempt, &maps, &error),
         }
+    }
+
+    /// A reduce attempt could not read the shuffle outputs of `maps`: those map tasks run
+    /// again, and the reduce tasks not yet running wait for them. The attempt is not a
+    /// failure of the reduce task.
+    fn inputs_lost(
+        &self,
+        node: &NodeId,
+        id: JobId,
+        index: u32,
+        attempt: u32,
+        maps: &[u32],
+        error: &str,
+    ) -> JobResponse {
+        let now = now_ms();
+        let mut writes = Writes(Vec::new());
+        {
+            let mut jobs = lock(&self.inner.jobs);
+            let Some(job) = jobs.get_mut(&id) else {
+                return JobResponse::UnknownJob;
+            };
+            if job.end.is_some() {
+                return JobResponse::Finished;
+            }
+            let current = match job.tasks.get(index as usize).map(|t| &t.status) {
+                Some(Status::Leased {
+                    node: n,
+                    attempt: a,
+                    ..
+                }) => n == node && *a == attempt,
+                _ => false,
+            };
+            if !current || (index as usize) < job.map_tasks {
+                return JobResponse::Lost;
+            }
+            let maps: Vec<usize> = maps
+                .iter()
+                .map(|&m| m as usize)
+                .filter(|&m| m < job.map_tasks)
+                .collect();
+            warn!(job = %id, task = index, lost = maps.len(), %error, "a reduce task lost map outputs; running those map tasks again");
+            if let Some(task) = job.tasks.get_mut(index as usize) {
+                task.status = Status::Waiting;
+                task.last_error = Some(format!("map outputs lost: {error}"));
+                writes.task(&id, index as usize, task);
+            }
+            rerun_maps(job, &maps, now, &mut writes);
+            job.lost_outputs += maps.len() as u64;
+        }
+        self.persist(writes);
+        self.inner
+            .metrics
+            .counter("mesh_job_lost_outputs_total")
+            .increment(maps.len() as u64);
+        JobResponse::Finished
     }
 
     fn claim(&self, node: &NodeId, id: JobId, near: &[NodeId], exec: &[String]) -> JobResponse {
@@ -793,7 +868,7 @@ impl Coordinator {
                     }
                     bump_failure(task, node);
                     task.last_error = Some(error.clone());
-                    if task.attempts >= max_attempts {
+                    if failed_attempts(task) >= max_attempts {
                         task.status = Status::Dead;
                         self.inner
                             .metrics
@@ -803,7 +878,7 @@ impl Coordinator {
                         if job.spec.on_failure == OnFailure::Fail {
                             failed_job = Some(format!(
                                 "task {index} failed {} times; last error: {error}",
-                                task.attempts
+                                failed_attempts(task)
                             ));
                         }
                     } else {
@@ -837,9 +912,38 @@ impl Coordinator {
         let mut writes = Writes(Vec::new());
         let mut failed = Vec::new();
         let mut touched = Vec::new();
+        // Peers declared dead: the shuffle outputs only they held are lost.
+        let dead: HashSet<NodeId> = self
+            .inner
+            .mesh
+            .network()
+            .peers()
+            .iter()
+            .filter(|p| p.liveness == Liveness::Dead)
+            .map(|p| NodeId(p.id.to_bytes()))
+            .collect();
+        let dead = {
+            let mut seen = lock(&self.inner.dead_seen);
+            if *seen == dead {
+                HashSet::new()
+            } else {
+                seen.clone_from(&dead);
+                dead
+            }
+        };
         {
             let mut jobs = lock(&self.inner.jobs);
             for job in jobs.values_mut().filter(|j| j.end.is_none()) {
+                let lost = lost_map_outputs(job, &dead);
+                if !lost.is_empty() {
+                    warn!(job = %job.id, lost = lost.len(), "map outputs lost with a dead node; running those map tasks again");
+                    job.lost_outputs += lost.len() as u64;
+                    self.inner
+                        .metrics
+                        .counter("mesh_job_lost_outputs_total")
+                        .increment(lost.len() as u64);
+                    rerun_maps(job, &lost, now, &mut writes);
+                }
                 let max_attempts = job.spec.max_attempts;
                 let mut expired = 0;
                 for (index, task) in job.tasks.iter_mut().enumerate() {
@@ -859,14 +963,14 @@ impl Coordinator {
                         .unwrap_or_else(|_| "?".into());
                     task.last_error = Some(format!("lease expired on {who}"));
                     bump_failure(task, &node);
-                    if task.attempts >= max_attempts {
+                    if failed_attempts(task) >= max_attempts {
                         task.status = Status::Dead;
                         if job.spec.on_failure == OnFailure::Fail {
                             failed.push((
                                 job.id,
                                 format!(
                                     "task {index} used its {} attempts; last: lease expired on {who}",
-                                    task.attempts
+                                    failed_attempts(task)
                                 ),
                             ));
                         }
@@ -1158,6 +1262,70 @@ fn rank(l: Locality) -> u8 {
     }
 }
 
+/// Attempts that failed (errors and expired leases). Attempts ended by lost map outputs, and
+/// map tasks run again because their output was lost, do not count.
+fn failed_attempts(task: &Task) -> u32 {
+    task.failures.iter().map(|(_, n)| *n).sum()
+}
+
+/// Map tasks `maps`, done but with their shuffle output lost, run again; reduce tasks that
+/// were released but not granted wait again for the map phase.
+fn rerun_maps(job: &mut Job, maps: &[usize], now: u64, writes: &mut Writes) {
+    let mut any = false;
+    for &m in maps {
+        let Some(task) = job.tasks.get_mut(m) else {
+            continue;
+        };
+        if matches!(task.status, Status::Done { .. }) {
+            task.status = Status::Pending;
+            task.pending_since_ms = now;
+            task.not_before_ms = now;
+            writes.task(&job.id, m, task);
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    for index in job.map_tasks..job.tasks.len() {
+        let task = &mut job.tasks[index];
+        if matches!(task.status, Status::Pending) {
+            task.status = Status::Waiting;
+            writes.task(&job.id, index, task);
+        }
+    }
+}
+
+/// Done map tasks of a shuffling job whose shuffle output has a chunk with no holder left
+/// alive (every holder in `dead`), while some reduce task still needs it.
+fn lost_map_outputs(job: &Job, dead: &HashSet<NodeId>) -> Vec<usize> {
+    if !job.shuffles()
+        || dead.is_empty()
+        || job.tasks[job.map_tasks..]
+            .iter()
+            .all(|t| matches!(t.status, Status::Done { .. } | Status::Dead))
+    {
+        return Vec::new();
+    }
+    let mut lost = Vec::new();
+    for (i, task) in job.tasks[..job.map_tasks].iter().enumerate() {
+        let Status::Done { output, .. } = &task.status else {
+            continue;
+        };
+        let Some(part) = &output.output else { continue };
+        let Ok(manifest) = Manifest::decode_verified(&part.record.object, &part.manifest) else {
+            continue;
+        };
+        let gone = chunk_holders(&manifest, Some(&part.record))
+            .iter()
+            .any(|holders| !holders.is_empty() && holders.iter().all(|h| dead.contains(h)));
+        if gone {
+            lost.push(i);
+        }
+    }
+    lost
+}
+
 fn bump_failure(task: &mut Task, node: &NodeId) {
     match task.failures.iter_mut().find(|(n, _)| n == node) {
         Some((_, count)) => *count += 1,
@@ -1218,9 +1386,11 @@ fn work_of(job: &Job, index: usize) -> Result<Work, String> {
         }
         Kind::Reduce { partition } => {
             let mut sources = Vec::new();
-            for t in &job.tasks[..job.map_tasks] {
-                let Status::Done { output, .. } = &t.status else {
-                    continue;
+            for (map, t) in job.tasks[..job.map_tasks].iter().enumerate() {
+                let output = match &t.status {
+                    Status::Done { output, .. } => output,
+                    Status::Dead => continue,
+                    _ => return Err(format!("map task {map} has not finished")),
                 };
                 let Some(part) = &output.output else { continue };
                 let first: u32 = output
@@ -1235,6 +1405,7 @@ fn work_of(job: &Job, index: usize) -> Result<Work, String> {
                     .unwrap_or(0);
                 if count > 0 {
                     sources.push(Source {
+                        task: map as u32,
                         part: part.clone(),
                         first,
                         count,
@@ -1461,6 +1632,7 @@ fn report_of(job: &Job) -> JobStatus {
         attempts: job.attempts,
         retries: job.retries,
         lease_expiries: job.lease_expiries,
+        lost_outputs: job.lost_outputs,
         locality: if map_done > 0 {
             map_local as f64 / map_done as f64
         } else {

@@ -10,6 +10,8 @@
 //!   side of a shuffle; [`exec`] runs a command that the node's own config registers
 //!   (`exec:NAME`), with the task's input on stdin and its output from stdout. Both are pure of
 //!   the mesh: they take bytes and return bytes, per-stage statistics and rejected records.
+//! - [`shuffle`]: the LZ4 packing of a shuffle output's chunks, which have one copy, on the
+//!   node that ran the map task, and are lost and made again if that node dies.
 //! - [`service`]: starts all of this with the node.
 //!
 //! Data flow: `meshctl job submit` → coordinator (spec checked, one map task per input
@@ -22,4 +24,5 @@ pub mod coordinator;
 pub mod exec;
 pub mod processors;
 pub mod service;
+pub mod shuffle;
 pub mod worker;

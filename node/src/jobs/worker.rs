@@ -5,8 +5,11 @@
 //! stores the output through the normal write path, and reports the output's manifest and
 //! placement record. The lease is renewed every third of its term while the task runs; a
 //! renewal answered `Lost` stops the task without reporting.
+//!
+//! A map task of a shuffling job stores its shuffle output with one copy, here: a reduce task
+//! that cannot read one reports the map tasks whose outputs are lost rather than failing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::PeerId;
-use mesh_proto::job::{JobRequest, JobResponse, JobSpec, Part, StageStat, TaskOutput, Work};
+use mesh_proto::job::{
+    JobRequest, JobResponse, JobSpec, Part, Source, StageStat, TaskOutput, Work,
+};
 use mesh_proto::wire::{ControlRequest, ControlResponse, NodeId};
 use mesh_proto::{ChunkerSpec, JobId, Manifest, RecordFormat, Redundancy};
 use tokio::sync::Notify;
@@ -24,11 +29,12 @@ use tracing::{debug, info, warn};
 use super::coordinator::{Coordinator, parse_pipeline};
 use super::exec;
 use super::processors::{ChunkInput, Format, Pipeline};
+use super::shuffle;
 use crate::chunker::{PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
 use crate::net::Frame;
 use crate::objects::PutOptions;
-use crate::replicate::Mesh;
+use crate::replicate::{Announce, Mesh};
 
 /// How often an idle worker looks for work.
 const POLL: Duration = Duration::from_millis(200);
@@ -37,13 +43,46 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 /// A job not announced for this long is forgotten (its coordinator is gone or it ended).
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
-const REDUCE_READ_WINDOW: usize = 8;
+const REDUCE_READ_WINDOW: usize = 32;
+/// Copies of a map task's shuffle output.
+const SHUFFLE_REDUNDANCY: Redundancy = Redundancy::Replicas(1);
 /// Near peers a claim names.
 const MAX_NEAR: usize = 64;
 /// Jobs whose coordinator a worker remembers.
 const MAX_REMEMBERED: usize = 4096;
 /// Attempts to deliver a task's result to its coordinator.
 const FINISH_TRIES: u32 = 5;
+
+/// Why a task attempt ended without an output.
+#[derive(Debug)]
+enum Failure {
+    /// A failed attempt, with its error.
+    Error(String),
+    /// A reduce task could not read the shuffle outputs of these map tasks: their holder is
+    /// gone.
+    InputsLost { maps: Vec<u32>, error: String },
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Self {
+        Failure::Error(error)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Error(e) => f.write_str(e),
+            Failure::InputsLost { maps, error } => {
+                write!(
+                    f,
+                    "the outputs of {} map tasks are lost: {error}",
+                    maps.len()
+                )
+            }
+        }
+    }
+}
 
 /// A job this worker may ask for work.
 struct Known {
@@ -423,11 +462,26 @@ impl Worker {
             Ok(_) => debug!(%job, task, attempt, elapsed = ?started.elapsed(), "task done"),
             Err(e) => warn!(%job, task, attempt, error = %e, "task attempt failed"),
         }
-        let request = JobRequest::Finish {
-            job,
-            task,
-            attempt,
-            result: result.map(Box::new),
+        let request = match result {
+            Ok(output) => JobRequest::Finish {
+                job,
+                task,
+                attempt,
+                result: Ok(Box::new(output)),
+            },
+            Err(Failure::Error(error)) => JobRequest::Finish {
+                job,
+                task,
+                attempt,
+                result: Err(error),
+            },
+            Err(Failure::InputsLost { maps, error }) => JobRequest::InputsLost {
+                job,
+                task,
+                attempt,
+                maps,
+                error,
+            },
         };
         for tries in 1..=FINISH_TRIES {
             match self.call(coordinator, request.clone()).await {
@@ -441,7 +495,7 @@ impl Worker {
     }
 
     /// Runs one task: read, process, write.
-    async fn execute(&self, prepared: Arc<Prepared>, work: Work) -> Result<TaskOutput, String> {
+    async fn execute(&self, prepared: Arc<Prepared>, work: Work) -> Result<TaskOutput, Failure> {
         let mesh = &self.inner.mesh;
         let redundancy = prepared.spec.output;
         match work {
@@ -486,7 +540,12 @@ impl Worker {
                     let chunks =
                         cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
                     let (output, write) = self
-                        .write(chunks, redundancy, ChunkerSpec::default())
+                        .write(
+                            chunks,
+                            redundancy,
+                            ChunkerSpec::default(),
+                            Announce::Background,
+                        )
                         .await?;
                     return Ok(TaskOutput {
                         output,
@@ -498,48 +557,67 @@ impl Worker {
                 let format = match format {
                     Some(RecordFormat::Jsonl) => Format::Jsonl,
                     Some(RecordFormat::Csv) => Format::Csv,
-                    None => return Err(format!("input {input} is not record-chunked")),
+                    None => return Err(format!("input {input} is not record-chunked").into()),
                 };
                 let partitions = if prepared.pipeline.shuffles() {
                     prepared.spec.partitions
                 } else {
                     0
                 };
+                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let owned = Arc::clone(&prepared);
-                let mapped = tokio::task::spawn_blocking(move || {
+                let (mut mapped, packed) = tokio::task::spawn_blocking(move || {
                     let input = ChunkInput {
                         data: &data,
                         format,
                         csv_header: csv_header.as_deref(),
                         first_chunk: chunk == 0,
                     };
-                    owned.pipeline.run_map(&input, partitions.max(1))
+                    let mut mapped = owned
+                        .pipeline
+                        .run_map(&input, partitions.max(1))
+                        .map_err(|e| e.to_string())?;
+                    let packed = if partitions > 0 {
+                        Some(pack_partitions(
+                            std::mem::take(&mut mapped.partitions),
+                            spec,
+                        )?)
+                    } else {
+                        None
+                    };
+                    Ok::<_, String>((mapped, packed))
                 })
                 .await
-                .map_err(|e| format!("processing failed: {e}"))?
-                .map_err(|e| e.to_string())?;
-                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
+                .map_err(|e| format!("processing failed: {e}"))??;
                 let mut stats = vec![read];
-                stats.extend(mapped.stats.into_iter().map(wire_stat));
-                let (output, partition_chunks, write) = if partitions > 0 {
-                    let mut all = Vec::new();
-                    let mut counts = Vec::with_capacity(mapped.partitions.len());
-                    for p in mapped.partitions {
-                        let cut = cut_all(&Bytes::from(p), spec).map_err(|e| e.to_string())?;
-                        counts.push(cut.len() as u32);
-                        all.extend(cut);
-                    }
-                    let (output, write) = self.write(all, redundancy, spec).await?;
-                    (output, counts, write)
+                stats.extend(std::mem::take(&mut mapped.stats).into_iter().map(wire_stat));
+                let (output, partition_chunks, write) = if let Some(packed) = packed {
+                    // Shuffle outputs are read once, by the reduce tasks, and can be made again
+                    // from the input: one copy, here, is enough. If this node dies before the
+                    // reduce tasks read them, the coordinator runs the map task again.
+                    let (output, mut write) = self
+                        .write(
+                            packed.chunks,
+                            SHUFFLE_REDUNDANCY,
+                            ChunkerSpec::default(),
+                            Announce::Never,
+                        )
+                        .await?;
+                    write.nanos += packed.nanos;
+                    (output, packed.counts, write)
                 } else {
-                    let cut =
-                        cut_all(&Bytes::from(mapped.output), spec).map_err(|e| e.to_string())?;
-                    let (output, write) = self.write(cut, redundancy, spec).await?;
+                    let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
+                        .map_err(|e| e.to_string())?;
+                    let (output, write) = self
+                        .write(cut, redundancy, spec, Announce::Background)
+                        .await?;
                     (output, Vec::new(), write)
                 };
                 let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
                 let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
-                let (rejects, write_rejects) = self.write(cut, redundancy, spec).await?;
+                let (rejects, write_rejects) = self
+                    .write(cut, redundancy, spec, Announce::Background)
+                    .await?;
                 stats.push(merge_write(write, write_rejects));
                 stats.push(StageStat {
                     stage: "rejected".into(),
@@ -555,50 +633,40 @@ impl Worker {
             }
             Work::Reduce { partition, sources } => {
                 let started = Instant::now();
-                let mut reads = Vec::new();
-                for source in &sources {
-                    let manifest = Manifest::decode_verified(
-                        &source.part.record.object,
-                        &source.part.manifest,
-                    )
-                    .map_err(|e| format!("a map output's manifest: {e}"))?;
-                    let manifest = Arc::new(manifest);
-                    let record = Arc::new(source.part.record.clone());
-                    for index in source.first..source.first.saturating_add(source.count) {
-                        reads.push((Arc::clone(&manifest), Arc::clone(&record), index as usize));
-                    }
-                }
-                let chunks: Vec<Bytes> = futures::stream::iter(reads.into_iter().map(
-                    |(manifest, record, index)| async move {
-                        mesh.read_chunk(&manifest, Some(&record), index)
-                            .await
-                            .map_err(|e| {
-                                format!("reading a map output for partition {partition}: {e}")
-                            })
-                    },
-                ))
-                .buffered(REDUCE_READ_WINDOW)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?;
-                let read = StageStat {
+                let packed = self.read_sources(partition, &sources).await?;
+                let mut read = StageStat {
                     stage: "reduce read".into(),
                     nanos: started.elapsed().as_nanos() as u64,
-                    bytes_in: chunks.iter().map(|c| c.len() as u64).sum(),
+                    bytes_in: packed.iter().map(|(_, c)| c.len() as u64).sum(),
                     ..Default::default()
                 };
                 let owned = Arc::clone(&prepared);
-                let reduced = tokio::task::spawn_blocking(move || {
-                    let slices: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-                    owned.pipeline.run_reduce(&slices)
+                let (reduced, unpack_nanos) = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let mut chunks = Vec::with_capacity(packed.len());
+                    for (task, bytes) in &packed {
+                        chunks.push(shuffle::unpack(bytes).map_err(|e| Failure::InputsLost {
+                            maps: vec![*task],
+                            error: format!("the shuffle output of map task {task}: {e}"),
+                        })?);
+                    }
+                    drop(packed);
+                    let unpack_nanos = started.elapsed().as_nanos() as u64;
+                    let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+                    let reduced = owned
+                        .pipeline
+                        .run_reduce(&slices)
+                        .map_err(|e| Failure::Error(e.to_string()))?;
+                    Ok::<_, Failure>((reduced, unpack_nanos))
                 })
                 .await
-                .map_err(|e| format!("reduce failed: {e}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("reduce failed: {e}"))??;
+                read.nanos += unpack_nanos;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
-                let (output, mut write) = self.write(cut, redundancy, spec).await?;
+                let (output, mut write) = self
+                    .write(cut, redundancy, spec, Announce::Background)
+                    .await?;
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
                 stats.extend(reduced.stats.into_iter().map(|s| {
@@ -617,12 +685,81 @@ impl Worker {
         }
     }
 
+    /// Reads one reduce partition's share of every map output, in map-task order: each packed
+    /// chunk with the map task that wrote it. A shuffle
+    /// output has one holder; when it cannot be read, the holder is taken as gone, the other
+    /// outputs it held are not asked for, and the failure names every map task whose output
+    /// could not be read, so the coordinator runs them again.
+    async fn read_sources(
+        &self,
+        partition: u32,
+        sources: &[Source],
+    ) -> Result<Vec<(u32, Bytes)>, Failure> {
+        let mesh = &self.inner.mesh;
+        let me = NodeId(mesh.network().local_peer_id().to_bytes());
+        let mut reads = Vec::new();
+        for source in sources {
+            let manifest =
+                Manifest::decode_verified(&source.part.record.object, &source.part.manifest)
+                    .map_err(|e| format!("a map output's manifest: {e}"))?;
+            let manifest = Arc::new(manifest);
+            let record = Arc::new(source.part.record.clone());
+            for index in source.first..source.first.saturating_add(source.count) {
+                reads.push((
+                    source.task,
+                    Arc::clone(&manifest),
+                    Arc::clone(&record),
+                    index as usize,
+                ));
+            }
+        }
+        let gone: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
+        let lost: Mutex<(BTreeSet<u32>, Option<String>)> = Mutex::new((BTreeSet::new(), None));
+        let chunks: Vec<Option<(u32, Bytes)>> =
+            futures::stream::iter(reads.into_iter().map(|(task, manifest, record, index)| {
+                let gone = &gone;
+                let lost = &lost;
+                let me = &me;
+                async move {
+                    let holders: Vec<NodeId> = record.holders_of(index).cloned().collect();
+                    if !holders.is_empty() && holders.iter().all(|h| lock(gone).contains(h)) {
+                        lock(lost).0.insert(task);
+                        return None;
+                    }
+                    match mesh.read_chunk(&manifest, Some(&record), index).await {
+                        Ok(bytes) => Some((task, bytes)),
+                        Err(e) => {
+                            lock(gone).extend(holders.into_iter().filter(|h| h != me));
+                            let mut lost = lock(lost);
+                            lost.0.insert(task);
+                            lost.1.get_or_insert_with(|| {
+                                format!("reading a map output for partition {partition}: {e}")
+                            });
+                            None
+                        }
+                    }
+                }
+            }))
+            .buffered(REDUCE_READ_WINDOW)
+            .collect()
+            .await;
+        let (maps, error) = lost.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !maps.is_empty() {
+            return Err(Failure::InputsLost {
+                maps: maps.into_iter().collect(),
+                error: error.unwrap_or_else(|| "a holder is gone".into()),
+            });
+        }
+        Ok(chunks.into_iter().flatten().collect())
+    }
+
     /// Stores a task's output chunks as one object (nothing for no chunks).
     async fn write(
         &self,
         chunks: Vec<Bytes>,
         redundancy: Redundancy,
         chunker: ChunkerSpec,
+        announce: Announce,
     ) -> Result<(Option<Part>, StageStat), String> {
         let started = Instant::now();
         let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -642,7 +779,7 @@ impl Worker {
                 PreCut(chunks.into()),
                 options,
                 redundancy.default_write_quorum(),
-                false,
+                announce,
             )
             .await
             .map_err(|e| format!("storing the output: {e}"))?;
@@ -654,6 +791,33 @@ impl Worker {
             write_stat(started, bytes),
         ))
     }
+}
+
+/// A map task's shuffle output, cut and packed for storing.
+struct Packed {
+    chunks: Vec<Bytes>,
+    /// Chunks per partition.
+    counts: Vec<u32>,
+    /// Time spent cutting and compressing.
+    nanos: u64,
+}
+
+/// Cuts each partition's shuffle lines into record-aligned chunks and compresses each chunk
+/// ([`shuffle::pack`]), partition after partition.
+fn pack_partitions(partitions: Vec<Vec<u8>>, spec: ChunkerSpec) -> Result<Packed, String> {
+    let started = Instant::now();
+    let mut chunks = Vec::new();
+    let mut counts = Vec::with_capacity(partitions.len());
+    for p in partitions {
+        let cut = cut_all(&Bytes::from(p), spec).map_err(|e| e.to_string())?;
+        counts.push(cut.len() as u32);
+        chunks.extend(cut.iter().map(|c| shuffle::pack(c)));
+    }
+    Ok(Packed {
+        chunks,
+        counts,
+        nanos: started.elapsed().as_nanos() as u64,
+    })
 }
 
 /// A processor's stage timing as the job protocol carries it.

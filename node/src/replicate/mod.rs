@@ -87,6 +87,19 @@ pub struct Settings {
     pub repair_rate: u64,
 }
 
+/// Whether a put tells the DHT that this node provides the new object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// Announce, and return once the DHT stored it (bounded): a user's put.
+    Wait,
+    /// Announce without waiting: a job's task outputs, whose coordinator learns where they are
+    /// from the answer.
+    Background,
+    /// Never: a job's shuffle outputs, read once through their placement record by the reduce
+    /// tasks and of no use to anyone else.
+    Never,
+}
+
 /// An object a put stored: what the API answers, and the manifest and record it committed.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -412,20 +425,21 @@ impl Mesh {
         quorum: usize,
     ) -> Result<PutResponse, MeshError> {
         let chunker = Chunker::new(reader, options.chunker);
-        let written = self.put_chunks(chunker, options, quorum, true).await?;
+        let written = self
+            .put_chunks(chunker, options, quorum, Announce::Wait)
+            .await?;
         Ok(written.response)
     }
 
     /// Stores the chunks `source` yields as one object, like [`Mesh::put`], and returns its
-    /// manifest and placement record too. `wait_announce`: wait (bounded) until the DHT
-    /// stored this node's announcement; a job's task outputs do not, as their coordinator
-    /// learns where they are from the answer.
+    /// manifest and placement record too; `announce` says whether and how this node tells
+    /// the DHT it provides the object.
     pub async fn put_chunks<S: ChunkSource>(
         &self,
         source: S,
         options: PutOptions,
         quorum: usize,
-        wait_announce: bool,
+        announce: Announce,
     ) -> Result<Written, MeshError> {
         let width = options.redundancy.width();
         let quorum = quorum.clamp(1, width);
@@ -616,10 +630,11 @@ impl Mesh {
             async move { (peer, complete::send_record(&net, peer, request).await) }
         });
         let announce = async {
-            if is_holder && wait_announce {
-                self.announce(object).await;
-            } else if is_holder {
-                self.inner.net.provide(object).await;
+            match announce {
+                _ if !is_holder => {}
+                Announce::Wait => self.announce(object).await,
+                Announce::Background => self.inner.net.provide(object).await,
+                Announce::Never => {}
             }
         };
         let ((), results) = tokio::join!(announce, futures::future::join_all(sends));

@@ -18,11 +18,8 @@
 //! - The reduce output lists the kept records sorted by key (byte-wise on the key encoding).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::input::Record;
 use super::value::{self, FieldPath};
@@ -32,8 +29,6 @@ use super::value::{self, FieldPath};
 pub(crate) struct Dedup {
     key: Vec<FieldPath>,
     ts: Option<FieldPath>,
-    /// The top-level fields that the key and the timestamp read.
-    fields: BTreeSet<String>,
 }
 
 impl Dedup {
@@ -48,26 +43,18 @@ impl Dedup {
             .map(|t| value::parse_path(t.trim()))
             .transpose()
             .map_err(|e| ("ts", e))?;
-        let fields = key
-            .iter()
-            .chain(&ts)
-            .filter_map(|path| path.first().cloned())
-            .collect();
-        Ok(Self { key, ts, fields })
-    }
-
-    /// Parses a record of the reduce input keeping only the top-level fields that the key and
-    /// the timestamp read; the rest is checked for syntax and skipped, not built.
-    pub fn parse_needed(&self, line: &[u8]) -> Result<Value, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(line);
-        let fields = Needed(&self.fields).deserialize(&mut de)?;
-        de.end()?;
-        Ok(Value::Object(fields))
+        Ok(Self { key, ts })
     }
 
     /// Writes the key of `record` to `out` (cleared first).
+    #[cfg(test)]
     pub fn write_key(&self, record: &Value, out: &mut Vec<u8>) {
         out.clear();
+        self.append_key(record, out);
+    }
+
+    /// Appends the key of `record` to `out`.
+    pub fn append_key(&self, record: &Value, out: &mut Vec<u8>) {
         out.push(b'[');
         for (i, path) in self.key.iter().enumerate() {
             if i > 0 {
@@ -78,16 +65,22 @@ impl Dedup {
         out.push(b']');
     }
 
-    /// The reduce partition of each record (`partitions` must be at least 1).
-    pub fn partition(&self, records: &[Record], partitions: u32) -> Vec<u32> {
-        let mut key = Vec::with_capacity(64);
-        records
-            .iter()
-            .map(|r| {
-                self.write_key(&r.value, &mut key);
-                partition_of(&key, partitions)
-            })
-            .collect()
+    /// The keys of `records`, one after the other in one buffer (`ends[i]` is where record
+    /// `i`'s ends), and each record's reduce partition (`partitions` must be at least 1).
+    pub fn keys(&self, records: &[Record], partitions: u32) -> Keys {
+        let mut keys = Keys {
+            bytes: Vec::with_capacity(records.len() * 16),
+            ends: Vec::with_capacity(records.len()),
+            partitions: Vec::with_capacity(records.len()),
+        };
+        for r in records {
+            let start = keys.bytes.len();
+            self.append_key(&r.value, &mut keys.bytes);
+            keys.partitions
+                .push(partition_of(&keys.bytes[start..], partitions));
+            keys.ends.push(keys.bytes.len());
+        }
+        keys
     }
 
     /// The timestamp of `record`.
@@ -98,60 +91,23 @@ impl Dedup {
     }
 }
 
-/// Reads an object, building only the fields in the set.
-struct Needed<'a>(&'a BTreeSet<String>);
-
-impl<'de> DeserializeSeed<'de> for Needed<'_> {
-    type Value = Map<String, Value>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
+/// What [`Dedup::keys`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Keys {
+    pub bytes: Vec<u8>,
+    pub ends: Vec<usize>,
+    pub partitions: Vec<u32>,
 }
 
-impl<'de> Visitor<'de> for Needed<'_> {
-    type Value = Map<String, Value>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(wanted) = map.next_key_seed(Wanted(self.0))? {
-            match wanted {
-                Some(name) => {
-                    out.insert(name, map.next_value()?);
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// A key of the object: its name if it is wanted (no allocation for the others).
-struct Wanted<'a>(&'a BTreeSet<String>);
-
-impl<'de> DeserializeSeed<'de> for Wanted<'_> {
-    type Value = Option<String>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl Visitor<'_> for Wanted<'_> {
-    type Value = Option<String>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
-        Ok(self.0.contains(name).then(|| name.to_owned()))
+impl Keys {
+    /// Record `i`'s key.
+    pub fn get(&self, i: usize) -> &[u8] {
+        let start = match i.checked_sub(1) {
+            Some(prev) => self.ends.get(prev).copied().unwrap_or(0),
+            None => 0,
+        };
+        let end = self.ends.get(i).copied().unwrap_or(start);
+        self.bytes.get(start..end).unwrap_or_default()
     }
 }
 
@@ -163,56 +119,163 @@ pub(crate) fn partition_of(key: &[u8], partitions: u32) -> u32 {
     (u64::from_le_bytes(first) % u64::from(partitions.max(1))) as u32
 }
 
-/// The reduce side: the best record seen so far for each key. Records are borrowed lines of
-/// the reduce input, which are the compact JSON the map side wrote.
-#[derive(Debug, Default)]
-pub(crate) struct Latest<'a> {
-    best: HashMap<Vec<u8>, Best<'a>>,
-    key: Vec<u8>,
+/// One record of a shuffle buffer: the line `KEY \t TS \t RECORD`, where `KEY` is the
+/// record's key encoding, `TS` the compact JSON of its timestamp (empty when it has none) and
+/// `RECORD` the record's compact JSON. Compact JSON never holds a raw tab or newline (serde_json
+/// escapes control characters in strings, keys included), so the framing needs no escaping and
+/// a buffer stays line-aligned for the records chunker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Framed<'a> {
+    pub key: &'a [u8],
+    pub ts: &'a [u8],
+    pub record: &'a [u8],
 }
 
-#[derive(Debug)]
-struct Best<'a> {
-    ts: Option<Value>,
-    line: &'a [u8],
+impl Dedup {
+    /// Appends `record`'s shuffle line (without the `\n`) to `out`; `key` is its key encoding.
+    pub fn write_framed(&self, out: &mut Vec<u8>, key: &[u8], record: &Value) {
+        out.extend_from_slice(key);
+        out.push(b'\t');
+        if let Some(ts) = self.ts(record) {
+            value::write_json(out, ts);
+        }
+        out.push(b'\t');
+        value::write_json(out, record);
+    }
+}
+
+impl<'a> Framed<'a> {
+    /// Splits a shuffle line; `None` if it does not have the three fields.
+    pub fn split(line: &'a [u8]) -> Option<Self> {
+        let first = memchr::memchr(b'\t', line)?;
+        let rest = line.get(first + 1..)?;
+        let second = memchr::memchr(b'\t', rest)?;
+        let record = rest.get(second + 1..)?;
+        if record.is_empty() {
+            return None;
+        }
+        Some(Framed {
+            key: &line[..first],
+            ts: &rest[..second],
+            record,
+        })
+    }
+}
+
+/// A timestamp as a shuffle line carries it: empty for none, else compact JSON.
+fn parse_ts(bytes: &[u8]) -> Result<Option<Value>, serde_json::Error> {
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        serde_json::from_slice(bytes).map(Some)
+    }
+}
+
+/// Whether record `a` (timestamp `a_ts`) wins over `b` (`b_ts`): the later timestamp, then the
+/// greater encoding. Equal timestamp bytes skip the parse, the common case for a repeat.
+fn newer(a_ts: &[u8], a: &[u8], b_ts: &[u8], b: &[u8]) -> Result<bool, serde_json::Error> {
+    let by_ts = if a_ts == b_ts {
+        Ordering::Equal
+    } else {
+        value::cmp_ts(parse_ts(a_ts)?.as_ref(), parse_ts(b_ts)?.as_ref())
+    };
+    Ok(by_ts.then_with(|| a.cmp(b)) == Ordering::Greater)
+}
+
+/// The reduce side: every record of the partition, then one per key. Everything is borrowed
+/// from the reduce input, the shuffle lines the map side wrote: nothing is parsed but the
+/// timestamps of two records that share a key (and not even those when their timestamps are
+/// equal bytes).
+///
+/// It sorts rather than hashes: the output must come out sorted by key anyway, so one sort
+/// both groups the records of a key and orders the output. The sort compares 8 bytes of each
+/// key as one integer first, taken after the prefix every key of the partition shares (keys
+/// such as `["user-000123"]` share a long one), and the rest byte-wise only on a tie.
+#[derive(Debug, Default)]
+pub(crate) struct Latest<'a> {
+    entries: Vec<Entry<'a>>,
+}
+
+/// A shuffle line whose timestamp is not JSON: its (reduce input, line) and the error.
+pub(crate) type BadTimestamp = ((usize, u64), serde_json::Error);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry<'a> {
+    prefix: u64,
+    framed: Framed<'a>,
+    /// Where the line came from (reduce input, line), for errors.
+    origin: (usize, u64),
 }
 
 impl<'a> Latest<'a> {
-    /// Offers a record (`value` parsed from `line`).
-    pub fn offer(&mut self, dedup: &Dedup, value: &Value, line: &'a [u8]) {
-        dedup.write_key(value, &mut self.key);
-        let ts = dedup.ts(value);
-        if let Some(best) = self.best.get_mut(self.key.as_slice()) {
-            let newer = value::cmp_ts(ts, best.ts.as_ref()).then_with(|| line.cmp(best.line));
-            if newer == Ordering::Greater {
-                *best = Best {
-                    ts: ts.cloned(),
-                    line,
-                };
-            }
-        } else {
-            self.best.insert(
-                self.key.clone(),
-                Best {
-                    ts: ts.cloned(),
-                    line,
-                },
-            );
+    /// Room for `n` records.
+    pub fn with_capacity(n: usize) -> Self {
+        Latest {
+            entries: Vec::with_capacity(n),
         }
     }
 
-    /// Number of keys seen.
-    pub fn len(&self) -> usize {
-        self.best.len()
+    /// Offers a record, read from line `origin.1` of reduce input `origin.0`.
+    pub fn offer(&mut self, framed: Framed<'a>, origin: (usize, u64)) {
+        self.entries.push(Entry {
+            prefix: 0,
+            framed,
+            origin,
+        });
     }
 
-    /// The kept records, sorted by key.
-    pub fn into_sorted(self) -> Vec<&'a [u8]> {
-        let mut kept: Vec<(Vec<u8>, &[u8])> =
-            self.best.into_iter().map(|(k, b)| (k, b.line)).collect();
-        kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        kept.into_iter().map(|(_, line)| line).collect()
+    /// The kept records, one per key, sorted by key. An error names the line of a timestamp
+    /// that is not JSON (a corrupt shuffle line).
+    pub fn finish(self) -> Result<Vec<&'a [u8]>, BadTimestamp> {
+        let mut entries = self.entries;
+        let Some(first) = entries.first().map(|e| e.framed.key) else {
+            return Ok(Vec::new());
+        };
+        let common = entries.iter().fold(first.len(), |common, e| {
+            common.min(
+                first
+                    .iter()
+                    .zip(e.framed.key)
+                    .take_while(|(a, b)| a == b)
+                    .count(),
+            )
+        });
+        for e in &mut entries {
+            e.prefix = prefix(e.framed.key.get(common..).unwrap_or_default());
+        }
+        entries.sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| a.framed.key.cmp(b.framed.key))
+        });
+        let mut kept = Vec::new();
+        let mut i = 0;
+        while let Some(start) = entries.get(i) {
+            let mut best = start.framed;
+            let mut j = i + 1;
+            while let Some(e) = entries.get(j) {
+                if e.prefix != start.prefix || e.framed.key != start.framed.key {
+                    break;
+                }
+                let f = e.framed;
+                if newer(f.ts, f.record, best.ts, best.record).map_err(|err| (e.origin, err))? {
+                    best = f;
+                }
+                j += 1;
+            }
+            kept.push(best.record);
+            i = j;
+        }
+        Ok(kept)
     }
+}
+
+/// The first 8 bytes of `key`, big-endian, zero-padded: ordered as the bytes are.
+fn prefix(key: &[u8]) -> u64 {
+    let mut first = [0u8; 8];
+    let n = key.len().min(8);
+    first[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(first)
 }
 
 #[cfg(test)]
@@ -238,16 +301,43 @@ mod tests {
         let expected = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap()) % 10;
         assert_eq!(u64::from(partition_of(b"[1]", 10)), expected);
         assert!(Dedup::new("a,,b", None).unwrap_err().0 == "key");
-        let partial = Dedup::new("user.id", Some("ts"))
-            .unwrap()
-            .parse_needed(br#"{"big":[1,{"x":"\u00e9"}],"user":{"id":3,"n":"a"},"ts":5,"z":null}"#)
-            .unwrap();
-        assert_eq!(partial, json!({"user": {"id": 3, "n": "a"}, "ts": 5}));
-        let d = Dedup::new("id", None).unwrap();
-        assert!(d.parse_needed(b"[1]").is_err());
-        assert!(d.parse_needed(br#"{"id":1} x"#).is_err());
-        assert!(d.parse_needed(br#"{"id":1,"x":[}"#).is_err());
         assert!(Dedup::new("a", Some("")).unwrap_err().0 == "ts");
+    }
+
+    #[test]
+    fn keys_with_a_long_shared_prefix_come_out_in_byte_order() {
+        let keys = [
+            "[\"user-00010\"]",
+            "[\"user-0001\"]",
+            "[\"user-0002\"]",
+            "[\"user-0001\",2]",
+            "[\"user-000\"]",
+            "[\"user-0001\"]",
+        ];
+        let lines: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k}\t{i}\t{{\"n\":{i}}}"))
+            .collect();
+        let mut latest = Latest::default();
+        for (i, line) in lines.iter().enumerate() {
+            latest.offer(Framed::split(line.as_bytes()).unwrap(), (0, i as u64));
+        }
+        let kept: Vec<&str> = latest
+            .finish()
+            .unwrap()
+            .into_iter()
+            .map(|r| std::str::from_utf8(r).unwrap())
+            .collect();
+        let mut want: Vec<(&str, &str)> = vec![
+            (keys[0], "{\"n\":0}"),
+            (keys[1], "{\"n\":5}"),
+            (keys[2], "{\"n\":2}"),
+            (keys[3], "{\"n\":3}"),
+            (keys[4], "{\"n\":4}"),
+        ];
+        want.sort();
+        assert_eq!(kept, want.iter().map(|(_, r)| *r).collect::<Vec<_>>());
     }
 
     #[test]
@@ -262,17 +352,31 @@ mod tests {
             json!({"id": 2, "ts": 1, "v": "x"}),
             json!({"id": 3, "ts": "2024-01-02", "v": "p"}),
             json!({"id": 3, "ts": "2024-01-02", "v": "q"}),
+            // 10 and 9.5 are numbers: 10 is later, though "9.5" > "10" as bytes.
+            json!({"id": 4, "ts": 9.5, "v": "old"}),
+            json!({"id": 4, "ts": 10, "v": "new"}),
         ]
         .iter()
         .map(value::encode)
         .collect();
+        let framed: Vec<Vec<u8>> = lines
+            .iter()
+            .map(|line| {
+                let v: Value = serde_json::from_slice(line).unwrap();
+                let mut key = Vec::new();
+                d.write_key(&v, &mut key);
+                let mut out = Vec::new();
+                d.write_framed(&mut out, &key, &v);
+                out
+            })
+            .collect();
         let mut latest = Latest::default();
-        for line in lines.iter().rev() {
-            let v: Value = serde_json::from_slice(line).unwrap();
-            latest.offer(&d, &v, line);
+        for (i, line) in framed.iter().rev().enumerate() {
+            latest.offer(Framed::split(line).unwrap(), (0, i as u64));
         }
         let kept: Vec<Value> = latest
-            .into_sorted()
+            .finish()
+            .unwrap()
             .iter()
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect();
@@ -282,7 +386,11 @@ mod tests {
                 json!({"id": 1, "ts": 9, "v": "b"}),
                 json!({"id": 2, "ts": 1, "v": "x"}),
                 json!({"id": 3, "ts": "2024-01-02", "v": "q"}),
+                json!({"id": 4, "ts": 10, "v": "new"}),
             ]
         );
+        assert!(Framed::split(b"[1]\t\t").is_none());
+        assert!(Framed::split(b"[1]\t{}").is_none());
+        assert_eq!(prefix(b"ab"), 0x6162_0000_0000_0000);
     }
 }

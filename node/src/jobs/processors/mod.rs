@@ -8,9 +8,11 @@
 //!   chunk holds whole records), run the record stages in order — `validate`, `map`, `filter`,
 //!   in any order and number — and encode the records that are left. A pipeline that ends in
 //!   `dedup` shuffles: instead of one output it writes one buffer per reduce partition, each
-//!   record going to the partition of its key's hash.
+//!   record going to the partition of its key's hash as a shuffle line that carries the key
+//!   and the timestamp beside the record (`KEY\tTS\tRECORD`).
 //! - **reduce side** ([`Pipeline::run_reduce`]), one partition: `dedup` over the map outputs
-//!   for that partition, keeping one record per key.
+//!   for that partition, keeping one record per key. It splits the shuffle lines and parses
+//!   nothing else, except the timestamps of two records with one key.
 //!
 //! Each stage handles the whole chunk before the next starts, so a stage is timed with two
 //! clock reads per chunk, not per record, and a [`StageStat`] per stage (plus `parse` and
@@ -46,16 +48,15 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use self::dedup::{Dedup, Latest};
+use self::dedup::{Dedup, Framed, Latest};
 use self::filter::Filter;
 use self::input::{Record, Rejects, Source, input_bytes};
 use self::map::MapFields;
 use self::validate::Validate;
 
-/// Records the reduce side parses before it offers them to `dedup`: bounds its memory to
-/// the kept records plus one batch, while keeping the clock reads few.
+/// Shuffle lines the reduce side splits before it offers them to `dedup`: the batches keep
+/// the clock reads few.
 const REDUCE_BATCH: usize = 4096;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -488,14 +489,17 @@ impl Pipeline {
             }
             Some(dedup) => {
                 let started = Instant::now();
-                let targets = dedup.partition(&records, partitions);
+                let keys = dedup.keys(&records, partitions);
                 stats.push(stat("dedup", started));
                 let started = Instant::now();
-                let share = input.data.len() / partitions as usize;
+                // A shuffle line is the record plus its key and timestamp.
+                let share = (input.data.len() + keys.bytes.len() + 16 * records.len())
+                    / partitions as usize;
                 out.partitions = (0..partitions).map(|_| Vec::with_capacity(share)).collect();
-                for (record, target) in records.iter().zip(targets) {
+                for (i, record) in records.iter().enumerate() {
+                    let target = keys.partitions.get(i).copied().unwrap_or(0);
                     if let Some(buffer) = out.partitions.get_mut(target as usize) {
-                        value::write_json(buffer, &record.value);
+                        dedup.write_framed(buffer, keys.get(i), &record.value);
                         buffer.push(b'\n');
                     }
                 }
@@ -509,45 +513,47 @@ impl Pipeline {
     }
 
     /// Runs the reduce side (dedup) over the concatenation of one partition's map outputs,
-    /// given in map-task order (the result does not depend on the order). Each line is parsed
-    /// only as far as the key and timestamp need; the record itself is passed on as the
-    /// bytes the map side wrote.
+    /// given in map-task order (the result does not depend on the order). The map side wrote
+    /// shuffle lines (key, timestamp, record: see [`dedup::Framed`]), so no record is parsed
+    /// here: `parse` only splits lines, and the kept records are passed on as the bytes the map
+    /// side wrote.
     pub fn run_reduce(&self, inputs: &[&[u8]]) -> Result<ReduceOutput, TaskError> {
-        let dedup = match &self.body {
-            Body::Records {
-                dedup: Some(dedup), ..
-            } => dedup,
+        match &self.body {
+            Body::Records { dedup: Some(_), .. } => {}
             Body::Records { dedup: None, .. } => return Err(TaskError::NoReduce),
             Body::Exec(name) => return Err(TaskError::Exec(name.clone())),
-        };
+        }
+        let bytes_in: u64 = inputs.iter().map(|i| i.len() as u64).sum();
         let mut parse = StageStat {
             stage: "parse".into(),
-            bytes_in: inputs.iter().map(|i| i.len() as u64).sum(),
+            bytes_in,
             ..StageStat::default()
         };
         let mut keep = StageStat {
             stage: "dedup".into(),
+            bytes_in,
             ..StageStat::default()
         };
-        let mut latest = Latest::default();
+        // About 200 bytes a line; a few repeats. Over-reserving costs address space only.
+        let mut latest = Latest::with_capacity((bytes_in / 256) as usize);
         let mut lines = inputs
             .iter()
             .enumerate()
             .flat_map(|(i, data)| lines(data).map(move |(n, line)| (i, n, line)));
-        let mut batch: Vec<(Value, &[u8])> = Vec::with_capacity(REDUCE_BATCH);
+        let mut batch: Vec<(usize, u64, Framed<'_>)> = Vec::with_capacity(REDUCE_BATCH);
         loop {
             let started = Instant::now();
             for (input, line_no, line) in lines.by_ref() {
-                if line.iter().all(u8::is_ascii_whitespace) {
+                if line.is_empty() {
                     continue;
                 }
-                match dedup.parse_needed(line) {
-                    Ok(value) => batch.push((value, line)),
-                    Err(e) => {
+                match Framed::split(line) {
+                    Some(framed) => batch.push((input, line_no, framed)),
+                    None => {
                         return Err(TaskError::ReduceInput {
                             input,
                             line: line_no,
-                            message: format!("not a JSON object: {e}"),
+                            message: "not a shuffle line (key, tab, timestamp, tab, record)".into(),
                         });
                     }
                 }
@@ -563,16 +569,23 @@ impl Pipeline {
             parse.records_out += batch.len() as u64;
             let started = Instant::now();
             keep.records_in += batch.len() as u64;
-            for (value, line) in batch.drain(..) {
-                keep.bytes_in += line.len() as u64;
-                latest.offer(dedup, &value, line);
+            for (input, line, framed) in batch.drain(..) {
+                latest.offer(framed, (input, line));
             }
             keep.nanos += nanos_since(started);
         }
-        keep.records_out = latest.len() as u64;
+        let started = Instant::now();
+        let kept = latest
+            .finish()
+            .map_err(|((input, line), e)| TaskError::ReduceInput {
+                input,
+                line,
+                message: format!("a shuffle line's timestamp is not JSON: {e}"),
+            })?;
+        keep.nanos += nanos_since(started);
+        keep.records_out = kept.len() as u64;
 
         let started = Instant::now();
-        let kept = latest.into_sorted();
         let kept_bytes: usize = kept.iter().map(|l| l.len()).sum();
         let mut output = Vec::with_capacity(kept_bytes + kept.len());
         for line in &kept {

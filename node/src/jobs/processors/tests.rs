@@ -50,6 +50,20 @@ fn parse_lines(data: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// The records of a shuffle buffer: each line is `KEY\tTS\tRECORD`.
+fn shuffled(data: &[u8]) -> Vec<(Value, String, Value)> {
+    text(data)
+        .lines()
+        .map(|l| {
+            let mut fields = l.splitn(3, '\t');
+            let key = serde_json::from_str(fields.next().unwrap()).unwrap();
+            let ts = fields.next().unwrap().to_owned();
+            let record = serde_json::from_str(fields.next().unwrap()).unwrap();
+            (key, ts, record)
+        })
+        .collect()
+}
+
 fn text(data: &[u8]) -> &str {
     std::str::from_utf8(data).unwrap()
 }
@@ -540,17 +554,46 @@ fn names_shuffling_and_exec() {
 
 #[test]
 fn reduce_rejects_corrupt_input_as_a_task_error() {
-    let p = pipeline(&[("dedup", &[("key", "id")])]).unwrap();
+    let p = pipeline(&[("dedup", &[("key", "id"), ("ts", "ts")])]).unwrap();
     let err = p
-        .run_reduce(&[b"{\"id\":1}\n", b"{\"id\":2}\n\n[3]\n"])
+        .run_reduce(&[
+            b"[1]\t\t{\"id\":1}\n",
+            b"[2]\t3\t{\"id\":2,\"ts\":3}\n\n{\"id\":3}\n",
+        ])
         .unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.starts_with("reduce input 1, line 3: not a JSON object: invalid type: sequence"),
+        msg.starts_with("reduce input 1, line 3: not a shuffle line"),
+        "{msg}"
+    );
+    // A timestamp is only parsed when two records share a key; a broken one is an error then.
+    let err = p
+        .run_reduce(&[b"[1]\t5\t{\"id\":1}\n[1]\t{x\t{\"id\":1}\n"])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("reduce input 0, line 2: a shuffle line's timestamp is not JSON"),
         "{msg}"
     );
     let out = p.run_reduce(&[]).unwrap();
     assert!(out.output.is_empty());
+}
+
+#[test]
+fn shuffle_lines_survive_tabs_and_newlines_in_keys_and_values() {
+    let p = pipeline(&[("dedup", &[("key", "k\tey"), ("ts", "t")])]).unwrap();
+    let records = [
+        json!({"k\tey": "a\tb\nc", "t": "x\ty", "v": 1}),
+        json!({"k\tey": "a\tb\nc", "t": "x\tz", "v": 2}),
+        json!({"k\tey": "a\tb", "t": 1, "v": "\t"}),
+    ];
+    let out = p.run_map(&jsonl(&to_jsonl(&records)), 1).unwrap();
+    assert_eq!(shuffled(&out.partitions[0]).len(), 3);
+    let reduced = p.run_reduce(&[&out.partitions[0]]).unwrap();
+    assert_eq!(
+        parse_lines(&reduced.output),
+        [records[2].clone(), records[1].clone()]
+    );
 }
 
 /// Generated records: `count` records over `keys` distinct ids, with timestamps that tie
@@ -710,8 +753,16 @@ fn dedup_partitions_by_key_and_reports_stats() {
             .count(),
         2
     );
-    let total: usize = out.partitions.iter().map(|p| parse_lines(p).len()).sum();
+    let total: usize = out.partitions.iter().map(|p| shuffled(p).len()).sum();
     assert_eq!(total, 3);
+    // Each shuffle line carries the key and the timestamp beside the record.
+    let mut lines: Vec<(Value, String, Value)> =
+        out.partitions.iter().flat_map(|p| shuffled(p)).collect();
+    lines.sort_by_key(|(_, ts, _)| ts.clone());
+    assert_eq!(
+        lines[1],
+        (json!(["b"]), "2".to_owned(), json!({"id": "b", "age": 2}))
+    );
 
     let inputs: Vec<&[u8]> = out.partitions.iter().map(Vec::as_slice).collect();
     let reduced = p.run_reduce(&inputs).unwrap();
