@@ -309,7 +309,9 @@ async fn a_killed_worker_or_a_restarted_coordinator_leaves_the_output_unchanged(
             format!("{{\"line\":{i},\"text\":\"some words here\"}}\n").as_bytes(),
         );
     }
-    let input = put(&cluster.nodes[0], SMALL_RECORDS, &data).await;
+    // Written on node 3, which so holds every chunk and is granted tasks at once: a node that
+    // held none would wait out the locality delay, which a fast job can outlast.
+    let input = put(&cluster.nodes[3], SMALL_RECORDS, &data).await;
     let spec = json!({
         "processor": "exec:upper",
         "inputs": [input.to_string()],
