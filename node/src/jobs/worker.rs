@@ -540,12 +540,7 @@ impl Worker {
                     let chunks =
                         cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
                     let (output, write) = self
-                        .write(
-                            chunks,
-                            redundancy,
-                            ChunkerSpec::default(),
-                            Announce::Background,
-                        )
+                        .write(chunks, redundancy, ChunkerSpec::default(), Announce::Never)
                         .await?;
                     return Ok(TaskOutput {
                         output,
@@ -608,16 +603,14 @@ impl Worker {
                 } else {
                     let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
                         .map_err(|e| e.to_string())?;
-                    let (output, write) = self
-                        .write(cut, redundancy, spec, Announce::Background)
-                        .await?;
+                    let (output, write) =
+                        self.write(cut, redundancy, spec, Announce::Never).await?;
                     (output, Vec::new(), write)
                 };
                 let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
                 let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
-                let (rejects, write_rejects) = self
-                    .write(cut, redundancy, spec, Announce::Background)
-                    .await?;
+                let (rejects, write_rejects) =
+                    self.write(cut, redundancy, spec, Announce::Never).await?;
                 stats.push(merge_write(write, write_rejects));
                 stats.push(StageStat {
                     stage: "rejected".into(),
@@ -664,9 +657,8 @@ impl Worker {
                 read.nanos += unpack_nanos;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
-                let (output, mut write) = self
-                    .write(cut, redundancy, spec, Announce::Background)
-                    .await?;
+                let (output, mut write) =
+                    self.write(cut, redundancy, spec, Announce::Never).await?;
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
                 stats.extend(reduced.stats.into_iter().map(|s| {

@@ -92,11 +92,10 @@ pub struct Settings {
 pub enum Announce {
     /// Announce, and return once the DHT stored it (bounded): a user's put.
     Wait,
-    /// Announce without waiting: a job's task outputs, whose coordinator learns where they are
-    /// from the answer.
-    Background,
-    /// Never: a job's shuffle outputs, read once through their placement record by the reduce
-    /// tasks and of no use to anyone else.
+    /// Never: a job's task outputs. Their coordinator learns where they are from the answer;
+    /// a shuffle output is read once through its placement record, and the other outputs
+    /// and the rejects become chunks of the job's composed output and rejects objects, which
+    /// are announced.
     Never,
 }
 
@@ -633,7 +632,6 @@ impl Mesh {
             match announce {
                 _ if !is_holder => {}
                 Announce::Wait => self.announce(object).await,
-                Announce::Background => self.inner.net.provide(object).await,
                 Announce::Never => {}
             }
         };
