@@ -602,6 +602,16 @@ impl Coordinator {
         }
     }
 
+    /// Counts map tasks run again because their shuffle output was lost.
+    fn count_lost(&self, rerun: u64) {
+        if rerun > 0 {
+            self.inner
+                .metrics
+                .counter("mesh_job_lost_outputs_total")
+                .increment(rerun);
+        }
+    }
+
     /// A reduce attempt could not read the shuffle outputs of `maps`: those map tasks run
     /// again, and the reduce tasks not yet running wait for them. The attempt is not a
     /// failure of the reduce task.
@@ -616,6 +626,7 @@ impl Coordinator {
     ) -> JobResponse {
         let now = now_ms();
         let mut writes = Writes(Vec::new());
+        let rerun;
         {
             let mut jobs = lock(&self.inner.jobs);
             let Some(job) = jobs.get_mut(&id) else {
@@ -646,14 +657,10 @@ impl Coordinator {
                 task.last_error = Some(format!("map outputs lost: {error}"));
                 writes.task(&id, index as usize, task);
             }
-            rerun_maps(job, &maps, now, &mut writes);
-            job.lost_outputs += maps.len() as u64;
+            rerun = rerun_maps(job, &maps, now, &mut writes);
         }
         self.persist(writes);
-        self.inner
-            .metrics
-            .counter("mesh_job_lost_outputs_total")
-            .increment(maps.len() as u64);
+        self.count_lost(rerun);
         JobResponse::Finished
     }
 
@@ -912,6 +919,7 @@ impl Coordinator {
         let mut writes = Writes(Vec::new());
         let mut failed = Vec::new();
         let mut touched = Vec::new();
+        let mut rerun = 0;
         // Peers declared dead: the shuffle outputs only they held are lost.
         let dead: HashSet<NodeId> = self
             .inner
@@ -937,12 +945,7 @@ impl Coordinator {
                 let lost = lost_map_outputs(job, &dead);
                 if !lost.is_empty() {
                     warn!(job = %job.id, lost = lost.len(), "map outputs lost with a dead node; running those map tasks again");
-                    job.lost_outputs += lost.len() as u64;
-                    self.inner
-                        .metrics
-                        .counter("mesh_job_lost_outputs_total")
-                        .increment(lost.len() as u64);
-                    rerun_maps(job, &lost, now, &mut writes);
+                    rerun += rerun_maps(job, &lost, now, &mut writes);
                 }
                 let max_attempts = job.spec.max_attempts;
                 let mut expired = 0;
@@ -993,6 +996,7 @@ impl Coordinator {
             }
         }
         self.persist(writes);
+        self.count_lost(rerun);
         for (id, error) in &failed {
             self.end(*id, JobState::Failed, None, None, Some(error.clone()));
         }
@@ -1269,9 +1273,11 @@ fn failed_attempts(task: &Task) -> u32 {
 }
 
 /// Map tasks `maps`, done but with their shuffle output lost, run again; reduce tasks that
-/// were released but not granted wait again for the map phase.
-fn rerun_maps(job: &mut Job, maps: &[usize], now: u64, writes: &mut Writes) {
-    let mut any = false;
+/// were released but not granted wait again for the map phase. Returns how many map tasks
+/// were done and now run again (also added to the job's `lost_outputs`): a map task two
+/// reduce tasks report is run and counted once.
+fn rerun_maps(job: &mut Job, maps: &[usize], now: u64, writes: &mut Writes) -> u64 {
+    let mut rerun = 0;
     for &m in maps {
         let Some(task) = job.tasks.get_mut(m) else {
             continue;
@@ -1281,12 +1287,13 @@ fn rerun_maps(job: &mut Job, maps: &[usize], now: u64, writes: &mut Writes) {
             task.pending_since_ms = now;
             task.not_before_ms = now;
             writes.task(&job.id, m, task);
-            any = true;
+            rerun += 1;
         }
     }
-    if !any {
-        return;
+    if rerun == 0 {
+        return 0;
     }
+    job.lost_outputs += rerun;
     for index in job.map_tasks..job.tasks.len() {
         let task = &mut job.tasks[index];
         if matches!(task.status, Status::Pending) {
@@ -1294,6 +1301,7 @@ fn rerun_maps(job: &mut Job, maps: &[usize], now: u64, writes: &mut Writes) {
             writes.task(&job.id, index, task);
         }
     }
+    rerun
 }
 
 /// Done map tasks of a shuffling job whose shuffle output has a chunk with no holder left

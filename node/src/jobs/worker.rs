@@ -540,7 +540,7 @@ impl Worker {
                     let chunks =
                         cut_all(&out, ChunkerSpec::default()).map_err(|e| e.to_string())?;
                     let (output, write) = self
-                        .write(chunks, redundancy, ChunkerSpec::default(), Announce::Never)
+                        .write(chunks, redundancy, ChunkerSpec::default())
                         .await?;
                     return Ok(TaskOutput {
                         output,
@@ -591,26 +591,19 @@ impl Worker {
                     // from the input: one copy, here, is enough. If this node dies before the
                     // reduce tasks read them, the coordinator runs the map task again.
                     let (output, mut write) = self
-                        .write(
-                            packed.chunks,
-                            SHUFFLE_REDUNDANCY,
-                            ChunkerSpec::default(),
-                            Announce::Never,
-                        )
+                        .write(packed.chunks, SHUFFLE_REDUNDANCY, ChunkerSpec::default())
                         .await?;
                     write.nanos += packed.nanos;
                     (output, packed.counts, write)
                 } else {
                     let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
                         .map_err(|e| e.to_string())?;
-                    let (output, write) =
-                        self.write(cut, redundancy, spec, Announce::Never).await?;
+                    let (output, write) = self.write(cut, redundancy, spec).await?;
                     (output, Vec::new(), write)
                 };
                 let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
                 let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
-                let (rejects, write_rejects) =
-                    self.write(cut, redundancy, spec, Announce::Never).await?;
+                let (rejects, write_rejects) = self.write(cut, redundancy, spec).await?;
                 stats.push(merge_write(write, write_rejects));
                 stats.push(StageStat {
                     stage: "rejected".into(),
@@ -657,8 +650,7 @@ impl Worker {
                 read.nanos += unpack_nanos;
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
                 let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
-                let (output, mut write) =
-                    self.write(cut, redundancy, spec, Announce::Never).await?;
+                let (output, mut write) = self.write(cut, redundancy, spec).await?;
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
                 stats.extend(reduced.stats.into_iter().map(|s| {
@@ -678,10 +670,10 @@ impl Worker {
     }
 
     /// Reads one reduce partition's share of every map output, in map-task order: each packed
-    /// chunk with the map task that wrote it. A shuffle
-    /// output has one holder; when it cannot be read, the holder is taken as gone, the other
-    /// outputs it held are not asked for, and the failure names every map task whose output
-    /// could not be read, so the coordinator runs them again.
+    /// chunk with the map task that wrote it. A shuffle output has one holder; when it cannot
+    /// be read, the holder is taken as gone, the other outputs it held are not asked for, and
+    /// the failure names every map task whose output could not be read, so the coordinator
+    /// runs them again.
     async fn read_sources(
         &self,
         partition: u32,
@@ -745,13 +737,12 @@ impl Worker {
         Ok(chunks.into_iter().flatten().collect())
     }
 
-    /// Stores a task's output chunks as one object (nothing for no chunks).
+    /// Stores a task's output chunks as one object (nothing for no chunks), unannounced.
     async fn write(
         &self,
         chunks: Vec<Bytes>,
         redundancy: Redundancy,
         chunker: ChunkerSpec,
-        announce: Announce,
     ) -> Result<(Option<Part>, StageStat), String> {
         let started = Instant::now();
         let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -771,7 +762,9 @@ impl Worker {
                 PreCut(chunks.into()),
                 options,
                 redundancy.default_write_quorum(),
-                announce,
+                // The coordinator learns where a task output is from the answer, and the job's
+                // composed objects, which are made of its chunks, are announced.
+                Announce::Never,
             )
             .await
             .map_err(|e| format!("storing the output: {e}"))?;

@@ -224,6 +224,11 @@ impl<'a> Latest<'a> {
         });
     }
 
+    /// Records offered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// The kept records, one per key, sorted by key. An error names the line of a timestamp
     /// that is not JSON (a corrupt shuffle line).
     pub fn finish(self) -> Result<Vec<&'a [u8]>, BadTimestamp> {

@@ -55,10 +55,6 @@ use self::input::{Record, Rejects, Source, input_bytes};
 use self::map::MapFields;
 use self::validate::Validate;
 
-/// Shuffle lines the reduce side splits before it offers them to `dedup`: the batches keep
-/// the clock reads few.
-const REDUCE_BATCH: usize = 4096;
-
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// How an input object's records are written.
@@ -534,46 +530,26 @@ impl Pipeline {
             bytes_in,
             ..StageStat::default()
         };
-        // About 200 bytes a line; a few repeats. Over-reserving costs address space only.
+        // About 200 bytes a line. Over-reserving costs address space only.
         let mut latest = Latest::with_capacity((bytes_in / 256) as usize);
-        let mut lines = inputs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, data)| lines(data).map(move |(n, line)| (i, n, line)));
-        let mut batch: Vec<(usize, u64, Framed<'_>)> = Vec::with_capacity(REDUCE_BATCH);
-        loop {
-            let started = Instant::now();
-            for (input, line_no, line) in lines.by_ref() {
+        let started = Instant::now();
+        for (input, data) in inputs.iter().enumerate() {
+            for (line_no, line) in lines(data) {
                 if line.is_empty() {
                     continue;
                 }
-                match Framed::split(line) {
-                    Some(framed) => batch.push((input, line_no, framed)),
-                    None => {
-                        return Err(TaskError::ReduceInput {
-                            input,
-                            line: line_no,
-                            message: "not a shuffle line (key, tab, timestamp, tab, record)".into(),
-                        });
-                    }
-                }
-                if batch.len() == REDUCE_BATCH {
-                    break;
-                }
+                let framed = Framed::split(line).ok_or_else(|| TaskError::ReduceInput {
+                    input,
+                    line: line_no,
+                    message: "not a shuffle line (key, tab, timestamp, tab, record)".into(),
+                })?;
+                latest.offer(framed, (input, line_no));
             }
-            parse.nanos += nanos_since(started);
-            if batch.is_empty() {
-                break;
-            }
-            parse.records_in += batch.len() as u64;
-            parse.records_out += batch.len() as u64;
-            let started = Instant::now();
-            keep.records_in += batch.len() as u64;
-            for (input, line, framed) in batch.drain(..) {
-                latest.offer(framed, (input, line));
-            }
-            keep.nanos += nanos_since(started);
         }
+        parse.nanos = nanos_since(started);
+        parse.records_in = latest.len() as u64;
+        parse.records_out = parse.records_in;
+        keep.records_in = parse.records_in;
         let started = Instant::now();
         let kept = latest
             .finish()
@@ -582,7 +558,7 @@ impl Pipeline {
                 line,
                 message: format!("a shuffle line's timestamp is not JSON: {e}"),
             })?;
-        keep.nanos += nanos_since(started);
+        keep.nanos = nanos_since(started);
         keep.records_out = kept.len() as u64;
 
         let started = Instant::now();
