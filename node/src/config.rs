@@ -223,7 +223,9 @@ impl Default for DurabilityConfig {
 pub struct JobsConfig {
     /// Tasks run at once; defaults to the number of CPU cores.
     pub task_slots: usize,
-    /// A node whose CPU load (busy fraction, 0 to 1) is above this claims no new tasks.
+    /// A node claims no second task while the machine's CPU load (busy fraction, 0 to 1)
+    /// without its own use is above this: the ceiling keeps work off a machine busy with
+    /// something else; `task_slots` bounds the node's own.
     pub max_load: f32,
 }
 

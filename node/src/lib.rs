@@ -451,30 +451,85 @@ fn load_reporter(store: Arc<RocksStore>, zone: String, processors: Vec<String>) 
 /// CPU busy fraction between samples, from `/proc/stat` (0 where that is unavailable).
 #[derive(Debug, Default)]
 pub(crate) struct CpuSampler {
-    last: Option<(u64, u64)>,
+    last: Option<CpuTicks>,
+}
+
+/// Cumulative CPU ticks (USER_HZ, summed over the cores) at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CpuTicks {
+    /// Every core's busy ticks.
+    pub busy: u64,
+    /// Every core's ticks, busy or idle.
+    pub total: u64,
+    /// This process's user and system ticks.
+    pub own: u64,
+}
+
+impl CpuTicks {
+    /// Now, or none where `/proc` cannot tell.
+    pub(crate) fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let (busy, total) = machine_ticks(&stat)?;
+        let own = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| process_ticks(&s))
+            .unwrap_or(0);
+        Some(Self { busy, total, own })
+    }
+
+    /// Busy fraction of the machine since `earlier`.
+    pub(crate) fn load_since(&self, earlier: &Self) -> f32 {
+        match self.total.checked_sub(earlier.total) {
+            Some(dt) if dt > 0 => {
+                (self.busy.saturating_sub(earlier.busy) as f32 / dt as f32).clamp(0.0, 1.0)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Busy fraction of the machine since `earlier`, leaving out this process's own use.
+    pub(crate) fn others_since(&self, earlier: &Self) -> f32 {
+        match self.total.checked_sub(earlier.total) {
+            Some(dt) if dt > 0 => {
+                let busy = self.busy.saturating_sub(earlier.busy);
+                let own = self.own.saturating_sub(earlier.own);
+                (busy.saturating_sub(own) as f32 / dt as f32).clamp(0.0, 1.0)
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// (busy, total) ticks from the `cpu` line of `/proc/stat`; idle and iowait are not busy.
+fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// utime + stime from `/proc/self/stat`. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`: utime and stime are fields 14 and 15.
+fn process_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 impl CpuSampler {
     pub(crate) fn sample(&mut self) -> f32 {
-        let Some((busy, total)) = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
-            let line = text.lines().next()?;
-            let values: Vec<u64> = line
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            let total: u64 = values.iter().sum();
-            let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
-            Some((total.saturating_sub(idle), total))
-        }) else {
+        let Some(now) = CpuTicks::read() else {
             return 0.0;
         };
-        let load = match self.last {
-            Some((b, t)) if total > t => (busy.saturating_sub(b)) as f32 / (total - t) as f32,
-            _ => 0.0,
-        };
-        self.last = Some((busy, total));
-        load.clamp(0.0, 1.0)
+        let load = self.last.map_or(0.0, |last| now.load_since(&last));
+        self.last = Some(now);
+        load
     }
 }
 
@@ -521,4 +576,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     node.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_and_process_ticks_parse() {
+        let stat = "cpu  100 5 50 800 40 0 5 0 0 0\ncpu0 50 2 25 400 20 0 3 0 0 0\n";
+        assert_eq!(machine_ticks(stat), Some((160, 1000)));
+        assert_eq!(machine_ticks("intr 1 2 3\n"), None);
+        // A command name with spaces and a parenthesis does not shift the fields.
+        let own = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 70 30 0 0 20 0 8 0 1";
+        assert_eq!(process_ticks(own), Some(100));
+        assert_eq!(process_ticks("42 (x) S 1"), None);
+        let here = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(process_ticks(&here).is_some(), "{here}");
+    }
+
+    #[test]
+    fn a_node_leaves_its_own_cpu_out_of_the_others_load() {
+        let before = CpuTicks {
+            busy: 1000,
+            total: 4000,
+            own: 300,
+        };
+        // 200 ticks of 2 cores: 180 busy, of which this process used 120.
+        let after = CpuTicks {
+            busy: 1180,
+            total: 4200,
+            own: 420,
+        };
+        assert!((after.load_since(&before) - 0.9).abs() < 1e-6);
+        assert!((after.others_since(&before) - 0.3).abs() < 1e-6);
+        // Clock going backwards or no time passed: no load rather than nonsense.
+        assert_eq!(before.others_since(&after), 0.0);
+        assert_eq!(after.others_since(&after), 0.0);
+        let now = CpuTicks::read().expect("/proc is readable here");
+        let load = now.others_since(&CpuTicks::default());
+        assert!((0.0..=1.0).contains(&load));
+    }
 }

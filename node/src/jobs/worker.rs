@@ -1,7 +1,8 @@
 //! The worker: every node runs one. It learns of jobs from gossip (and from its own
-//! coordinator), and while it has a free task slot and its CPU load is under the ceiling it
-//! asks their coordinators for work, one task per claim. A granted task reads its input chunk
-//! (a local read when the coordinator chose this node for its locality), runs the pipeline,
+//! coordinator), and while it has a free task slot and the machine's CPU load, less its own
+//! use, is under the ceiling it asks their coordinators for work, one task per claim. A
+//! granted task reads its input chunk (a local read when the coordinator chose this node for
+//! its locality), runs the pipeline,
 //! stores the output through the normal write path, and reports the output's manifest and
 //! placement record. The lease is renewed every third of its term while the task runs; a
 //! renewal answered `Lost` stops the task without reporting.
@@ -10,7 +11,7 @@
 //! that cannot read one reports the map tasks whose outputs are lost rather than failing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,9 @@ use tracing::{debug, info, warn};
 
 use super::coordinator::{Coordinator, parse_pipeline};
 use super::exec;
-use super::processors::{ChunkInput, Format, Pipeline};
+use super::processors::{ChunkInput, Format, Kept, Pipeline};
 use super::shuffle;
-use crate::chunker::{PreCut, cut_all};
+use crate::chunker::{ChunkSource, Chunker, PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
 use crate::net::Frame;
 use crate::objects::PutOptions;
@@ -119,7 +120,8 @@ struct Inner {
     coordinators: Mutex<HashMap<JobId, PeerId>>,
     running: AtomicUsize,
     wake: Notify,
-    cpu: Mutex<(crate::CpuSampler, Instant, f32)>,
+    /// The last CPU sample, when it was taken, and the others' load it gave.
+    cpu: Mutex<(Option<crate::CpuTicks>, Instant, f32)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,7 +145,7 @@ impl Worker {
                 coordinators: Mutex::new(HashMap::new()),
                 running: AtomicUsize::new(0),
                 wake: Notify::new(),
-                cpu: Mutex::new((crate::CpuSampler::default(), Instant::now(), 0.0)),
+                cpu: Mutex::new((crate::CpuTicks::read(), Instant::now(), 0.0)),
             }),
         }
     }
@@ -229,10 +231,19 @@ impl Worker {
         entry.done = false;
     }
 
-    fn cpu_load(&self) -> f32 {
+    /// The CPU load of everything on the machine but this node, over the last second or so.
+    /// The node's own tasks are left out: `task_slots` bounds them, and counting them would
+    /// make nodes that share a machine (tests, benchmarks, a laptop) each see the others'
+    /// tasks plus its own and hold back to one task apiece.
+    fn others_load(&self) -> f32 {
         let mut cpu = lock(&self.inner.cpu);
         if cpu.1.elapsed() >= Duration::from_secs(1) {
-            cpu.2 = cpu.0.sample();
+            let now = crate::CpuTicks::read();
+            cpu.2 = match (now, cpu.0) {
+                (Some(now), Some(before)) => now.others_since(&before),
+                _ => 0.0,
+            };
+            cpu.0 = now;
             cpu.1 = Instant::now();
         }
         cpu.2
@@ -242,7 +253,7 @@ impl Worker {
     fn has_room(&self) -> bool {
         let running = self.running();
         running < self.inner.config.task_slots
-            && (running == 0 || self.cpu_load() <= self.inner.config.max_load)
+            && (running == 0 || self.others_load() <= self.inner.config.max_load)
     }
 
     async fn claim_round(&self, stop: &CancellationToken) {
@@ -627,7 +638,7 @@ impl Worker {
                     ..Default::default()
                 };
                 let owned = Arc::clone(&prepared);
-                let (reduced, unpack_nanos) = tokio::task::spawn_blocking(move || {
+                let (chunks, reduced, unpack_nanos) = tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
                     let mut chunks = Vec::with_capacity(packed.len());
                     for (task, bytes) in &packed {
@@ -641,16 +652,31 @@ impl Worker {
                     let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
                     let reduced = owned
                         .pipeline
-                        .run_reduce(&slices)
+                        .run_reduce_kept(&slices)
                         .map_err(|e| Failure::Error(e.to_string()))?;
-                    Ok::<_, Failure>((reduced, unpack_nanos))
+                    drop(slices);
+                    Ok::<_, Failure>((chunks, reduced, unpack_nanos))
                 })
                 .await
                 .map_err(|e| format!("reduce failed: {e}"))??;
                 read.nanos += unpack_nanos;
+                // The kept records stream from the shuffle lines through the chunker into
+                // storage: no copy of the whole partition's output is gathered first.
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
-                let cut = cut_all(&Bytes::from(reduced.output), spec).map_err(|e| e.to_string())?;
-                let (output, mut write) = self.write(cut, redundancy, spec).await?;
+                let records = reduced.kept.len() as u64;
+                let kept_bytes = reduced.bytes() as u64;
+                let kept = KeptReader::new(chunks, reduced.kept);
+                let encode_nanos = kept.nanos();
+                let (output, mut write) = if records == 0 {
+                    (None, write_stat(Instant::now(), 0))
+                } else {
+                    let chunker = Chunker::new(kept, spec);
+                    self.write_from(chunker, kept_bytes + records, redundancy, spec)
+                        .await?
+                };
+                // Records are copied out as the chunker reads them, inside the write.
+                let encoded = encode_nanos.load(Ordering::Relaxed);
+                write.nanos = write.nanos.saturating_sub(encoded);
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
                 stats.extend(reduced.stats.into_iter().map(|s| {
@@ -658,6 +684,13 @@ impl Worker {
                     s.stage = format!("reduce {}", s.stage);
                     s
                 }));
+                stats.push(StageStat {
+                    stage: "reduce encode".into(),
+                    nanos: encoded,
+                    records_in: records,
+                    records_out: records,
+                    bytes_in: kept_bytes,
+                });
                 stats.push(write);
                 Ok(TaskOutput {
                     output,
@@ -744,11 +777,23 @@ impl Worker {
         redundancy: Redundancy,
         chunker: ChunkerSpec,
     ) -> Result<(Option<Part>, StageStat), String> {
-        let started = Instant::now();
         let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         if chunks.is_empty() {
-            return Ok((None, write_stat(started, 0)));
+            return Ok((None, write_stat(Instant::now(), 0)));
         }
+        self.write_from(PreCut(chunks.into()), bytes, redundancy, chunker)
+            .await
+    }
+
+    /// Stores the chunks `source` yields (`bytes` in all) as one object, unannounced.
+    async fn write_from(
+        &self,
+        source: impl ChunkSource,
+        bytes: u64,
+        redundancy: Redundancy,
+        chunker: ChunkerSpec,
+    ) -> Result<(Option<Part>, StageStat), String> {
+        let started = Instant::now();
         let options = PutOptions {
             name: None,
             redundancy,
@@ -759,7 +804,7 @@ impl Worker {
             .inner
             .mesh
             .put_chunks(
-                PreCut(chunks.into()),
+                source,
                 options,
                 redundancy.default_write_quorum(),
                 // The coordinator learns where a task output is from the answer, and the job's
@@ -775,6 +820,67 @@ impl Worker {
             }),
             write_stat(started, bytes),
         ))
+    }
+}
+
+/// A reduce task's output as a byte stream: the kept records, each followed by `\n`, read out
+/// of the unpacked shuffle chunks they are in. It counts the time spent copying them.
+struct KeptReader {
+    chunks: Vec<Vec<u8>>,
+    kept: Vec<Kept>,
+    /// The record being read out, and how much of it (its newline is byte `len`) is out.
+    next: usize,
+    offset: usize,
+    nanos: Arc<AtomicU64>,
+}
+
+impl KeptReader {
+    fn new(chunks: Vec<Vec<u8>>, kept: Vec<Kept>) -> Self {
+        Self {
+            chunks,
+            kept,
+            next: 0,
+            offset: 0,
+            nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Nanoseconds spent copying records out so far.
+    fn nanos(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.nanos)
+    }
+}
+
+impl tokio::io::AsyncRead for KeptReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let started = Instant::now();
+        while buf.remaining() > 0 {
+            let Some(k) = this.kept.get(this.next) else {
+                break;
+            };
+            let record = this
+                .chunks
+                .get(k.input)
+                .and_then(|c| c.get(k.start..k.start.saturating_add(k.len)))
+                .unwrap_or_default();
+            if let Some(rest) = record.get(this.offset..).filter(|r| !r.is_empty()) {
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(&rest[..n]);
+                this.offset += n;
+            } else {
+                buf.put_slice(b"\n");
+                this.next += 1;
+                this.offset = 0;
+            }
+        }
+        this.nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -13,8 +13,9 @@
 //!   of partitions: the same on every platform and in every version that keeps this rule.
 //! - Which record is kept: the greatest `ts` (missing or null oldest, then false, true,
 //!   numbers numerically, strings byte-wise, arrays and objects); between equal timestamps,
-//!   or without `ts`, the record whose compact JSON is greatest byte-wise. The choice depends
-//!   only on the set of records, not on their order or on how they were partitioned.
+//!   or without `ts`, the record whose written form (its line as read, or its compact JSON
+//!   after a `map` stage: see the processors' module doc) is greatest byte-wise. The choice
+//!   depends only on the set of records, not on their order or on how they were partitioned.
 //! - The reduce output lists the kept records sorted by key (byte-wise on the key encoding).
 
 use std::cmp::Ordering;
@@ -121,9 +122,10 @@ pub(crate) fn partition_of(key: &[u8], partitions: u32) -> u32 {
 
 /// One record of a shuffle buffer: the line `KEY \t TS \t RECORD`, where `KEY` is the
 /// record's key encoding, `TS` the compact JSON of its timestamp (empty when it has none) and
-/// `RECORD` the record's compact JSON. Compact JSON never holds a raw tab or newline (serde_json
-/// escapes control characters in strings, keys included), so the framing needs no escaping and
-/// a buffer stays line-aligned for the records chunker.
+/// `RECORD` the record as the map side writes it: its input line as read, or its compact JSON
+/// when a stage changed it or its line has a tab between tokens. Neither holds a raw tab or
+/// newline (JSON strings cannot; serde_json escapes control characters, keys included), so
+/// the framing needs no escaping and a buffer stays line-aligned for the records chunker.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Framed<'a> {
     pub key: &'a [u8],
@@ -133,14 +135,19 @@ pub(crate) struct Framed<'a> {
 
 impl Dedup {
     /// Appends `record`'s shuffle line (without the `\n`) to `out`; `key` is its key encoding.
-    pub fn write_framed(&self, out: &mut Vec<u8>, key: &[u8], record: &Value) {
+    /// The record goes as `read` when given (its line as read, holding no tab or newline), else
+    /// as compact JSON.
+    pub fn write_framed(&self, out: &mut Vec<u8>, key: &[u8], record: &Value, read: Option<&[u8]>) {
         out.extend_from_slice(key);
         out.push(b'\t');
         if let Some(ts) = self.ts(record) {
             value::write_json(out, ts);
         }
         out.push(b'\t');
-        value::write_json(out, record);
+        match read {
+            Some(line) => out.extend_from_slice(line),
+            None => value::write_json(out, record),
+        }
     }
 }
 
@@ -229,9 +236,9 @@ impl<'a> Latest<'a> {
         self.entries.len()
     }
 
-    /// The kept records, one per key, sorted by key. An error names the line of a timestamp
-    /// that is not JSON (a corrupt shuffle line).
-    pub fn finish(self) -> Result<Vec<&'a [u8]>, BadTimestamp> {
+    /// The kept records, one per key, sorted by key, each with the reduce input it is in. An
+    /// error names the line of a timestamp that is not JSON (a corrupt shuffle line).
+    pub fn finish(self) -> Result<Vec<(usize, &'a [u8])>, BadTimestamp> {
         let mut entries = self.entries;
         let Some(first) = entries.first().map(|e| e.framed.key) else {
             return Ok(Vec::new());
@@ -256,19 +263,19 @@ impl<'a> Latest<'a> {
         let mut kept = Vec::new();
         let mut i = 0;
         while let Some(start) = entries.get(i) {
-            let mut best = start.framed;
+            let mut best = start;
             let mut j = i + 1;
             while let Some(e) = entries.get(j) {
                 if e.prefix != start.prefix || e.framed.key != start.framed.key {
                     break;
                 }
-                let f = e.framed;
-                if newer(f.ts, f.record, best.ts, best.record).map_err(|err| (e.origin, err))? {
-                    best = f;
+                let (f, b) = (e.framed, best.framed);
+                if newer(f.ts, f.record, b.ts, b.record).map_err(|err| (e.origin, err))? {
+                    best = e;
                 }
                 j += 1;
             }
-            kept.push(best.record);
+            kept.push((best.origin.0, best.framed.record));
             i = j;
         }
         Ok(kept)
@@ -332,7 +339,7 @@ mod tests {
             .finish()
             .unwrap()
             .into_iter()
-            .map(|r| std::str::from_utf8(r).unwrap())
+            .map(|(_, r)| std::str::from_utf8(r).unwrap())
             .collect();
         let mut want: Vec<(&str, &str)> = vec![
             (keys[0], "{\"n\":0}"),
@@ -371,7 +378,7 @@ mod tests {
                 let mut key = Vec::new();
                 d.write_key(&v, &mut key);
                 let mut out = Vec::new();
-                d.write_framed(&mut out, &key, &v);
+                d.write_framed(&mut out, &key, &v, None);
                 out
             })
             .collect();
@@ -383,7 +390,7 @@ mod tests {
             .finish()
             .unwrap()
             .iter()
-            .map(|l| serde_json::from_slice(l).unwrap())
+            .map(|(_, l)| serde_json::from_slice(l).unwrap())
             .collect();
         assert_eq!(
             kept,

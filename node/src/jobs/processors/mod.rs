@@ -26,10 +26,18 @@
 //! 1-based line of the chunk on which the record starts (for CSV in the first chunk, the
 //! header is line 1).
 //!
-//! Output is always JSONL: one compact JSON object per line, `\n`-terminated. CSV rows become
-//! objects of strings keyed by the header's column names (an empty field is `""`). Object keys
-//! come out sorted byte-wise: serde_json keeps objects in a `BTreeMap` unless its
-//! `preserve_order` feature is on, which nothing in this workspace enables (a test checks).
+//! Output is always JSONL: one JSON object per line, `\n`-terminated.
+//!
+//! - A JSONL record that no stage changed (the pipeline has no `map` stage) is written **as it
+//!   was read**, without the whitespace around it. Validating, filtering or deduplicating
+//!   records does not rewrite them: a number keeps its exact text (serde_json would turn an
+//!   integer beyond 64 bits, or a decimal beyond an `f64`'s precision, into a rounded float),
+//!   and no time goes into encoding what was already JSON.
+//! - Records a `map` stage reshaped, and CSV rows, are written as compact JSON. CSV rows become
+//!   objects of strings keyed by the header's column names (an empty field is `""`). Object
+//!   keys come out sorted byte-wise: serde_json keeps objects in a `BTreeMap` unless its
+//!   `preserve_order` feature is on, which nothing in this workspace enables (a test checks).
+//!
 //! Everything here is deterministic: the same input gives byte-identical output.
 //!
 //! An `exec:NAME` pipeline has no records: the task's bytes go to the registered command
@@ -472,12 +480,23 @@ impl Pipeline {
             records_out: count,
             bytes_in,
         };
+        // A JSONL record no stage changed is written as it was read (see the module doc).
+        let verbatim = input.format == Format::Jsonl
+            && !stages.iter().any(|s| matches!(s.stage, Stage::Map(_)));
+        let as_read = |record: &Record| {
+            verbatim
+                .then(|| data.get(record.span.clone()).map(<[u8]>::trim_ascii))
+                .flatten()
+        };
         match dedup {
             None => {
                 let started = Instant::now();
                 out.output.reserve(input.data.len());
                 for record in &records {
-                    value::write_json(&mut out.output, &record.value);
+                    match as_read(record) {
+                        Some(line) => out.output.extend_from_slice(line),
+                        None => value::write_json(&mut out.output, &record.value),
+                    }
                     out.output.push(b'\n');
                 }
                 drop(records);
@@ -495,7 +514,10 @@ impl Pipeline {
                 for (i, record) in records.iter().enumerate() {
                     let target = keys.partitions.get(i).copied().unwrap_or(0);
                     if let Some(buffer) = out.partitions.get_mut(target as usize) {
-                        dedup.write_framed(buffer, keys.get(i), &record.value);
+                        // A tab between a line's tokens would break the framing: such a line
+                        // is written as compact JSON instead.
+                        let read = as_read(record).filter(|l| memchr::memchr(b'\t', l).is_none());
+                        dedup.write_framed(buffer, keys.get(i), &record.value, read);
                         buffer.push(b'\n');
                     }
                 }
@@ -509,11 +531,28 @@ impl Pipeline {
     }
 
     /// Runs the reduce side (dedup) over the concatenation of one partition's map outputs,
-    /// given in map-task order (the result does not depend on the order). The map side wrote
-    /// shuffle lines (key, timestamp, record: see [`dedup::Framed`]), so no record is parsed
-    /// here: `parse` only splits lines, and the kept records are passed on as the bytes the map
-    /// side wrote.
+    /// given in map-task order (the result does not depend on the order), and writes the kept
+    /// records out. See [`Pipeline::run_reduce_kept`].
     pub fn run_reduce(&self, inputs: &[&[u8]]) -> Result<ReduceOutput, TaskError> {
+        let reduced = self.run_reduce_kept(inputs)?;
+        let started = Instant::now();
+        let mut output = Vec::with_capacity(reduced.bytes() + reduced.kept.len());
+        for kept in &reduced.kept {
+            output.extend_from_slice(kept.of(inputs));
+            output.push(b'\n');
+        }
+        let encode = reduced.encode_stat(nanos_since(started));
+        let mut stats = reduced.stats;
+        stats.push(encode);
+        Ok(ReduceOutput { output, stats })
+    }
+
+    /// The reduce side without writing the output: which records of `inputs` it keeps, in
+    /// output order, so a caller can stream them to storage instead of gathering a copy of the
+    /// whole partition first. The map side wrote shuffle lines (key, timestamp, record: see
+    /// [`dedup::Framed`]), so no record is parsed here: `parse` only splits lines, and the
+    /// kept records are the bytes the map side wrote.
+    pub fn run_reduce_kept(&self, inputs: &[&[u8]]) -> Result<Reduced, TaskError> {
         match &self.body {
             Body::Records { dedup: Some(_), .. } => {}
             Body::Records { dedup: None, .. } => return Err(TaskError::NoReduce),
@@ -558,27 +597,70 @@ impl Pipeline {
                 line,
                 message: format!("a shuffle line's timestamp is not JSON: {e}"),
             })?;
+        // Each record is a slice of its input: keep where, not the slice, so the result does
+        // not borrow the inputs.
+        let kept: Vec<Kept> = kept
+            .into_iter()
+            .map(|(input, record)| {
+                let base = inputs.get(input).map_or(0, |i| i.as_ptr() as usize);
+                Kept {
+                    input,
+                    start: (record.as_ptr() as usize).saturating_sub(base),
+                    len: record.len(),
+                }
+            })
+            .collect();
         keep.nanos = nanos_since(started);
         keep.records_out = kept.len() as u64;
-
-        let started = Instant::now();
-        let kept_bytes: usize = kept.iter().map(|l| l.len()).sum();
-        let mut output = Vec::with_capacity(kept_bytes + kept.len());
-        for line in &kept {
-            output.extend_from_slice(line);
-            output.push(b'\n');
-        }
-        let encode = StageStat {
-            stage: "encode".into(),
-            nanos: nanos_since(started),
-            records_in: kept.len() as u64,
-            records_out: kept.len() as u64,
-            bytes_in: kept_bytes as u64,
-        };
-        Ok(ReduceOutput {
-            output,
-            stats: vec![parse, keep, encode],
+        Ok(Reduced {
+            kept,
+            stats: vec![parse, keep],
         })
+    }
+}
+
+/// What the reduce side keeps of its inputs ([`Pipeline::run_reduce_kept`]).
+#[derive(Debug, Default)]
+pub struct Reduced {
+    /// The kept records in output order; each is written followed by `\n`.
+    pub kept: Vec<Kept>,
+    /// `parse` and `dedup`; the caller adds `encode` ([`Reduced::encode_stat`]).
+    pub stats: Vec<StageStat>,
+}
+
+impl Reduced {
+    /// Bytes of the kept records, without their newlines.
+    pub fn bytes(&self) -> usize {
+        self.kept.iter().map(|k| k.len).sum()
+    }
+
+    /// The `encode` stage of writing the kept records out in `nanos`.
+    pub fn encode_stat(&self, nanos: u64) -> StageStat {
+        StageStat {
+            stage: "encode".into(),
+            nanos,
+            records_in: self.kept.len() as u64,
+            records_out: self.kept.len() as u64,
+            bytes_in: self.bytes() as u64,
+        }
+    }
+}
+
+/// One kept record: `len` bytes at `start` of reduce input `input`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub input: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Kept {
+    /// The record's bytes in `inputs` (empty if `inputs` are not the ones it was found in).
+    pub fn of<'a>(&self, inputs: &[&'a [u8]]) -> &'a [u8] {
+        inputs
+            .get(self.input)
+            .and_then(|i| i.get(self.start..self.start.saturating_add(self.len)))
+            .unwrap_or_default()
     }
 }
 

@@ -84,7 +84,8 @@ fn pipelines_are_shared_between_threads() {
 fn object_keys_come_out_sorted() {
     // Fails if some dependency turns on serde_json's `preserve_order`; then the documented
     // order (and every expected output here) changes.
-    let p = pipeline(&[]).unwrap();
+    // A map stage that changes nothing still makes the record compact JSON.
+    let p = pipeline(&[("map", &[("spec", r#"{"drop":["none"]}"#)])]).unwrap();
     let out = p
         .run_map(&jsonl(br#"{"b":1,"a":{"z":1,"y":2}}"#), 1)
         .unwrap();
@@ -92,11 +93,66 @@ fn object_keys_come_out_sorted() {
 }
 
 #[test]
+fn records_no_stage_changed_are_written_as_read() {
+    // Key order, spacing inside the line, escapes and number texts all survive; serde_json
+    // would round the 25-digit integer and the long decimal to f64s.
+    let lines = [
+        r#"{"z":1, "id":"a","age":3,"big":1234567890123456789012345}"#,
+        r#"{"id":"\u0062","age":1.0e0,"n":0.1000000000000000055511151231257827}"#,
+        "{\"id\":\"c\",\t\"age\":2}",
+    ];
+    let data = format!("  {}\r\n{}\n{}\n", lines[0], lines[1], lines[2]);
+    let schema = r#"{"type":"object","required":["id"]}"#;
+    let p = pipeline(&[
+        ("validate", &[("schema", schema)]),
+        ("filter", &[("where", "age > 0")]),
+    ])
+    .unwrap();
+    let out = p.run_map(&jsonl(data.as_bytes()), 1).unwrap();
+    assert_eq!(
+        text(&out.output),
+        format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2])
+    );
+
+    // Shuffled, the same bytes travel to the reduce side, except a line with a tab between
+    // its tokens, which would break the framing: it becomes compact JSON.
+    let p = pipeline(&[
+        ("validate", &[("schema", schema)]),
+        ("dedup", &[("key", "id")]),
+    ])
+    .unwrap();
+    let out = p.run_map(&jsonl(data.as_bytes()), 1).unwrap();
+    let shuffle = text(&out.partitions[0]);
+    let records: Vec<&str> = shuffle
+        .lines()
+        .map(|l| l.splitn(3, '\t').nth(2).unwrap())
+        .collect();
+    assert_eq!(records, [lines[0], lines[1], r#"{"age":2,"id":"c"}"#]);
+    let reduced = p.run_reduce(&[&out.partitions[0]]).unwrap();
+    assert_eq!(
+        text(&reduced.output),
+        format!("{}\n{}\n{}\n", lines[0], lines[1], r#"{"age":2,"id":"c"}"#)
+    );
+
+    // After a map stage the record is compact JSON with sorted keys.
+    let p = pipeline(&[("map", &[("spec", r#"{"drop":["big","n"]}"#)])]).unwrap();
+    let out = p.run_map(&jsonl(data.as_bytes()), 1).unwrap();
+    assert_eq!(
+        text(&out.output),
+        "{\"age\":3,\"id\":\"a\",\"z\":1}\n{\"age\":1.0,\"id\":\"b\"}\n{\"age\":2,\"id\":\"c\"}\n"
+    );
+}
+
+#[test]
 fn jsonl_lines_blank_lines_crlf_and_rejects() {
     let p = pipeline(&[]).unwrap();
     let data = b"{\"a\": 1}\r\n\n   \n[1,2]\n{\"a\":\n{\"b\" : \"x\"}\r\n\"s\"\n{\"c\":3}";
     let out = p.run_map(&jsonl(data), 1).unwrap();
-    assert_eq!(text(&out.output), "{\"a\":1}\n{\"b\":\"x\"}\n{\"c\":3}\n");
+    // Written as read, without the whitespace around them.
+    assert_eq!(
+        text(&out.output),
+        "{\"a\": 1}\n{\"b\" : \"x\"}\n{\"c\":3}\n"
+    );
     let rejects = parse_lines(&out.rejects);
     assert_eq!(rejects.len(), 3, "{}", text(&out.rejects));
     assert_eq!(rejects[0]["line"], 4);
@@ -239,7 +295,7 @@ fn validate_keeps_valid_and_rejects_invalid_with_the_first_error() {
     let p = pipeline(&[("validate", &[("schema", SCHEMA)])]).unwrap();
     let data = b"{\"id\":\"a\",\"age\":1}\n{\"id\":\"b\",\"age\":-1}\n{\"id\":\"c\"}\n{\"age\":  2, \"id\": 7}\n";
     let out = p.run_map(&jsonl(data), 1).unwrap();
-    assert_eq!(text(&out.output), "{\"age\":1,\"id\":\"a\"}\n");
+    assert_eq!(text(&out.output), "{\"id\":\"a\",\"age\":1}\n");
     let rejects = parse_lines(&out.rejects);
     assert_eq!(rejects.len(), 3);
     assert_eq!(rejects[0]["line"], 2);
@@ -768,7 +824,7 @@ fn dedup_partitions_by_key_and_reports_stats() {
     let reduced = p.run_reduce(&inputs).unwrap();
     assert_eq!(
         text(&reduced.output),
-        "{\"age\":3,\"id\":\"a\"}\n{\"age\":2,\"id\":\"b\"}\n"
+        "{\"id\":\"a\",\"age\":3}\n{\"id\":\"b\",\"age\":2}\n"
     );
     let stats: Vec<(&str, u64, u64)> = reduced
         .stats
