@@ -230,9 +230,17 @@ impl Cluster {
             cluster_key_file: probe.net.cluster_key_file.clone(),
             ..Default::default()
         };
+        // The relay carries whole transfers for tests whose nodes listen only through it;
+        // libp2p's default limits (128 KiB, 2 minutes per circuit) are for hole punching.
+        let relay = mesh_node::net::RelayLimits {
+            max_circuit_bytes: 0,
+            max_circuit_duration: Duration::from_secs(3600),
+            ..Default::default()
+        };
         let bootstrap = mesh_bootstrap::Bootstrap::start(mesh_bootstrap::Config {
             data_dir: dir.path().join("bootstrap"),
             net,
+            relay,
         })
         .await
         .context("starting the bootstrap peer")?;
