@@ -188,6 +188,25 @@ pub async fn api_status(node: &TestNode) -> anyhow::Result<mesh_proto::api::Stat
         .await?)
 }
 
+/// The value of one Prometheus series (its name, with its labels if it has any) on
+/// `node`'s `/metrics`; 0 while the node has not registered it.
+pub async fn metric(node: &TestNode, series: &str) -> anyhow::Result<f64> {
+    let text = api_client(node)?
+        .get(format!("{}/metrics", node.api_url()))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    match text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+    {
+        Some(value) => Ok(value.trim().parse()?),
+        None => Ok(0.0),
+    }
+}
+
 /// The placement record `node` keeps for object `id`, if any.
 pub fn record_on(
     node: &TestNode,
