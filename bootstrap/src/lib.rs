@@ -15,7 +15,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use mesh_node::config::{ConfigError, NetConfig};
 use mesh_node::identity::DataDirError;
-use mesh_node::net::{self, NetError, Network, Role};
+use mesh_node::net::{self, NetError, Network, RelayLimits, Role};
 use mesh_proto::wire::LoadReport;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -26,6 +26,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Networking, as for `meshd` (`listen`, `external_addrs`, `zone`, timings).
     pub net: NetConfig,
+    /// What one relayed circuit may carry (libp2p's small defaults, or more to carry the
+    /// mesh's traffic between nodes that hole punching cannot connect).
+    pub relay: RelayLimits,
 }
 
 /// Why a bootstrap peer could not start.
@@ -50,7 +53,20 @@ pub struct Bootstrap {
 
 impl Bootstrap {
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let net_config = config.net.resolve(Role::Bootstrap)?;
+        let mut net_config = config.net.resolve(Role::Bootstrap)?;
+        // libp2p's relay panics on a circuit duration beyond u32::MAX seconds.
+        if u32::try_from(config.relay.max_circuit_duration.as_secs()).is_err() {
+            return Err(ConfigError::Invalid {
+                key: "relay.max_circuit_duration",
+                message: format!(
+                    "{:?} is too long (at most {} seconds)",
+                    config.relay.max_circuit_duration,
+                    u32::MAX
+                ),
+            }
+            .into());
+        }
+        net_config.relay_server = Some(config.relay);
         let lock = mesh_node::identity::lock_data_dir(&config.data_dir)?;
         let keypair = mesh_node::identity::load_or_create_identity(&config.data_dir)?;
         let stop = CancellationToken::new();

@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use mesh_bootstrap::Config;
 use mesh_node::config::NetConfig;
+use mesh_node::net::RelayLimits;
 
 /// A storage-less rendezvous peer for joining mesh nodes across clouds and NAT: Kademlia
 /// server, identify, AutoNAT server and circuit relay. Its first log line prints the address
@@ -28,6 +30,16 @@ struct Args {
     /// The mesh's cluster key file (see `meshd init`); peers that cannot prove it are dropped
     #[arg(long, value_name = "FILE")]
     cluster_key_file: Option<PathBuf>,
+    /// Bytes one relayed circuit may carry, 0 for no limit [default: 128 KiB, enough for
+    /// DCUtR to set up a direct connection]
+    #[arg(long, value_name = "SIZE")]
+    relay_circuit_bytes: Option<bytesize::ByteSize>,
+    /// How long one relayed circuit may stay open [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    relay_circuit_duration: Option<Duration>,
+    /// Circuits relayed at once [default: 16]
+    #[arg(long, value_name = "N")]
+    relay_circuits: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -52,9 +64,20 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
+    let mut relay = RelayLimits::default();
+    if let Some(bytes) = args.relay_circuit_bytes {
+        relay.max_circuit_bytes = bytes.as_u64();
+    }
+    if let Some(duration) = args.relay_circuit_duration {
+        relay.max_circuit_duration = duration;
+    }
+    if let Some(circuits) = args.relay_circuits {
+        relay.max_circuits = circuits;
+    }
     let config = Config {
         data_dir: args.data_dir,
         net,
+        relay,
     };
     match runtime.block_on(mesh_bootstrap::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

@@ -933,6 +933,7 @@ async fn peers(State(state): State<ApiState>) -> Json<PeersResponse> {
                 }
                 .to_owned(),
                 connected: p.connected,
+                relayed: p.relayed,
                 load: p.load.as_ref().map(|l| PeerLoad {
                     cpu: l.cpu,
                     mem_used: l.mem_used,
@@ -965,6 +966,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         Ok((Err(e), _)) => warn!(error = %e, "reading store counters for metrics failed"),
         Err(e) => warn!(error = %e, "metrics task failed"),
     }
+    let net = inner.mesh.network().status();
+    inner
+        .metrics
+        .set_hole_punches(net.hole_punches_succeeded, net.hole_punches_failed);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         inner.metrics.render(),

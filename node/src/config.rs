@@ -53,6 +53,9 @@ pub struct NetConfig {
     /// Addresses other nodes should dial, when they differ from the listen addresses
     /// (NAT, cloud public IPs).
     pub external_addrs: Vec<String>,
+    /// Tell peers the direct listen addresses. Turn off behind NAT, where they are private:
+    /// peers then learn only `external_addrs`, addresses AutoNAT confirms, and relay circuits.
+    pub advertise_listen_addrs: bool,
     /// Peers to join through, each ending in `/p2p/<peer id>`.
     pub bootstrap: Vec<String>,
     /// Failure zone, `cloud/region/az` (e.g. `aws/us-east-1/a`); nearer zones share a prefix.
@@ -94,6 +97,7 @@ impl Default for NetConfig {
         Self {
             listen: vec!["/ip4/0.0.0.0/udp/4001/quic-v1".into()],
             external_addrs: Vec::new(),
+            advertise_listen_addrs: true,
             bootstrap: Vec::new(),
             zone: String::new(),
             cluster_key_file: None,
@@ -133,6 +137,17 @@ impl NetConfig {
                 message: "needs at least one address".into(),
             });
         }
+        if let Some(bad) = listen
+            .iter()
+            .find(|a| crate::net::is_circuit(a) && crate::net::circuit_relay(a).is_none())
+        {
+            return Err(ConfigError::Invalid {
+                key: "net.listen",
+                message: format!(
+                    "{bad} is not a relay circuit to listen through: write <relay address>/p2p/<relay peer id>/p2p-circuit, e.g. a --bootstrap address followed by /p2p-circuit"
+                ),
+            });
+        }
         let bootstrap = parse("net.bootstrap", &self.bootstrap)?;
         if let Some(bad) = bootstrap.iter().find(|a| crate::net::peer_of(a).is_none()) {
             return Err(ConfigError::Invalid {
@@ -166,6 +181,7 @@ impl NetConfig {
         Ok(crate::net::Config {
             listen,
             external_addrs: parse("net.external_addrs", &self.external_addrs)?,
+            advertise_listen_addrs: self.advertise_listen_addrs,
             bootstrap,
             zone: self.zone.clone(),
             role,
@@ -177,6 +193,7 @@ impl NetConfig {
             request_timeout: self.request_timeout,
             max_connections: self.max_connections.max(1),
             max_streams_per_peer: self.max_streams_per_peer.max(1),
+            relay_server: None,
         })
     }
 }
@@ -687,6 +704,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("command"), "{err}");
+    }
+
+    #[test]
+    fn relay_circuits_are_listen_addresses() {
+        let relay = libp2p::PeerId::random();
+        let circuit = format!("/ip4/203.0.113.7/udp/4001/quic-v1/p2p/{relay}/p2p-circuit");
+        let text = format!(
+            "[net]\nlisten = [\"/ip4/0.0.0.0/udp/4001/quic-v1\", \"{circuit}\"]\nadvertise_listen_addrs = false\n"
+        );
+        let config = load_str(&text, &[]).unwrap();
+        config.validate().unwrap();
+        let net = config.net.resolve(crate::net::Role::Storage).unwrap();
+        assert!(!net.advertise_listen_addrs);
+        assert_eq!(net.listen[1].to_string(), circuit);
+        // A circuit that names no relay peer is refused, naming the key.
+        let err = load_str(
+            "[net]\nlisten = [\"/ip4/203.0.113.7/udp/4001/quic-v1/p2p-circuit\"]\n",
+            &[],
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("net.listen") && err.contains("p2p-circuit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -146,6 +146,11 @@ impl Metrics {
             "chunk fetches also asked of a second holder because the first was slow",
         );
         describe(
+            HOLE_PUNCHES,
+            Unit::Count,
+            "relayed connections DCUtR upgraded to direct ones (result=succeeded) or could not (result=failed)",
+        );
+        describe(
             "mesh_background_abandoned_total",
             Unit::Count,
             "holders the background completion gave up on (left to repair)",
@@ -444,6 +449,17 @@ impl Metrics {
         histogram.record(elapsed.as_secs_f64());
     }
 
+    /// Mirrors the network task's hole punching totals (see `net::NetStatus`).
+    pub fn set_hole_punches(&self, succeeded: u64, failed: u64) {
+        for (result, total) in [("succeeded", succeeded), ("failed", failed)] {
+            let key = Key::from_parts(HOLE_PUNCHES, vec![Label::new("result", result)]);
+            self.inner
+                .recorder
+                .register_counter(&key, &METADATA)
+                .absolute(total);
+        }
+    }
+
     /// Sets the gauges that mirror the store.
     pub fn set_store_gauges(&self, objects: u64, chunks: u64, bytes: u64, disk_free: u64) {
         self.inner.objects.set(objects as f64);
@@ -463,6 +479,7 @@ impl Metrics {
     }
 }
 
+const HOLE_PUNCHES: &str = "mesh_hole_punches_total";
 const SCRUB_CHECKED_CHUNKS: &str = "mesh_scrub_checked_chunks_total";
 const SCRUB_CHECKED_BYTES: &str = "mesh_scrub_checked_bytes_total";
 const SCRUB_CORRUPT: &str = "mesh_scrub_corrupt_chunks_total";

@@ -267,6 +267,9 @@ pub struct PeerSummary {
     /// `alive`, `suspect` or `dead`.
     pub liveness: String,
     pub connected: bool,
+    /// Connected only through a relay's circuit (no direct connection).
+    #[serde(default)]
+    pub relayed: bool,
     pub load: Option<PeerLoad>,
 }
 

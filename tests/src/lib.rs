@@ -188,6 +188,25 @@ pub async fn api_status(node: &TestNode) -> anyhow::Result<mesh_proto::api::Stat
         .await?)
 }
 
+/// The value of one Prometheus series (its name, with its labels if it has any) on
+/// `node`'s `/metrics`; 0 while the node has not registered it.
+pub async fn metric(node: &TestNode, series: &str) -> anyhow::Result<f64> {
+    let text = api_client(node)?
+        .get(format!("{}/metrics", node.api_url()))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    match text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+    {
+        Some(value) => Ok(value.trim().parse()?),
+        None => Ok(0.0),
+    }
+}
+
 /// The placement record `node` keeps for object `id`, if any.
 pub fn record_on(
     node: &TestNode,
@@ -230,9 +249,17 @@ impl Cluster {
             cluster_key_file: probe.net.cluster_key_file.clone(),
             ..Default::default()
         };
+        // The relay carries whole transfers for tests whose nodes listen only through it;
+        // libp2p's default limits (128 KiB, 2 minutes per circuit) are for hole punching.
+        let relay = mesh_node::net::RelayLimits {
+            max_circuit_bytes: 0,
+            max_circuit_duration: Duration::from_secs(3600),
+            ..Default::default()
+        };
         let bootstrap = mesh_bootstrap::Bootstrap::start(mesh_bootstrap::Config {
             data_dir: dir.path().join("bootstrap"),
             net,
+            relay,
         })
         .await
         .context("starting the bootstrap peer")?;

@@ -212,6 +212,104 @@ async fn a_corrupt_replica_is_detected_and_another_holder_serves_the_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_that_sends_corrupt_bytes_is_caught_counted_and_avoided() {
+    let cluster = Cluster::start(4, |_, config| {
+        // No hedging: a reader asks the next holder only when one failed, so which holders
+        // a get asked follows from the order alone.
+        config.net.hedge_after = Duration::from_secs(60);
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer = &cluster.nodes[0];
+    let data = random_bytes(150 * 1024, 6);
+    let put: PutResponse = put(writer, "redundancy=rep:3", data.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    cluster.wait_settled(JOIN).await.unwrap();
+    let holders = holders(&record_on(writer, &put.id).unwrap());
+    assert_eq!((holders.len(), holders[0].len()), (1, 3), "{holders:?}");
+    let reader = cluster
+        .nodes
+        .iter()
+        .find(|n| !holders[0].contains(&n.node().peer_id()))
+        .unwrap();
+    let liar = cluster
+        .nodes
+        .iter()
+        .find(|n| {
+            n.node().peer_id() != writer.node().peer_id()
+                && holders[0].contains(&n.node().peer_id())
+        })
+        .unwrap();
+    let liar_id = liar.node().peer_id();
+    let honest: Vec<PeerId> = holders[0]
+        .iter()
+        .copied()
+        .filter(|p| *p != liar_id)
+        .collect();
+    // The liar's store is intact; it flips a byte of what it sends.
+    liar.node().mesh().serve_corrupt_chunks(true);
+
+    // Make the reader rank the liar nearest: the honest holders seem a second away (the
+    // reader asks holders nearest first). Pings pull that back down slowly, over seconds.
+    let push_away = || async {
+        for peer in &honest {
+            for _ in 0..3 {
+                reader
+                    .node()
+                    .network()
+                    .rtt_sample(*peer, Duration::from_secs(1));
+            }
+        }
+        wait_until(
+            JOIN,
+            "the honest holders to look far from the reader",
+            || {
+                let peers = reader.node().network().peers();
+                let far = honest.iter().all(|h| {
+                    peers.iter().any(|p| {
+                        p.id == *h && p.rtt.is_some_and(|r| r > Duration::from_millis(100))
+                    })
+                });
+                async move { Ok(far) }
+            },
+        )
+        .await
+        .unwrap();
+    };
+    let bad_chunks = || async {
+        mesh_tests::metric(reader, "mesh_peer_bad_chunks_total")
+            .await
+            .unwrap()
+    };
+    let served_by_liar = || async { status(liar).await.chunks_served };
+
+    let (bad_before, served_before) = (bad_chunks().await, served_by_liar().await);
+    // One get on the reader, which must give the exact bytes; then how many chunks the liar
+    // served and how many bad ones the reader caught, since the start.
+    let read = || async {
+        push_away().await;
+        let response = get(reader, &put.id).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+        (
+            served_by_liar().await - served_before,
+            bad_chunks().await - bad_before,
+        )
+    };
+    // The reader asks the liar first, finds that the bytes do not hash to the chunk id,
+    // counts them, and gets the chunk from an honest holder.
+    assert_eq!(read().await, (1, 1.0), "(served by the liar, caught)");
+    // Now it avoids the liar: though the liar still looks nearest, the next get asks an
+    // honest holder first, and the liar serves nothing more.
+    assert_eq!(read().await, (1, 1.0), "(served by the liar, caught)");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_with_the_wrong_cluster_key_can_neither_store_nor_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.key");

@@ -89,6 +89,7 @@ mod tests {
             last_seen_secs_ago: 1.5,
             liveness: "alive".into(),
             connected: true,
+            relayed: false,
             load: load.then_some(PeerLoad {
                 cpu: 0.125,
                 mem_used: 1 << 30,

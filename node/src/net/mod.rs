@@ -17,6 +17,13 @@
 //! through [`Command::Respond`]. The peer table lives in this task and is published as a
 //! `watch` snapshot after every change.
 //!
+//! Nodes behind NAT: `listen` may name relay circuits (`<relay>/p2p/<id>/p2p-circuit`),
+//! and AutoNAT finding the node unreachable adds circuits through the bootstrap peers. A
+//! circuit is listened on once its relay is connected, and again after a backoff when the
+//! relay drops it. A new external address (a circuit, one AutoNAT confirmed) is pushed to
+//! connected peers at once. DCUtR's upgrades of relayed connections are counted in
+//! [`NetStatus`]; [`PeerView::relayed`] marks peers reached only through a relay.
+//!
 //! Membership: with a cluster key, both sides of every connection challenge each other
 //! (`/mesh/auth/1`); a peer that answers wrongly or not within [`AUTH_DEADLINE`] is
 //! disconnected, and until it has proven the key it is not in the peer table, its chunk and
@@ -32,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -68,6 +76,10 @@ const REDIAL_EVERY: Duration = Duration::from_secs(3);
 const BUSY: (Refusal, &str) = (Refusal::Busy, "too many requests in flight");
 /// Most addresses of one peer added to Kademlia from identify.
 const MAX_IDENTIFY_ADDRS: usize = 8;
+/// A peer heard of through gossip but not connected is looked up in the DHT at most this often.
+const LOOKUP_EVERY: Duration = Duration::from_secs(10);
+/// Most such lookups remembered at once.
+const MAX_LOOKUPS: usize = 1024;
 
 type ChunkCodec = FrameCodec<ChunkRequest, ChunkResponse>;
 type ControlCodec = FrameCodec<ControlRequest, ControlResponse>;
@@ -76,8 +88,14 @@ type AuthCodec = FrameCodec<AuthRequest, AuthResponse>;
 /// Networking settings, typed and validated (see `config::NetConfig` for the file form).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Direct (QUIC) listen addresses, and relay circuits to listen through
+    /// (`<relay address>/p2p/<relay id>/p2p-circuit`, see [`is_circuit`]).
     pub listen: Vec<Multiaddr>,
     pub external_addrs: Vec<Multiaddr>,
+    /// Tell peers the direct listen addresses (identify) and take specific ones as external
+    /// addresses. Off behind NAT: peers then learn only the external addresses (configured,
+    /// confirmed by AutoNAT, or relay circuits), not private ones they cannot dial.
+    pub advertise_listen_addrs: bool,
     /// Each with a `/p2p/<peer id>` suffix.
     pub bootstrap: Vec<Multiaddr>,
     pub zone: String,
@@ -91,6 +109,47 @@ pub struct Config {
     pub request_timeout: Duration,
     pub max_connections: u32,
     pub max_streams_per_peer: usize,
+    /// Serve a circuit relay with these limits (bootstrap peers); `None`: no relay server.
+    pub relay_server: Option<RelayLimits>,
+}
+
+/// Limits of the circuit relay a bootstrap peer serves to nodes behind NAT.
+///
+/// libp2p's defaults (128 KiB and 2 minutes per circuit) make the relay a rendezvous for
+/// hole punching only: a circuit carries the handshakes, then DCUtR moves the peers to a
+/// direct connection. Where hole punching fails (symmetric NATs on both sides, or a node
+/// that listens only through the relay) the mesh's own traffic has to flow through the
+/// circuit, which needs larger limits; the operator of the relay decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Bytes one circuit may carry before the relay closes it; 0: no limit.
+    pub max_circuit_bytes: u64,
+    /// How long one circuit may stay open (at most `u32::MAX` seconds).
+    pub max_circuit_duration: Duration,
+    /// Circuits relayed at once.
+    pub max_circuits: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        let libp2p = relay::Config::default();
+        Self {
+            max_circuit_bytes: libp2p.max_circuit_bytes,
+            max_circuit_duration: libp2p.max_circuit_duration,
+            max_circuits: libp2p.max_circuits,
+        }
+    }
+}
+
+impl RelayLimits {
+    fn server_config(self) -> relay::Config {
+        relay::Config {
+            max_circuit_bytes: self.max_circuit_bytes,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuits: self.max_circuits,
+            ..relay::Config::default()
+        }
+    }
 }
 
 /// What can go wrong talking to a peer.
@@ -108,12 +167,16 @@ pub enum NetError {
     Build(String),
 }
 
-/// Listen and external addresses, and what AutoNAT thinks of us.
+/// Listen and external addresses, what AutoNAT thinks of us, and how hole punching went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetStatus {
     pub listen_addrs: Vec<Multiaddr>,
     pub external_addrs: Vec<Multiaddr>,
     pub nat: String,
+    /// Relayed connections that DCUtR upgraded to direct ones since the node started.
+    pub hole_punches_succeeded: u64,
+    /// Upgrades of relayed connections that failed (after DCUtR's own retries).
+    pub hole_punches_failed: u64,
 }
 
 /// An inbound request for the storage service, with the way to answer it.
@@ -403,7 +466,8 @@ fn build_swarm(config: &Config, keypair: identity::Keypair) -> Result<Swarm<Beha
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(config.max_streams_per_peer);
-    let role = config.role;
+    let relay_limits = config.relay_server;
+    let hide_listen_addrs = !config.advertise_listen_addrs;
     let agent = agent_version(config);
     let ping_interval = config.ping_interval;
     let max_connections = config.max_connections;
@@ -446,7 +510,8 @@ fn build_swarm(config: &Config, keypair: identity::Keypair) -> Result<Swarm<Beha
                 kad,
                 identify: identify::Behaviour::new(
                     identify::Config::new(wire::IDENTIFY_PROTOCOL.to_owned(), key.public())
-                        .with_agent_version(agent),
+                        .with_agent_version(agent)
+                        .with_hide_listen_addrs(hide_listen_addrs),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(ping_interval)),
                 gossipsub,
@@ -479,8 +544,8 @@ fn build_swarm(config: &Config, keypair: identity::Keypair) -> Result<Swarm<Beha
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
                 relay_client,
                 relay_server: Toggle::from(
-                    (role == Role::Bootstrap)
-                        .then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
+                    relay_limits
+                        .map(|limits| relay::Behaviour::new(peer_id, limits.server_config())),
                 ),
                 dcutr: dcutr::Behaviour::new(peer_id),
             })
@@ -495,6 +560,29 @@ fn build_swarm(config: &Config, keypair: identity::Keypair) -> Result<Swarm<Beha
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     match addr.iter().last() {
         Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// Whether `addr` is a relay circuit to listen through or dial through (it has a
+/// `/p2p-circuit` part).
+pub fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// The relay of a circuit listen address of the form
+/// `<relay address>/p2p/<relay peer id>/p2p-circuit`; `None` for any other form.
+pub fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let parts: Vec<Protocol<'_>> = addr.iter().collect();
+    match parts.as_slice() {
+        [prefix @ .., Protocol::P2p(relay), Protocol::P2pCircuit]
+            if !prefix.is_empty()
+                && prefix
+                    .iter()
+                    .all(|p| !matches!(p, Protocol::P2p(_) | Protocol::P2pCircuit)) =>
+        {
+            Some(*relay)
+        }
         _ => None,
     }
 }
@@ -522,10 +610,30 @@ pub async fn start(
         let peer = peer_of(addr).ok_or_else(|| NetError::BootstrapAddr { addr: addr.clone() })?;
         bootstrap.push((peer, addr.clone()));
     }
+    // Circuits are listened on once the swarm task runs: they need the relay to answer, and
+    // a relay that is down must not stop the node from starting.
+    let (circuits, direct): (Vec<Multiaddr>, Vec<Multiaddr>) =
+        config.listen.iter().cloned().partition(is_circuit);
+    let mut circuit_listeners = Vec::with_capacity(circuits.len());
+    for addr in circuits {
+        let relay = circuit_relay(&addr).ok_or_else(|| NetError::Listen {
+            addr: addr.clone(),
+            reason: "a relay circuit reads <relay address>/p2p/<relay peer id>/p2p-circuit".into(),
+        })?;
+        circuit_listeners.push(CircuitListener::new(addr, relay));
+    }
     let local_peer_id = keypair.public().to_peer_id();
     let mut swarm = build_swarm(&config, keypair)?;
 
-    let reachable = !config.external_addrs.is_empty() || config.listen.iter().all(is_specific);
+    // What we listen on is what others dial when it is a specific address we advertise (tests,
+    // netsim, one VPC); a wildcard or unadvertised listener waits for AutoNAT or
+    // --external-addr. A relay circuit is reachable by construction.
+    let listen_is_external = config.advertise_listen_addrs
+        && config.external_addrs.is_empty()
+        && direct.iter().all(is_specific);
+    let reachable = !config.external_addrs.is_empty()
+        || !circuit_listeners.is_empty()
+        || (listen_is_external && !direct.is_empty());
     if reachable || config.role == Role::Bootstrap {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
     }
@@ -533,7 +641,7 @@ pub async fn start(
         swarm.add_external_address(addr.clone());
     }
     let mut pending_listeners = HashSet::new();
-    for addr in &config.listen {
+    for addr in &direct {
         let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -562,30 +670,20 @@ pub async fn start(
                     Err(e) => e.to_string(),
                 };
                 return Err(NetError::Listen {
-                    addr: config
-                        .listen
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(Multiaddr::empty),
+                    addr: direct.first().cloned().unwrap_or_else(Multiaddr::empty),
                     reason,
                 });
             }
             SwarmEvent::ListenerError { error, .. } => {
                 return Err(NetError::Listen {
-                    addr: config
-                        .listen
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(Multiaddr::empty),
+                    addr: direct.first().cloned().unwrap_or_else(Multiaddr::empty),
                     reason: error.to_string(),
                 });
             }
             _ => {}
         }
     }
-    // On loopback or a specific private address (tests, netsim, one VPC), what we listen on
-    // is what others dial; a wildcard listener waits for AutoNAT or --external-addr.
-    if config.external_addrs.is_empty() && config.listen.iter().all(is_specific) {
+    if listen_is_external {
         for addr in &listen_addrs {
             swarm.add_external_address(addr.clone());
         }
@@ -610,6 +708,7 @@ pub async fn start(
         listen_addrs: listen_addrs.clone(),
         external_addrs: swarm.external_addresses().cloned().collect(),
         nat: "unknown".into(),
+        ..NetStatus::default()
     };
     let (status_tx, status_rx) = watch::channel(Arc::new(status));
     let network = Network {
@@ -654,8 +753,13 @@ pub async fn start(
         nat: "unknown".into(),
         config,
         listen_addrs,
+        circuits: circuit_listeners,
+        links: HashMap::new(),
+        hole_punches: (0, 0),
+        lookups: HashMap::new(),
     };
     event_loop.dial_bootstrap();
+    event_loop.open_circuits(Instant::now());
     let task = tokio::spawn(async move { event_loop.run(shutdown).await });
     Ok((network, task))
 }
@@ -695,6 +799,57 @@ struct EventLoop {
     nat: String,
     config: Config,
     listen_addrs: Vec<Multiaddr>,
+    /// Relay circuits this node listens through: configured, or added when AutoNAT finds it
+    /// unreachable.
+    circuits: Vec<CircuitListener>,
+    /// Open connections per peer, direct and relayed (entries leave with the last one).
+    links: HashMap<PeerId, Links>,
+    /// Relayed connections upgraded to direct ones by DCUtR, and failed upgrades.
+    hole_punches: (u64, u64),
+    /// Peers heard of through gossip and looked up in the DHT, with when (see
+    /// [`EventLoop::look_up`]); at most [`MAX_LOOKUPS`].
+    lookups: HashMap<PeerId, Instant>,
+}
+
+/// A relay circuit this node listens through. The relay closes it when the connection to
+/// the relay breaks or the relay restarts; it is then listened on again after a backoff.
+struct CircuitListener {
+    addr: Multiaddr,
+    relay: PeerId,
+    listener: Option<ListenerId>,
+    retry_at: Instant,
+    backoff: Duration,
+    /// When the relay, if not connected, is dialed again.
+    next_dial: Instant,
+}
+
+impl CircuitListener {
+    const FIRST_RETRY: Duration = Duration::from_secs(1);
+    const MAX_RETRY: Duration = Duration::from_secs(60);
+
+    fn new(addr: Multiaddr, relay: PeerId) -> Self {
+        Self {
+            addr,
+            relay,
+            listener: None,
+            retry_at: Instant::now(),
+            backoff: Self::FIRST_RETRY,
+            next_dial: Instant::now(),
+        }
+    }
+
+    fn retry_later(&mut self, now: Instant) {
+        self.listener = None;
+        self.retry_at = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::MAX_RETRY);
+    }
+}
+
+/// How many connections to one peer are open, direct and through a relay.
+#[derive(Debug, Default, Clone, Copy)]
+struct Links {
+    direct: u32,
+    relayed: u32,
 }
 
 impl EventLoop {
@@ -714,7 +869,14 @@ impl EventLoop {
     }
 
     fn publish_peers(&self) {
-        let snapshot = Arc::new(self.table.snapshot(Instant::now()));
+        let mut views = self.table.snapshot(Instant::now());
+        for view in &mut views {
+            view.relayed = self
+                .links
+                .get(&view.id)
+                .is_some_and(|l| l.direct == 0 && l.relayed > 0);
+        }
+        let snapshot = Arc::new(views);
         self.peers_tx.send_if_modified(|old| {
             if **old == *snapshot {
                 false
@@ -730,6 +892,8 @@ impl EventLoop {
             listen_addrs: self.listen_addrs.clone(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             nat: self.nat.clone(),
+            hole_punches_succeeded: self.hole_punches.0,
+            hole_punches_failed: self.hole_punches.1,
         };
         self.status_tx.send_if_modified(|old| {
             if **old == status {
@@ -755,8 +919,123 @@ impl EventLoop {
         }
     }
 
+    /// Listens through every circuit that is not open and whose retry time has come, once
+    /// connected to its relay; dials the relays not connected.
+    ///
+    /// The relay client would dial the relay itself, but it gives up (and closes the
+    /// listener) when it finds another dial to that peer under way, such as the one to a
+    /// bootstrap peer; on a connection it finds, it asks for the reservation at once.
+    fn open_circuits(&mut self, now: Instant) {
+        for circuit in &mut self.circuits {
+            if circuit.listener.is_some() || now < circuit.retry_at {
+                continue;
+            }
+            if !self.swarm.is_connected(&circuit.relay) {
+                if now >= circuit.next_dial {
+                    circuit.next_dial = now + REDIAL_EVERY;
+                    let mut relay_addr = circuit.addr.clone();
+                    relay_addr.pop();
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(circuit.relay)
+                        .addresses(vec![relay_addr])
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(relay = %circuit.relay, error = %e, "relay not dialed");
+                    }
+                }
+                continue;
+            }
+            match self.swarm.listen_on(circuit.addr.clone()) {
+                Ok(id) => circuit.listener = Some(id),
+                Err(e) => {
+                    warn!(circuit = %circuit.addr, error = %e, "cannot listen through relay");
+                    circuit.retry_later(now);
+                }
+            }
+        }
+    }
+
+    /// Adds a circuit through `relay_addr` (ending in `/p2p/<relay id>`), unless this node
+    /// listens through that relay already.
+    fn listen_through(&mut self, relay_addr: &Multiaddr) {
+        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+        let Some(relay) = circuit_relay(&circuit) else {
+            return;
+        };
+        if !self.circuits.iter().any(|c| c.relay == relay) {
+            self.circuits.push(CircuitListener::new(circuit, relay));
+        }
+        self.open_circuits(Instant::now());
+    }
+
+    /// Forgets the addresses of a listener that closed; a circuit is opened again later.
+    fn on_listener_closed(
+        &mut self,
+        listener: ListenerId,
+        addresses: &[Multiaddr],
+        reason: Result<(), std::io::Error>,
+    ) {
+        self.listen_addrs.retain(|a| !addresses.contains(a));
+        let now = Instant::now();
+        if let Some(circuit) = self
+            .circuits
+            .iter_mut()
+            .find(|c| c.listener == Some(listener))
+        {
+            let reason = reason.err().map(|e| e.to_string());
+            info!(circuit = %circuit.addr, ?reason, retry_in = ?circuit.backoff, "relay circuit closed; listening through it again later");
+            circuit.retry_later(now);
+        }
+        self.publish_status();
+    }
+
+    /// Asks the DHT for `peer`, whose address we do not know, at most once per
+    /// [`LOOKUP_EVERY`]: the query contacts it, so we connect. A peer reachable only through
+    /// a relay circuit made its address known to the peers it was connected to (identify)
+    /// after it joined, so a node that joined at the same time may have none for it.
+    fn look_up(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        let recent = |at: &Instant| now.duration_since(*at) < LOOKUP_EVERY;
+        if self.lookups.get(&peer).is_some_and(recent) {
+            return;
+        }
+        if self.lookups.len() >= MAX_LOOKUPS {
+            self.lookups.retain(|_, at| recent(at));
+            if self.lookups.len() >= MAX_LOOKUPS {
+                return;
+            }
+        }
+        self.lookups.insert(peer, now);
+        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+    }
+
+    fn link(&mut self, peer: PeerId, relayed: bool, up: bool) {
+        let links = self.links.entry(peer).or_default();
+        let count = if relayed {
+            &mut links.relayed
+        } else {
+            &mut links.direct
+        };
+        *count = if up {
+            count.saturating_add(1)
+        } else {
+            count.saturating_sub(1)
+        };
+        if links.direct == 0 && links.relayed == 0 {
+            self.links.remove(&peer);
+        }
+    }
+
+    /// Tells connected peers our addresses now: identify repeats itself only every few
+    /// minutes, and a node behind NAT has no other way to make a new relay circuit known.
+    fn push_addresses(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        self.swarm.behaviour_mut().identify.push(peers);
+        self.publish_status();
+    }
+
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.open_circuits(now);
         // Bootstrap peers unreachable and nobody else known: retry with backoff, and say so.
         if !self.bootstrap.is_empty()
             && now >= self.next_bootstrap
@@ -912,6 +1191,7 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
+                self.link(peer_id, endpoint.is_relayed(), true);
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.table.add_addr(&peer_id, address.clone());
                 }
@@ -922,6 +1202,9 @@ impl EventLoop {
                 {
                     self.challenge(peer_id);
                 }
+                if self.circuits.iter().any(|c| c.relay == peer_id) {
+                    self.open_circuits(Instant::now());
+                }
                 if self.bootstrap.iter().any(|(p, _)| *p == peer_id) {
                     self.bootstrap_backoff = Duration::from_secs(1);
                     if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
@@ -931,18 +1214,55 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                endpoint,
+                num_established,
                 ..
             } => {
-                self.table.set_connected(&peer_id, false);
-                self.awaiting_auth.remove(&peer_id);
+                self.link(peer_id, endpoint.is_relayed(), false);
+                if num_established == 0 {
+                    self.table.set_connected(&peer_id, false);
+                    self.awaiting_auth.remove(&peer_id);
+                }
                 self.publish_peers();
             }
-            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
-                self.listen_addrs.push(address);
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some(circuit) = self
+                    .circuits
+                    .iter_mut()
+                    .find(|c| c.listener == Some(listener_id))
+                {
+                    info!(%address, "listening through relay");
+                    circuit.backoff = CircuitListener::FIRST_RETRY;
+                }
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+                self.publish_status();
             }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+                self.publish_status();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => self.on_listener_closed(listener_id, &addresses, reason),
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 info!(%address, "external address confirmed");
+                self.push_addresses();
+                // Ask the DHT for our neighbours again: peers that became reachable the same
+                // way before us (a relay circuit) were not in it when we joined.
+                if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                    debug!(error = %e, "kademlia bootstrap not started");
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                info!(%address, "external address expired");
+                self.push_addresses();
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
@@ -1055,12 +1375,25 @@ impl EventLoop {
                 if matches!(new, autonat::NatStatus::Private) {
                     // Unreachable: listen through the bootstrap peers' relays.
                     for (_, addr) in self.bootstrap.clone() {
-                        let circuit = addr.with(Protocol::P2pCircuit);
-                        if let Err(e) = self.swarm.listen_on(circuit.clone()) {
-                            warn!(%circuit, error = %e, "cannot listen through relay");
-                        }
+                        self.listen_through(&addr);
                     }
                 }
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                match result {
+                    Ok(_) => {
+                        self.hole_punches.0 += 1;
+                        info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one");
+                    }
+                    Err(e) => {
+                        self.hole_punches.1 += 1;
+                        debug!(peer = %remote_peer_id, error = %e, "hole punch failed; the connection stays relayed");
+                    }
+                }
+                self.publish_status();
             }
             _ => {}
         }
@@ -1100,7 +1433,9 @@ impl EventLoop {
                 {
                     // Heard of through gossip: connect, so that it can prove itself and we
                     // can measure it.
-                    let _ = self.swarm.dial(author);
+                    if let Err(libp2p::swarm::DialError::NoAddresses) = self.swarm.dial(author) {
+                        self.look_up(author);
+                    }
                 }
                 gossipsub::MessageAcceptance::Accept
             }
@@ -1407,6 +1742,7 @@ mod tests {
         let config = Config {
             listen: vec![],
             external_addrs: vec![],
+            advertise_listen_addrs: true,
             bootstrap: vec![],
             zone: "aws/us-east-1/a".into(),
             role: Role::Bootstrap,
@@ -1418,6 +1754,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             max_connections: 1,
             max_streams_per_peer: 1,
+            relay_server: None,
         };
         let (zone, role, version) = parse_agent(&agent_version(&config));
         assert_eq!(zone, "aws/us-east-1/a");
@@ -1435,5 +1772,26 @@ mod tests {
         assert!(peer_of(&with).is_some());
         let without: Multiaddr = "/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap();
         assert!(peer_of(&without).is_none());
+    }
+
+    #[test]
+    fn circuit_listen_addresses_name_their_relay() {
+        let relay = PeerId::random();
+        let circuit: Multiaddr = format!("/ip4/1.2.3.4/udp/4001/quic-v1/p2p/{relay}/p2p-circuit")
+            .parse()
+            .unwrap();
+        assert!(is_circuit(&circuit));
+        assert_eq!(circuit_relay(&circuit), Some(relay));
+        for bad in [
+            "/ip4/1.2.3.4/udp/4001/quic-v1/p2p-circuit".to_owned(),
+            format!("/p2p/{relay}/p2p-circuit"),
+            format!("/ip4/1.2.3.4/udp/4001/quic-v1/p2p/{relay}/p2p-circuit/p2p/{relay}"),
+        ] {
+            let bad: Multiaddr = bad.parse().unwrap();
+            assert!(is_circuit(&bad));
+            assert_eq!(circuit_relay(&bad), None, "{bad}");
+        }
+        let direct: Multiaddr = "/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap();
+        assert!(!is_circuit(&direct));
     }
 }

@@ -77,6 +77,9 @@ pub struct PeerView {
     pub load: Option<LoadReport>,
     pub liveness: Liveness,
     pub connected: bool,
+    /// Connected, but only through a relay's circuit (no direct connection yet). The swarm
+    /// task fills this in; the table does not track connections.
+    pub relayed: bool,
 }
 
 /// Thresholds of liveness.
@@ -256,6 +259,7 @@ impl PeerTable {
                 load: e.load.clone(),
                 liveness: self.liveness_of(e, now),
                 connected: e.connected,
+                relayed: false,
             })
             .collect();
         views.sort_by_key(|v| v.id);

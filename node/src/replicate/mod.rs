@@ -19,6 +19,7 @@
 //! `answer_copy`), so the bytes cross the network once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -268,6 +269,8 @@ struct Inner {
     copies: Arc<Semaphore>,
     /// Where job-protocol requests go, once the job service runs.
     jobs: std::sync::OnceLock<mpsc::Sender<JobCall>>,
+    /// Test hook: serve corrupted chunks (see [`Mesh::serve_corrupt_chunks`]).
+    serve_corrupt: AtomicBool,
 }
 
 /// A job-protocol request from a peer, for the job service, with the way to answer it.
@@ -332,6 +335,7 @@ impl Mesh {
                 pace: repair::Pace::new(settings.repair_rate),
                 copies: Arc::new(Semaphore::new(COPY_WORKERS)),
                 jobs: std::sync::OnceLock::new(),
+                serve_corrupt: AtomicBool::new(false),
                 settings,
             }),
         }
@@ -339,6 +343,21 @@ impl Mesh {
 
     pub fn network(&self) -> &Network {
         &self.inner.net
+    }
+
+    /// Test hook: while on, this node flips one byte of every chunk it sends in answer to a
+    /// fetch, as a lying or broken peer would, so that tests can watch readers catch the bad
+    /// bytes on the wire, count them and avoid the peer. (Rot at rest is not that: the store
+    /// verifies what it reads, so a corrupt chunk is never sent.)
+    ///
+    /// Only code holding this node in-process can turn it on: no API route, config key or
+    /// peer message reaches it. A cargo feature would be the other way, but features unify
+    /// across a workspace build, so the test crate asking for it would build it into `meshd`.
+    #[doc(hidden)]
+    pub fn serve_corrupt_chunks(&self, on: bool) {
+        self.inner
+            .serve_corrupt
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Hands job-protocol requests to `jobs` from now on (set once, by the job service).
@@ -1523,8 +1542,19 @@ impl Mesh {
         })
         .await;
         match result {
-            Ok(Ok(frame)) => {
+            Ok(Ok(mut frame)) => {
                 if let ChunkResponse::Data = frame.header {
+                    if self
+                        .inner
+                        .serve_corrupt
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let mut bytes = frame.payload.to_vec();
+                        if let Some(first) = bytes.first_mut() {
+                            *first ^= 0xff;
+                        }
+                        frame.payload = Bytes::from(bytes);
+                    }
                     self.inner.metrics.served(frame.payload.len() as u64);
                 }
                 frame
