@@ -479,22 +479,20 @@ impl CpuTicks {
 
     /// Busy fraction of the machine since `earlier`.
     pub(crate) fn load_since(&self, earlier: &Self) -> f32 {
-        match self.total.checked_sub(earlier.total) {
-            Some(dt) if dt > 0 => {
-                (self.busy.saturating_sub(earlier.busy) as f32 / dt as f32).clamp(0.0, 1.0)
-            }
-            _ => 0.0,
-        }
+        self.share_since(earlier, self.busy.saturating_sub(earlier.busy))
     }
 
     /// Busy fraction of the machine since `earlier`, leaving out this process's own use.
     pub(crate) fn others_since(&self, earlier: &Self) -> f32 {
+        let busy = self.busy.saturating_sub(earlier.busy);
+        let own = self.own.saturating_sub(earlier.own);
+        self.share_since(earlier, busy.saturating_sub(own))
+    }
+
+    /// `ticks` as a fraction of all ticks since `earlier` (0 when no time passed).
+    fn share_since(&self, earlier: &Self, ticks: u64) -> f32 {
         match self.total.checked_sub(earlier.total) {
-            Some(dt) if dt > 0 => {
-                let busy = self.busy.saturating_sub(earlier.busy);
-                let own = self.own.saturating_sub(earlier.own);
-                (busy.saturating_sub(own) as f32 / dt as f32).clamp(0.0, 1.0)
-            }
+            Some(dt) if dt > 0 => (ticks as f32 / dt as f32).clamp(0.0, 1.0),
             _ => 0.0,
         }
     }

@@ -2,9 +2,8 @@
 //! coordinator), and while it has a free task slot and the machine's CPU load, less its own
 //! use, is under the ceiling it asks their coordinators for work, one task per claim. A
 //! granted task reads its input chunk (a local read when the coordinator chose this node for
-//! its locality), runs the pipeline,
-//! stores the output through the normal write path, and reports the output's manifest and
-//! placement record. The lease is renewed every third of its term while the task runs; a
+//! its locality), runs the pipeline, stores the output through the normal write path, and
+//! reports the output's manifest and placement record. The lease is renewed every third of its term while the task runs; a
 //! renewal answered `Lost` stops the task without reporting.
 //!
 //! A map task of a shuffling job stores its shuffle output with one copy, here: a reduce task
@@ -663,34 +662,27 @@ impl Worker {
                 // The kept records stream from the shuffle lines through the chunker into
                 // storage: no copy of the whole partition's output is gathered first.
                 let spec = ChunkerSpec::records(RecordFormat::Jsonl);
-                let records = reduced.kept.len() as u64;
-                let kept_bytes = reduced.bytes() as u64;
+                // Its time is known only after the write, which copies the records out.
+                let mut encode = reduced.encode_stat(0);
                 let kept = KeptReader::new(chunks, reduced.kept);
                 let encode_nanos = kept.nanos();
-                let (output, mut write) = if records == 0 {
+                let (output, mut write) = if encode.records_in == 0 {
                     (None, write_stat(Instant::now(), 0))
                 } else {
-                    let chunker = Chunker::new(kept, spec);
-                    self.write_from(chunker, kept_bytes + records, redundancy, spec)
+                    // Each record is followed by its newline.
+                    let bytes = encode.bytes_in + encode.records_in;
+                    self.write_from(Chunker::new(kept, spec), bytes, redundancy, spec)
                         .await?
                 };
-                // Records are copied out as the chunker reads them, inside the write.
-                let encoded = encode_nanos.load(Ordering::Relaxed);
-                write.nanos = write.nanos.saturating_sub(encoded);
+                encode.nanos = encode_nanos.load(Ordering::Relaxed);
+                write.nanos = write.nanos.saturating_sub(encode.nanos);
                 write.stage = "reduce write".into();
                 let mut stats = vec![read];
-                stats.extend(reduced.stats.into_iter().map(|s| {
+                stats.extend(reduced.stats.into_iter().chain([encode]).map(|s| {
                     let mut s = wire_stat(s);
                     s.stage = format!("reduce {}", s.stage);
                     s
                 }));
-                stats.push(StageStat {
-                    stage: "reduce encode".into(),
-                    nanos: encoded,
-                    records_in: records,
-                    records_out: records,
-                    bytes_in: kept_bytes,
-                });
                 stats.push(write);
                 Ok(TaskOutput {
                     output,
@@ -863,11 +855,7 @@ impl tokio::io::AsyncRead for KeptReader {
             let Some(k) = this.kept.get(this.next) else {
                 break;
             };
-            let record = this
-                .chunks
-                .get(k.input)
-                .and_then(|c| c.get(k.start..k.start.saturating_add(k.len)))
-                .unwrap_or_default();
+            let record = k.of(&this.chunks);
             if let Some(rest) = record.get(this.offset..).filter(|r| !r.is_empty()) {
                 let n = rest.len().min(buf.remaining());
                 buf.put_slice(&rest[..n]);

@@ -656,10 +656,13 @@ pub struct Kept {
 
 impl Kept {
     /// The record's bytes in `inputs` (empty if `inputs` are not the ones it was found in).
-    pub fn of<'a>(&self, inputs: &[&'a [u8]]) -> &'a [u8] {
+    pub fn of<'a, T: AsRef<[u8]>>(&self, inputs: &'a [T]) -> &'a [u8] {
         inputs
             .get(self.input)
-            .and_then(|i| i.get(self.start..self.start.saturating_add(self.len)))
+            .and_then(|i| {
+                i.as_ref()
+                    .get(self.start..self.start.saturating_add(self.len))
+            })
             .unwrap_or_default()
     }
 }
