@@ -408,8 +408,11 @@ fn a_chunk_stored_again_while_unreferenced_starts_its_grace_over() {
     let a = put_object(&*store, &[&data], 1);
     store.delete_object(&a).unwrap().unwrap();
     let released = now_ms();
-    // A peer sends the chunk again (its placement record is still on the way).
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    // A peer sends the chunk again (its placement record is still on the way), a clock tick
+    // after the release.
+    while now_ms() <= released {
+        std::thread::yield_now();
+    }
     store
         .put_chunk_verified(&ChunkId::of(&data), &data)
         .unwrap();
