@@ -269,15 +269,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(r) = &response.router {
                 println!(
-                    "router: {} packets in, {} out ({:.1} MB); dropped: {} partition, {} loss, {} queue, {} overflow, {} no route; {} write errors",
+                    "router: {} packets in ({} reads), {} out ({} writes, {:.1} MB); dropped: {} partition, {} loss, {} queue, {} overflow, {} no route, {} malformed; {} write errors",
                     r.rx_packets,
+                    r.rx_reads,
                     r.tx_packets,
+                    r.tx_writes,
                     r.tx_bytes as f64 / 1e6,
                     r.dropped_partition,
                     r.dropped_loss,
                     r.dropped_queue,
                     r.dropped_overflow,
                     r.dropped_no_route,
+                    r.dropped_malformed,
                     r.write_errors
                 );
             }

@@ -14,10 +14,21 @@
 //!   when due, sleeping until the next release time otherwise.
 //!
 //! Buffers circulate: egress hands written buffers back to ingress through a bounded free
-//! list, so a steady flow allocates nothing. Packets of at most [`SMALL_BUF`] bytes (all of
-//! QUIC's) are copied into small buffers; larger ones keep the 64 KiB read buffer they arrived
-//! in. How many packets may wait is bounded ([`MAX_QUEUED`]); beyond it packets are dropped
-//! and counted, like a router out of buffer space.
+//! list, so a steady flow allocates nothing. Packets of at most [`SMALL_BUF`] bytes are copied
+//! into small buffers; larger ones keep the 64 KiB read buffer they arrived in. How many
+//! packets may wait is bounded ([`MAX_QUEUED`]); beyond it packets are dropped and counted,
+//! like a router out of buffer space.
+//!
+//! **Segmentation offload.** The TUNs are made with `IFF_VNET_HDR` and UDP and TCP
+//! segmentation offload (see [`crate::netns::create_tun`]), so every read starts with a
+//! virtio-net header, and a sender's GSO batch (quinn sends up to 64 QUIC packets in one
+//! `sendmsg` with `UDP_SEGMENT`) reaches the router as one super-packet instead of one read
+//! per packet. The router forwards it whole, header and all, and the receiving kernel
+//! segments it again, so the per-packet cost is paid once per batch. Counters count the
+//! packets on the emulated wire (segments), not reads. On a link with loss or a bandwidth
+//! limit a super-packet is first split into its segments (checksums completed), so that each
+//! segment is lost on its own and serialised one after another, as on a real link; delay and
+//! jitter apply to a whole batch, which its sender emitted at one instant anyway.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -31,17 +42,24 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tun_rs::SyncDevice;
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP_L4, VirtioNetHdr};
 
 use crate::link::{self, Dice, DropReason, Model, Verdict};
 use crate::timer::TimerQueue;
 
 /// Packets read from one TUN before moving to the next, so one busy node cannot starve others.
 pub const READ_BATCH: usize = 64;
-/// Packets up to this size are copied into a small buffer.
+/// Packets up to this size (virtio-net header included) are copied into a small buffer.
 pub const SMALL_BUF: usize = 2048;
-/// Size of a read buffer: a whole TUN packet.
-pub const BIG_BUF: usize = 65_536;
+/// Length of the virtio-net header in front of every packet read from or written to a TUN.
+pub const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Size of a read buffer: the header and the largest IPv4 packet.
+pub const BIG_BUF: usize = VNET_HDR + 65_535;
+/// Most segments in one super-packet; the kernel's own limit (`UDP_MAX_SEGMENTS`).
+pub const MAX_SEGMENTS: usize = 128;
+/// The virtio-net "no segmentation" type, and the flag bit for ECN on a TCP super-packet.
+const GSO_NONE: u8 = 0;
+const GSO_ECN: u8 = 0x80;
 /// Most packets waiting in the router at once.
 pub const MAX_QUEUED: usize = 131_072;
 /// Most packets larger than [`SMALL_BUF`] waiting at once (each holds 64 KiB).
@@ -90,12 +108,20 @@ pub enum Control {
     Heal,
 }
 
+/// Packets and bytes are those of the emulated wire: a super-packet of 40 segments counts 40
+/// packets, and the IP and transport headers of each.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
+    /// TUN reads: fewer than `rx_packets` when senders batch with GSO.
+    pub rx_reads: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
+    /// TUN writes.
+    pub tx_writes: AtomicU64,
+    /// Super-packets split into segments for a link with loss or a bandwidth limit.
+    pub split: AtomicU64,
     pub dropped_partition: AtomicU64,
     pub dropped_loss: AtomicU64,
     pub dropped_queue: AtomicU64,
@@ -103,21 +129,29 @@ pub struct Stats {
     pub dropped_overflow: AtomicU64,
     /// Not IPv4, or not to an attached address.
     pub dropped_no_route: AtomicU64,
+    /// A virtio-net header the router cannot follow (a segmentation it does not know, too
+    /// many segments, headers past the end).
+    pub dropped_malformed: AtomicU64,
     pub write_errors: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Snapshot {
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    pub rx_reads: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    pub tx_writes: u64,
+    pub split: u64,
     pub dropped_partition: u64,
     pub dropped_loss: u64,
     pub dropped_queue: u64,
     pub dropped_overflow: u64,
     pub dropped_no_route: u64,
+    pub dropped_malformed: u64,
     pub write_errors: u64,
 }
 
@@ -127,13 +161,17 @@ impl Stats {
         Snapshot {
             rx_packets: get(&self.rx_packets),
             rx_bytes: get(&self.rx_bytes),
+            rx_reads: get(&self.rx_reads),
             tx_packets: get(&self.tx_packets),
             tx_bytes: get(&self.tx_bytes),
+            tx_writes: get(&self.tx_writes),
+            split: get(&self.split),
             dropped_partition: get(&self.dropped_partition),
             dropped_loss: get(&self.dropped_loss),
             dropped_queue: get(&self.dropped_queue),
             dropped_overflow: get(&self.dropped_overflow),
             dropped_no_route: get(&self.dropped_no_route),
+            dropped_malformed: get(&self.dropped_malformed),
             write_errors: get(&self.write_errors),
         }
     }
@@ -152,8 +190,63 @@ impl Clock {
 struct Packet {
     at: u64,
     dst: u16,
+    /// Segments on the wire, and their bytes (IP packets, headers included).
+    segments: u16,
+    wire_bytes: u32,
+    /// Bytes of `buf` to write: the virtio-net header and the packet.
     len: u32,
     buf: Box<[u8]>,
+}
+
+/// How a packet read from a TUN travels on the wire.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    segments: u16,
+    wire_bytes: usize,
+    /// The header with `hdr_len` recomputed from the packet itself (the kernel may report the
+    /// whole linear part there); only used to split.
+    hdr: VirtioNetHdr,
+}
+
+/// What a packet of `ip` bytes with virtio-net header `hdr` is on the wire, or `None` for a
+/// header the router cannot follow.
+fn shape(hdr: VirtioNetHdr, ip: &[u8]) -> Option<Shape> {
+    if hdr.gso_type == GSO_NONE {
+        return Some(Shape {
+            segments: 1,
+            wire_bytes: ip.len(),
+            hdr,
+        });
+    }
+    let l3 = usize::from(hdr.csum_start);
+    let gso_size = usize::from(hdr.gso_size);
+    if l3 < 20 || gso_size == 0 {
+        return None;
+    }
+    let l4 = match hdr.gso_type & !GSO_ECN {
+        VIRTIO_NET_HDR_GSO_UDP_L4 => 8,
+        VIRTIO_NET_HDR_GSO_TCPV4 => {
+            let offset = usize::from(*ip.get(l3 + 12)? >> 4) * 4;
+            if !(20..=60).contains(&offset) {
+                return None;
+            }
+            offset
+        }
+        _ => return None, // IPv6 or legacy UFO: never routed here
+    };
+    let headers = l3 + l4;
+    let payload = ip.len().checked_sub(headers)?;
+    let segments = payload.div_ceil(gso_size).max(1);
+    if segments > MAX_SEGMENTS {
+        return None;
+    }
+    let mut fixed = hdr;
+    fixed.hdr_len = u16::try_from(headers).ok()?;
+    Some(Shape {
+        segments: segments as u16,
+        wire_bytes: ip.len() + (segments - 1) * headers,
+        hdr: fixed,
+    })
 }
 
 /// A running router; dropping it stops the threads (and, with the endpoints, the TUNs).
@@ -232,6 +325,7 @@ impl Router {
             stop: stop.clone(),
             clock,
             rng: SmallRng::from_os_rng(),
+            split_bufs: Vec::new(),
         };
         let egress = Egress {
             endpoints,
@@ -322,6 +416,8 @@ struct Ingress {
     stop: Arc<AtomicBool>,
     clock: Clock,
     rng: SmallRng,
+    /// Scratch buffers for the segments of a split super-packet.
+    split_bufs: Vec<Vec<u8>>,
 }
 
 impl Ingress {
@@ -359,9 +455,7 @@ impl Ingress {
                         Ok(len) => len,
                         Err(_) => break, // EAGAIN: drained
                     };
-                    if let Some(p) = self.route(src, &mut read_buf, len) {
-                        batch.push(p);
-                    }
+                    self.route(src, &mut read_buf, len, &mut batch);
                 }
             }
             if !batch.is_empty() {
@@ -401,29 +495,117 @@ impl Ingress {
         }
     }
 
-    /// Decides what happens to the packet in `read_buf[..len]` from endpoint `src`; returns it
-    /// ready for the timer queue, or `None` if it was dropped. May swap `read_buf` for a fresh
-    /// buffer when the packet keeps the one it arrived in.
-    fn route(&mut self, src: usize, read_buf: &mut Box<[u8]>, len: usize) -> Option<Packet> {
+    /// Decides what happens to the packet in `read_buf[..len]` (virtio-net header first) from
+    /// endpoint `src`, and pushes what may go on to `out`: the packet, its segments, or
+    /// nothing. May swap `read_buf` for a fresh buffer when the packet keeps the one it
+    /// arrived in.
+    fn route(&mut self, src: usize, read_buf: &mut Box<[u8]>, len: usize, out: &mut Vec<Packet>) {
         let stats = &self.stats;
-        stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-        stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let packet = &read_buf[..len];
-        if len < 20 || packet[0] >> 4 != 4 || packet[16..18] != NET_PREFIX {
+        stats.rx_reads.fetch_add(1, Ordering::Relaxed);
+        if len < VNET_HDR + 20 {
             stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return;
+        }
+        let Ok(hdr) = VirtioNetHdr::decode(&read_buf[..VNET_HDR]) else {
+            stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let packet = &read_buf[VNET_HDR..len];
+        let Some(shape) = shape(hdr, packet) else {
+            stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+            stats
+                .rx_bytes
+                .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let segments = u64::from(shape.segments);
+        stats.rx_packets.fetch_add(segments, Ordering::Relaxed);
+        stats
+            .rx_bytes
+            .fetch_add(shape.wire_bytes as u64, Ordering::Relaxed);
+        if packet[0] >> 4 != 4 || packet[16..18] != NET_PREFIX {
+            stats
+                .dropped_no_route
+                .fetch_add(segments, Ordering::Relaxed);
+            return;
         }
         let dst = self.table[usize::from(u16::from_be_bytes([packet[18], packet[19]]))];
         if dst == u16::MAX || usize::from(dst) == src {
-            stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
-            return None;
+            stats
+                .dropped_no_route
+                .fetch_add(segments, Ordering::Relaxed);
+            return;
         }
+        let link_index =
+            self.endpoints[src].region * self.regions + self.endpoints[usize::from(dst)].region;
+        let model = self.links[link_index];
+        if shape.segments > 1 && (model.loss > 0.0 || model.bytes_per_sec > 0) {
+            self.split(src, dst, shape, &mut read_buf[VNET_HDR..len], out);
+            return;
+        }
+        self.admit(src, dst, shape, Bytes::Read(read_buf, len), out);
+    }
+
+    /// Splits a super-packet into its segments, each with a plain virtio-net header and its
+    /// checksums complete, and admits them one by one.
+    fn split(&mut self, src: usize, dst: u16, shape: Shape, ip: &mut [u8], out: &mut Vec<Packet>) {
+        let segments = usize::from(shape.segments);
+        let segment_len = usize::from(shape.hdr.hdr_len) + usize::from(shape.hdr.gso_size);
+        let mut bufs = std::mem::take(&mut self.split_bufs);
+        if bufs.len() < segments {
+            bufs.resize_with(segments, Vec::new);
+        }
+        for b in &mut bufs[..segments] {
+            if b.len() < VNET_HDR + segment_len {
+                b.resize(VNET_HDR + segment_len, 0);
+            }
+        }
+        let mut sizes = [0usize; MAX_SEGMENTS];
+        match tun_rs::gso_split(
+            ip,
+            shape.hdr,
+            &mut bufs[..segments],
+            &mut sizes[..segments],
+            VNET_HDR,
+            false,
+        ) {
+            Ok(n) => {
+                self.stats.split.fetch_add(1, Ordering::Relaxed);
+                for (b, &size) in bufs[..n].iter_mut().zip(&sizes[..n]) {
+                    // The segment is complete: no offload left for the receiving kernel.
+                    let _ = VirtioNetHdr::default().encode(&mut b[..VNET_HDR]);
+                    let one = Shape {
+                        segments: 1,
+                        wire_bytes: size,
+                        hdr: VirtioNetHdr::default(),
+                    };
+                    self.admit(src, dst, one, Bytes::Copy(&b[..VNET_HDR + size]), out);
+                }
+            }
+            Err(_) => {
+                self.stats
+                    .dropped_malformed
+                    .fetch_add(u64::from(shape.segments), Ordering::Relaxed);
+            }
+        }
+        self.split_bufs = bufs;
+    }
+
+    /// Runs the link model on one packet (or unsplit super-packet) and queues it for egress.
+    fn admit(
+        &mut self,
+        src: usize,
+        dst: u16,
+        shape: Shape,
+        bytes: Bytes<'_>,
+        out: &mut Vec<Packet>,
+    ) {
+        let stats = &self.stats;
+        let segments = u64::from(shape.segments);
         let n = self.endpoints.len();
-        let (from, to) = (
-            self.endpoints[src].region,
-            self.endpoints[usize::from(dst)].region,
-        );
-        let link_index = from * self.regions + to;
+        let link_index =
+            self.endpoints[src].region * self.regions + self.endpoints[usize::from(dst)].region;
         let model = self.links[link_index];
         let dice = if model.loss > 0.0 || model.jitter_ns > 0 {
             Dice {
@@ -439,7 +621,7 @@ impl Ingress {
             &mut self.queues[link_index],
             &mut self.flows[src * n + usize::from(dst)],
             now,
-            len,
+            shape.wire_bytes,
             self.partitioned[link_index],
             dice,
         );
@@ -451,41 +633,64 @@ impl Ingress {
                     DropReason::Loss => &stats.dropped_loss,
                     DropReason::QueueFull => &stats.dropped_queue,
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
-                return None;
+                counter.fetch_add(segments, Ordering::Relaxed);
+                return;
             }
         };
         if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
-            stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
-            return None;
+            stats
+                .dropped_overflow
+                .fetch_add(segments, Ordering::Relaxed);
+            return;
         }
+        let data: &[u8] = match &bytes {
+            Bytes::Read(read_buf, len) => &read_buf[..*len],
+            Bytes::Copy(data) => data,
+        };
+        let len = data.len();
         let buf = if len <= SMALL_BUF {
             let mut small = self
                 .free_small
                 .try_recv()
                 .unwrap_or_else(|_| vec![0u8; SMALL_BUF].into_boxed_slice());
-            small[..len].copy_from_slice(&read_buf[..len]);
+            small[..len].copy_from_slice(data);
             small
         } else {
             if self.queued_big.load(Ordering::Relaxed) >= MAX_QUEUED_BIG {
-                stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
-                return None;
+                stats
+                    .dropped_overflow
+                    .fetch_add(segments, Ordering::Relaxed);
+                return;
             }
             self.queued_big.fetch_add(1, Ordering::Relaxed);
-            let fresh = self
+            let mut fresh = self
                 .free_big
                 .try_recv()
                 .unwrap_or_else(|_| vec![0u8; BIG_BUF].into_boxed_slice());
-            std::mem::replace(read_buf, fresh)
+            match bytes {
+                Bytes::Read(read_buf, _) => std::mem::swap(read_buf, &mut fresh),
+                Bytes::Copy(data) => fresh[..len].copy_from_slice(data),
+            }
+            fresh
         };
         self.queued.fetch_add(1, Ordering::Relaxed);
-        Some(Packet {
+        out.push(Packet {
             at,
             dst,
+            segments: shape.segments,
+            wire_bytes: shape.wire_bytes as u32,
             len: len as u32,
             buf,
-        })
+        });
     }
+}
+
+/// Where the bytes of a packet to admit are.
+enum Bytes<'a> {
+    /// `len` bytes of the read buffer, which a large packet takes over (a fresh one replaces it).
+    Read(&'a mut Box<[u8]>, usize),
+    /// Bytes to copy (a segment of a split super-packet).
+    Copy(&'a [u8]),
 }
 
 struct Egress {
@@ -542,8 +747,14 @@ impl Egress {
             .send(&packet.buf[..len])
         {
             Ok(_) => {
-                self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                self.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                let stats = &self.stats;
+                stats.tx_writes.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .tx_packets
+                    .fetch_add(u64::from(packet.segments), Ordering::Relaxed);
+                stats
+                    .tx_bytes
+                    .fetch_add(u64::from(packet.wire_bytes), Ordering::Relaxed);
             }
             Err(_) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +770,86 @@ impl Egress {
             let _ = self.free_big.try_send(buf);
         } else {
             let _ = self.free_small.try_send(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn gso(gso_type: u8, gso_size: u16, hdr_len: u16) -> VirtioNetHdr {
+        VirtioNetHdr {
+            flags: 1,
+            gso_type,
+            hdr_len,
+            gso_size,
+            csum_start: 20,
+            csum_offset: if gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 {
+                6
+            } else {
+                16
+            },
+        }
+    }
+
+    #[test]
+    fn a_plain_packet_is_one_segment() {
+        let s = shape(VirtioNetHdr::default(), &[0x45; 1228]).expect("plain");
+        assert_eq!((s.segments, s.wire_bytes), (1, 1228));
+    }
+
+    #[test]
+    fn a_udp_batch_counts_its_segments_and_their_headers() {
+        // 3000 bytes of payload in 1200-byte segments: 1200 + 1200 + 600.
+        let ip = vec![0u8; 20 + 8 + 3000];
+        // The kernel may report the whole linear part as hdr_len; the shape recomputes it.
+        let s = shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 1200, 700), &ip).expect("udp");
+        assert_eq!(s.segments, 3);
+        assert_eq!(s.wire_bytes, ip.len() + 2 * 28);
+        assert_eq!(s.hdr.hdr_len, 28);
+    }
+
+    #[test]
+    fn a_tcp_batch_reads_its_header_length_from_the_packet() {
+        let mut ip = vec![0u8; 20 + 32 + 2000];
+        ip[20 + 12] = 8 << 4; // data offset: 8 words
+        let s = shape(gso(VIRTIO_NET_HDR_GSO_TCPV4 | GSO_ECN, 1000, 0), &ip).expect("tcp");
+        assert_eq!((s.segments, s.hdr.hdr_len), (2, 52));
+        assert_eq!(s.wire_bytes, ip.len() + 52);
+        ip[20 + 12] = 2 << 4; // 8 bytes: no TCP header is that short
+        assert!(shape(gso(VIRTIO_NET_HDR_GSO_TCPV4, 1000, 0), &ip).is_none());
+    }
+
+    #[test]
+    fn headers_the_router_cannot_follow_are_refused() {
+        let ip = vec![0u8; 20 + 8 + 3000];
+        // Legacy UFO, IPv6 TCP, no segment size, headers before the IP header ends.
+        assert!(shape(gso(3, 1200, 0), &ip).is_none());
+        assert!(shape(gso(4, 1200, 0), &ip).is_none());
+        assert!(shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 0, 0), &ip).is_none());
+        let mut short_l3 = gso(VIRTIO_NET_HDR_GSO_UDP_L4, 1200, 0);
+        short_l3.csum_start = 10;
+        assert!(shape(short_l3, &ip).is_none());
+        // More segments than the kernel ever makes, and a packet shorter than its headers.
+        assert!(shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 10, 0), &ip).is_none());
+        assert!(shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 1200, 0), &ip[..24]).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn shape_never_panics_and_stays_in_bounds(
+            header in proptest::collection::vec(any::<u8>(), VNET_HDR),
+            ip in proptest::collection::vec(any::<u8>(), 0..4000),
+        ) {
+            let Ok(hdr) = VirtioNetHdr::decode(&header) else {
+                return Err(TestCaseError::fail("a header of the right length decodes"));
+            };
+            if let Some(s) = shape(hdr, &ip) {
+                prop_assert!(usize::from(s.segments) <= MAX_SEGMENTS);
+                prop_assert!(s.wire_bytes >= ip.len());
+            }
         }
     }
 }

@@ -5,8 +5,11 @@
 //! between them. A sender thread in `a` sends UDP datagrams to a receiver thread in `b`:
 //! - **packets/s**: QUIC-sized datagrams (1200 bytes of payload) as fast as the sender can,
 //!   over an ideal link; the rate is what the router wrote into `b`'s TUN.
+//! - **GSO batches**: the same 1200-byte datagrams sent as quinn sends them, [`GSO_BATCH`] to a
+//!   `sendmsg` with `UDP_SEGMENT`, which the offloading TUN hands to the router as one
+//!   super-packet; packets/s counts the datagrams (segments).
 //! - **MB/s**: the same with 60,000-byte datagrams (the TUN MTU is 65,000), and the MB/s the
-//!   small-datagram run reached.
+//!   other runs reached.
 //! - **delay precision**: the link gets a one-way delay; the sender timestamps probes at a
 //!   steady rate and the receiver compares each probe's one-way time with the configured delay
 //!   (both threads read the same monotonic clock). The error includes both kernels' UDP paths.
@@ -53,6 +56,11 @@ pub struct Report {
     pub small_packets_per_sec: f64,
     pub small_mb_per_sec: f64,
     pub small_delivered_fraction: f64,
+    /// Datagrams per `sendmsg` in the GSO run (of `small_datagram_bytes` each).
+    pub gso_batch: usize,
+    pub gso_packets_per_sec: f64,
+    pub gso_mb_per_sec: f64,
+    pub gso_delivered_fraction: f64,
     pub large_datagram_bytes: usize,
     pub large_packets_per_sec: f64,
     pub large_mb_per_sec: f64,
@@ -164,6 +172,8 @@ const PORT: u16 = 9_000;
 const WINDOW_BYTES: u64 = 4 << 20;
 const SMALL: usize = 1200;
 const LARGE: usize = 60_000;
+/// Datagrams per GSO send; quinn sends up to 64 (a QUIC connection's whole burst).
+pub const GSO_BATCH: usize = 40;
 
 pub fn run(options: &Options) -> Result<Report, Error> {
     let lab = Lab::start("selftest", &[0, 1])?;
@@ -175,8 +185,24 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     let sender = Arc::new(sender);
     let receiver = Arc::new(receiver);
 
-    let small = throughput(router, &sender, &receiver, SMALL, options.phase)?;
-    let large = throughput(router, &sender, &receiver, LARGE, options.phase)?;
+    let small = throughput(router, &sender, &receiver, SMALL, 1, options.phase)?;
+    let gso_sender = lab.bind(0, 0)?;
+    gso_sender.connect(SocketAddrV4::new(lab.addr(1), PORT))?;
+    nix::sys::socket::setsockopt(
+        &gso_sender,
+        nix::sys::socket::sockopt::UdpGsoSegment,
+        &(SMALL as i32),
+    )
+    .map_err(std::io::Error::from)?;
+    let gso = throughput(
+        router,
+        &Arc::new(gso_sender),
+        &receiver,
+        SMALL,
+        GSO_BATCH,
+        options.phase,
+    )?;
+    let large = throughput(router, &sender, &receiver, LARGE, 1, options.phase)?;
 
     let delay = Model {
         delay_ns: link::duration_ns(options.delay),
@@ -191,14 +217,16 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     let drops = router.stats();
     drop(lab);
 
+    // The goals are judged on traffic shaped like the mesh's: quinn sends GSO batches of
+    // QUIC-sized packets. The one-datagram-per-send run is reported beside it.
     let mut failures = Vec::new();
-    if small.packets_per_sec < GOAL_PACKETS_PER_SEC {
+    if gso.packets_per_sec < GOAL_PACKETS_PER_SEC {
         failures.push(format!(
-            "{:.0} packets/s of {SMALL}-byte datagrams is below the goal of {GOAL_PACKETS_PER_SEC:.0}",
-            small.packets_per_sec
+            "{:.0} packets/s of {SMALL}-byte datagrams in GSO batches of {GSO_BATCH} is below the goal of {GOAL_PACKETS_PER_SEC:.0}",
+            gso.packets_per_sec
         ));
     }
-    let best_mb = small.mb_per_sec.max(large.mb_per_sec);
+    let best_mb = gso.mb_per_sec.max(large.mb_per_sec);
     if best_mb < GOAL_MB_PER_SEC {
         failures.push(format!(
             "{best_mb:.0} MB/s is below the goal of {GOAL_MB_PER_SEC:.0} MB/s"
@@ -230,6 +258,10 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         small_packets_per_sec: small.packets_per_sec,
         small_mb_per_sec: small.mb_per_sec,
         small_delivered_fraction: small.delivered_fraction,
+        gso_batch: GSO_BATCH,
+        gso_packets_per_sec: gso.packets_per_sec,
+        gso_mb_per_sec: gso.mb_per_sec,
+        gso_delivered_fraction: gso.delivered_fraction,
         large_datagram_bytes: LARGE,
         large_packets_per_sec: large.packets_per_sec,
         large_mb_per_sec: large.mb_per_sec,
@@ -267,12 +299,14 @@ struct Throughput {
     delivered_fraction: f64,
 }
 
-/// Sends `size`-byte datagrams for `phase` and measures what the router forwarded.
+/// Sends `size`-byte datagrams for `phase`, `batch` to a send (a socket with `UDP_SEGMENT`
+/// set to `size` when more than one), and measures what the router forwarded.
 fn throughput(
     router: &Router,
     sender: &Arc<UdpSocket>,
     receiver: &Arc<UdpSocket>,
     size: usize,
+    batch: usize,
     phase: Duration,
 ) -> Result<Throughput, Error> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -293,8 +327,8 @@ fn throughput(
         let (sender, stop, sent, received) =
             (sender.clone(), stop.clone(), sent.clone(), received.clone());
         std::thread::spawn(move || {
-            let payload = vec![0x5au8; size];
-            let window = (WINDOW_BYTES / size as u64).max(8);
+            let payload = vec![0x5au8; size * batch];
+            let window = (WINDOW_BYTES / size as u64).max(8 * batch as u64);
             // Datagrams given up as lost, and when the receiver last made progress.
             let (mut lost, mut last_received, mut stalled_since) = (0u64, 0u64, Instant::now());
             while !stop.load(Ordering::Relaxed) {
@@ -313,9 +347,9 @@ fn throughput(
                     std::thread::yield_now();
                     continue;
                 }
-                for _ in 0..64 {
+                for _ in 0..64usize.div_ceil(batch) {
                     if sender.send(&payload).is_ok() {
-                        sent.fetch_add(1, Ordering::Relaxed);
+                        sent.fetch_add(batch as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -413,6 +447,14 @@ pub fn print(report: &Report) {
         report.small_delivered_fraction * 100.0
     );
     println!(
+        "  {:>6}-byte datagrams, GSO batches of {}: {:>9.0} packets/s  {:>7.1} MB/s  ({:.1}% of sent delivered)",
+        report.small_datagram_bytes,
+        report.gso_batch,
+        report.gso_packets_per_sec,
+        report.gso_mb_per_sec,
+        report.gso_delivered_fraction * 100.0
+    );
+    println!(
         "  {:>6}-byte datagrams: {:>9.0} packets/s  {:>7.1} MB/s",
         report.large_datagram_bytes, report.large_packets_per_sec, report.large_mb_per_sec
     );
@@ -427,7 +469,7 @@ pub fn print(report: &Report) {
         report.early_probes
     );
     println!(
-        "  goals: >= {GOAL_PACKETS_PER_SEC:.0} packets/s, >= {GOAL_MB_PER_SEC:.0} MB/s, p99 error <= {} ms",
+        "  goals (packets/s on GSO batches, as quinn sends): >= {GOAL_PACKETS_PER_SEC:.0} packets/s, >= {GOAL_MB_PER_SEC:.0} MB/s, p99 error <= {} ms",
         GOAL_P99_ERROR.as_millis()
     );
     if report.passed {

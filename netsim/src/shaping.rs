@@ -11,6 +11,12 @@
 //! - **loss**: `a1 -> b1`, small datagrams paced well below anything that could queue; the
 //!   fraction delivered, and the router's loss counter for the rest.
 //! - **partition**: datagrams `a1 -> b1` while the regions are partitioned, then after heal.
+//! - **segmentation offload**: `a1 -> b1` in GSO batches (`UDP_SEGMENT`), as quinn sends,
+//!   first over an ideal link, where the router must forward each batch whole (fewer TUN
+//!   reads than packets), then over a lossy one, where it must split batches so that segments
+//!   are lost one by one. Every segment carries its sequence number and a pattern the
+//!   receiver checks, so a segment cut, merged or with a wrong checksum (the kernel drops
+//!   those) shows.
 //!
 //! Receivers get a large socket buffer, so a receiver thread that the scheduler stalls does not
 //! lose datagrams that the router delivered.
@@ -72,6 +78,29 @@ pub struct Report {
     pub partitioned_dropped: u64,
     pub healed_sent: u64,
     pub healed_received: u64,
+    pub gso_ideal: GsoDelivery,
+    pub gso_lossy: GsoDelivery,
+}
+
+/// What one offload phase sent and what arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GsoDelivery {
+    /// Segments per send, and sends.
+    pub batch: u64,
+    pub batches: u64,
+    /// Segments sent and received intact.
+    pub sent: u64,
+    pub received: u64,
+    /// Datagrams whose length or contents were not what was sent.
+    pub corrupt: u64,
+    /// Batches of which some segments arrived and some did not.
+    pub partial_batches: u64,
+    /// The router during the phase: TUN reads, packets (segments) read, batches split, and
+    /// segments lost to the link's loss.
+    pub reads: u64,
+    pub packets: u64,
+    pub split: u64,
+    pub dropped_loss: u64,
 }
 
 /// Payload of the bandwidth phase's datagrams: few packets per second for the bytes, so the
@@ -98,6 +127,16 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     let (flow_bytes_per_sec, total_bytes_per_sec) = bandwidth(&lab, [(a1, b1), (a2, b2)], options)?;
     let (lossy, loss_dropped) = loss(&lab, (a1, b1), options)?;
     let partition = partition(&lab, (a1, b1), options.partition_datagrams)?;
+    let gso_ideal = offload(&lab, (a1, b1), Model::ideal(), PORT + 3)?;
+    let gso_lossy = offload(
+        &lab,
+        (a1, b1),
+        Model {
+            loss: options.loss,
+            ..Model::ideal()
+        },
+        PORT + 4,
+    )?;
     Ok(Report {
         bandwidth: options.bandwidth,
         flow_bytes_per_sec,
@@ -111,6 +150,108 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         partitioned_dropped: partition.partitioned_dropped,
         healed_sent: partition.healed.sent,
         healed_received: partition.healed.received,
+        gso_ideal,
+        gso_lossy,
+    })
+}
+
+/// Segments per GSO send in the offload phases, their size, and how many sends.
+const GSO_BATCH: usize = 16;
+const GSO_SEGMENT: usize = 1200;
+const GSO_SENDS: u64 = 300;
+/// GSO sends per second: far below anything that could queue.
+const GSO_RATE: u64 = 500;
+
+/// The contents of segment `seq`: its number, then bytes derived from it.
+fn segment_bytes(seq: u64, out: &mut [u8]) {
+    out[..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in out[8..].iter_mut().enumerate() {
+        *b = (seq as u8).wrapping_mul(31).wrapping_add(i as u8);
+    }
+}
+
+/// [`GSO_SENDS`] batches of [`GSO_BATCH`] segments `from -> to` across a link with `model`.
+fn offload(
+    lab: &Lab,
+    (from, to): (usize, usize),
+    model: Model,
+    port: u16,
+) -> Result<GsoDelivery, Error> {
+    set_link(&lab.router, model);
+    let (sender, receiver) = pair(lab, from, to, port)?;
+    setsockopt(&sender, sockopt::UdpGsoSegment, &(GSO_SEGMENT as i32))
+        .map_err(std::io::Error::from)?;
+    let before = lab.router.stats();
+    let seen = std::sync::Mutex::new(vec![false; GSO_SENDS as usize * GSO_BATCH]);
+    let corrupt = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let sent = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut buf = vec![0u8; 65_536];
+            let mut expect = vec![0u8; GSO_SEGMENT];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(len) = receiver.recv(&mut buf) else {
+                    continue;
+                };
+                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                segment_bytes(seq, &mut expect);
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                match seen.get_mut(seq as usize) {
+                    Some(slot) if len == GSO_SEGMENT && buf[..len] == expect[..] && !*slot => {
+                        *slot = true;
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        corrupt.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        let mut payload = vec![0u8; GSO_BATCH * GSO_SEGMENT];
+        let gap = Duration::from_secs(1) / GSO_RATE as u32;
+        let mut due = Instant::now();
+        let mut sent = 0u64;
+        for batch in 0..GSO_SENDS {
+            for (i, segment) in payload.chunks_mut(GSO_SEGMENT).enumerate() {
+                segment_bytes(batch * GSO_BATCH as u64 + i as u64, segment);
+            }
+            due += gap;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if sender.send(&payload).is_ok() {
+                sent += GSO_BATCH as u64;
+            }
+        }
+        let deadline = Instant::now() + SETTLE;
+        while Instant::now() < deadline {
+            let lost = lab.router.stats().dropped_loss - before.dropped_loss;
+            if received.load(Ordering::Relaxed) + lost >= sent {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        sent
+    });
+    let after = lab.router.stats();
+    let seen = seen.into_inner().unwrap_or_else(|e| e.into_inner());
+    let partial_batches = seen
+        .chunks(GSO_BATCH)
+        .filter(|b| b.iter().any(|&s| s) && !b.iter().all(|&s| s))
+        .count() as u64;
+    Ok(GsoDelivery {
+        batch: GSO_BATCH as u64,
+        batches: GSO_SENDS,
+        sent,
+        received: received.into_inner(),
+        corrupt: corrupt.into_inner(),
+        partial_batches,
+        reads: after.rx_reads - before.rx_reads,
+        packets: after.rx_packets - before.rx_packets,
+        split: after.split - before.split,
+        dropped_loss: after.dropped_loss - before.dropped_loss,
     })
 }
 

@@ -1,4 +1,4 @@
-//! Bandwidth, loss and partitions through the real router, namespaces, TUN devices and UDP
+//! Bandwidth, loss, partitions and GSO batches through the real router, namespaces, TUN devices and UDP
 //! sockets. Needs root: without it this test fails (it does not skip), so a CI that lost its
 //! privileges says so.
 
@@ -36,13 +36,7 @@ fn router_shapes_real_traffic() {
     // Loss: the delivered fraction is the configured one (5000 draws: 0.04 is 7 standard
     // deviations), and the router counted every datagram that did not arrive.
     assert_eq!(r.loss_sent, options.loss_datagrams, "{r:?}");
-    let delivered = r.loss_received as f64 / r.loss_sent as f64;
-    assert!(
-        (delivered - (1.0 - r.loss)).abs() <= 0.04,
-        "{delivered:.3} of {} datagrams arrived over a link losing {}",
-        r.loss_sent,
-        r.loss
-    );
+    assert_loss_near(r.loss_received, r.loss_sent, r.loss, "datagrams");
     let missing = r.loss_sent - r.loss_received;
     assert!(
         missing.abs_diff(r.loss_dropped) <= 3,
@@ -69,4 +63,59 @@ fn router_shapes_real_traffic() {
         r.healed_received, r.healed_sent
     );
     assert_eq!(r.healed_sent, options.partition_datagrams, "{r:?}");
+
+    // Segmentation offload: batches cross an ideal link whole and intact, and a lossy link
+    // loses segments one by one.
+    let ideal = r.gso_ideal;
+
+    assert_eq!(ideal.sent, ideal.batch * ideal.batches, "{ideal:?}");
+    assert_eq!(
+        ideal.corrupt, 0,
+        "segments arrived cut or changed: {ideal:?}"
+    );
+    assert_eq!(
+        ideal.received, ideal.sent,
+        "an ideal link lost segments: {ideal:?}"
+    );
+    assert_eq!(ideal.split, 0, "an ideal link split batches: {ideal:?}");
+    // Each batch is one TUN read (a few other packets, such as neighbour discovery, may add
+    // reads); without offload every segment would be a read of its own.
+    assert!(
+        ideal.packets >= ideal.sent && ideal.reads * 4 <= ideal.packets,
+        "batches were not forwarded whole: {} reads for {} packets",
+        ideal.reads,
+        ideal.packets
+    );
+
+    let lossy = r.gso_lossy;
+    assert_eq!(
+        lossy.corrupt, 0,
+        "split segments arrived cut or changed: {lossy:?}"
+    );
+    assert!(
+        lossy.split >= lossy.batches * 9 / 10,
+        "batches were not split: {lossy:?}"
+    );
+    // 4800 draws: 0.04 is 7 standard deviations.
+    assert_loss_near(lossy.received, lossy.sent, options.loss, "segments");
+    assert_eq!(
+        lossy.sent - lossy.received,
+        lossy.dropped_loss,
+        "every missing segment is a counted loss: {lossy:?}"
+    );
+    // With each segment lost on its own (p = 0.2, 16 to a batch), a batch arrives whole or
+    // not at all with probability 0.028; losing whole batches would make every batch so.
+    assert!(
+        lossy.partial_batches >= lossy.batches / 2,
+        "losses came in whole batches: {lossy:?}"
+    );
+}
+
+/// `received` of `sent` is within 0.04 of what a link losing `loss` delivers.
+fn assert_loss_near(received: u64, sent: u64, loss: f64, what: &str) {
+    let delivered = received as f64 / sent as f64;
+    assert!(
+        (delivered - (1.0 - loss)).abs() <= 0.04,
+        "{delivered:.3} of {sent} {what} arrived over a link losing {loss}"
+    );
 }
