@@ -133,6 +133,61 @@ pub struct Stats {
     /// many segments, headers past the end).
     pub dropped_malformed: AtomicU64,
     pub write_errors: AtomicU64,
+    /// How late egress wrote packets after their release time: [`LATENESS_BUCKETS`] buckets
+    /// of [`LATENESS_BUCKET_NS`], the last one for everything later.
+    pub lateness: Lateness,
+}
+
+/// Width of a lateness bucket.
+pub const LATENESS_BUCKET_NS: u64 = 10_000;
+/// Lateness buckets: 10 µs each up to 10 ms, then one for the rest.
+pub const LATENESS_BUCKETS: usize = 1001;
+
+/// A histogram of release lateness, written by egress only.
+#[derive(Debug)]
+pub struct Lateness(Box<[AtomicU64]>);
+
+impl Default for Lateness {
+    fn default() -> Self {
+        Lateness((0..LATENESS_BUCKETS).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl Lateness {
+    fn record(&self, late_ns: u64) {
+        let bucket = usize::try_from(late_ns / LATENESS_BUCKET_NS)
+            .unwrap_or(usize::MAX)
+            .min(LATENESS_BUCKETS - 1);
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now, to subtract an earlier copy from.
+    pub fn counts(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The upper edge of the bucket that holds the `q` quantile of the packets counted between
+    /// `before` and `after` (two [`Lateness::counts`]), or `None` if none were.
+    pub fn quantile(before: &[u64], after: &[u64], q: f64) -> Option<Duration> {
+        let diff: Vec<u64> = after
+            .iter()
+            .zip(before.iter().chain(std::iter::repeat(&0)))
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let total: u64 = diff.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64 * q).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, n) in diff.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Duration::from_nanos((i as u64 + 1) * LATENESS_BUCKET_NS));
+            }
+        }
+        None
+    }
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -372,6 +427,11 @@ impl Router {
 
     pub fn stats(&self) -> Snapshot {
         self.stats.snapshot()
+    }
+
+    /// The release-lateness histogram's counts now (see [`Lateness::quantile`]).
+    pub fn lateness(&self) -> Vec<u64> {
+        self.stats.lateness.counts()
     }
 
     /// Stops both threads and waits for them.
@@ -742,6 +802,9 @@ impl Egress {
 
     fn write(&self, packet: Packet) {
         let len = packet.len as usize;
+        self.stats
+            .lateness
+            .record(self.clock.now().saturating_sub(packet.at));
         match self.endpoints[usize::from(packet.dst)]
             .device
             .send(&packet.buf[..len])
@@ -835,6 +898,30 @@ mod tests {
         // More segments than the kernel ever makes, and a packet shorter than its headers.
         assert!(shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 10, 0), &ip).is_none());
         assert!(shape(gso(VIRTIO_NET_HDR_GSO_UDP_L4, 1200, 0), &ip[..24]).is_none());
+    }
+
+    #[test]
+    fn lateness_quantiles_come_from_the_packets_between_two_copies() {
+        let l = Lateness::default();
+        l.record(5_000); // before the first copy: not counted
+        let before = l.counts();
+        for _ in 0..98 {
+            l.record(3_000);
+        }
+        l.record(25_000);
+        l.record(u64::MAX);
+        let after = l.counts();
+        let q = |q| Lateness::quantile(&before, &after, q);
+        assert_eq!(q(0.5), Some(Duration::from_micros(10)));
+        assert_eq!(q(0.98), Some(Duration::from_micros(10)));
+        assert_eq!(q(0.99), Some(Duration::from_micros(30)));
+        assert_eq!(
+            q(1.0),
+            Some(Duration::from_nanos(
+                LATENESS_BUCKETS as u64 * LATENESS_BUCKET_NS
+            ))
+        );
+        assert_eq!(Lateness::quantile(&after, &after, 0.99), None);
     }
 
     proptest! {

@@ -72,6 +72,11 @@ pub struct Report {
     pub delay_error_max_ms: f64,
     /// Probes that arrived sooner than the configured delay: the router must never do that.
     pub early_probes: usize,
+    /// How late the router itself released the probes (write time less due time), p50 and
+    /// p99, to 10 µs: the router's share of the delay error; the rest is the two kernels'
+    /// UDP paths and the wake-ups of the probe's threads.
+    pub router_late_p50_ms: f64,
+    pub router_late_p99_ms: f64,
     pub router_drops: u64,
     pub passed: bool,
     pub failures: Vec<String>,
@@ -213,7 +218,11 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         to: 1,
         model: delay,
     });
-    let precision = precision(&sender, &receiver, options)?;
+    let precision = precision(router, &sender, &receiver, options)?;
+    let late = |q| {
+        router::Lateness::quantile(&precision.late_before, &precision.late_after, q)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
     let drops = router.stats();
     drop(lab);
 
@@ -272,6 +281,8 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         delay_error_p99_ms: ms(p99),
         delay_error_max_ms: ms(precision.errors_ns.iter().copied().max().unwrap_or(0)),
         early_probes: precision.early,
+        router_late_p50_ms: late(0.5),
+        router_late_p99_ms: late(0.99),
         router_drops: drops.dropped_overflow + drops.dropped_queue + drops.write_errors,
         passed: failures.is_empty(),
         failures,
@@ -380,9 +391,13 @@ struct Precision {
     errors_ns: Vec<u64>,
     /// How many probes arrived before their configured delay had passed.
     early: usize,
+    /// The router's release-lateness counts when the probes started and when they ended.
+    late_before: Vec<u64>,
+    late_after: Vec<u64>,
 }
 
 fn precision(
+    router: &Router,
     sender: &Arc<UdpSocket>,
     receiver: &Arc<UdpSocket>,
     options: &Options,
@@ -396,6 +411,7 @@ fn precision(
     receiver.set_read_timeout(Some(Duration::from_millis(10)))?;
     while receiver.recv(&mut buf).is_ok() {}
     receiver.set_read_timeout(Some(options.delay * 4 + Duration::from_millis(200)))?;
+    let late_before = router.lateness();
 
     let tx = {
         let sender = sender.clone();
@@ -433,7 +449,12 @@ fn precision(
         errors_ns.push(one_way.abs_diff(configured));
     }
     let _ = tx.join();
-    Ok(Precision { errors_ns, early })
+    Ok(Precision {
+        errors_ns,
+        early,
+        late_before,
+        late_after: router.lateness(),
+    })
 }
 
 /// Prints the report as a short table.
@@ -467,6 +488,10 @@ pub fn print(report: &Report) {
         report.probes_received,
         report.probes_sent,
         report.early_probes
+    );
+    println!(
+        "  of which the router's own release lateness: p50 <= {:.2} ms, p99 <= {:.2} ms",
+        report.router_late_p50_ms, report.router_late_p99_ms
     );
     println!(
         "  goals (packets/s on GSO batches, as quinn sends): >= {GOAL_PACKETS_PER_SEC:.0} packets/s, >= {GOAL_MB_PER_SEC:.0} MB/s, p99 error <= {} ms",
