@@ -300,6 +300,48 @@ fn load_bucket(load: f32) -> u32 {
     (load * LOAD_STEPS).floor() as u32
 }
 
+/// One holder a reader may fetch a chunk from.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    /// The peer id's bytes (the rendezvous key).
+    pub peer: &'a [u8],
+    /// Measured RTT; `None` if unknown (ordered as far away).
+    pub rtt: Option<Duration>,
+    /// Alive and not avoided for bad data: a peer that is not is asked only after all that are.
+    pub usable: bool,
+}
+
+/// The order in which to ask holders for `chunk`: usable before unusable; among usable ones,
+/// those in the near band of the nearest first, ordered by rendezvous score, then the rest by
+/// RTT. Like placement, the near band treats peers that are about as close as equally close,
+/// so the chunks of a large object are read from all of them, not all from the one whose RTT
+/// sample happens to be lowest: each holder serves its share and the reader decrypts over
+/// several connections at once.
+pub fn read_order(chunk: &ChunkId, sources: &[Source<'_>]) -> Vec<usize> {
+    let far = Duration::from_secs(3600);
+    let rtt = |s: &Source<'_>| s.rtt.unwrap_or(far);
+    let best = sources
+        .iter()
+        .filter(|s| s.usable)
+        .map(rtt)
+        .min()
+        .unwrap_or(far);
+    let band = near_band(best);
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_cached_key(|&i| {
+        let s = &sources[i];
+        let near = s.usable && rtt(s) <= band;
+        // Within the band the RTT does not count; outside it only the RTT does.
+        let (distance, score) = if near {
+            (Duration::ZERO, std::cmp::Reverse(rendezvous(chunk, s.peer)))
+        } else {
+            (rtt(s), std::cmp::Reverse([0u8; 32]))
+        };
+        (!s.usable, !near, distance, score)
+    });
+    order
+}
+
 /// Rendezvous (highest random weight) score of a peer for a chunk.
 fn rendezvous(chunk: &ChunkId, peer: &[u8]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
@@ -458,6 +500,68 @@ mod tests {
         let chunk = ChunkId::of(b"chunk");
         let picked = ids(&peers, &choose_targets(&peers, &request(&chunk, &zone, 3)));
         assert_eq!(picked, ["roomy", "near", "far"]);
+    }
+
+    #[test]
+    fn reads_spread_over_equally_near_holders_and_skip_far_and_unusable_ones() {
+        let ids: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 8]).collect();
+        let ms = |m| Some(Duration::from_millis(m));
+        let sources = [
+            Source {
+                peer: &ids[0],
+                rtt: ms(1),
+                usable: true,
+            },
+            Source {
+                peer: &ids[1],
+                rtt: Some(Duration::from_micros(1200)),
+                usable: true,
+            },
+            Source {
+                peer: &ids[2],
+                rtt: ms(30),
+                usable: true,
+            },
+            Source {
+                peer: &ids[3],
+                rtt: Some(Duration::from_micros(100)),
+                usable: false,
+            },
+        ];
+        let mut first = [0usize; 4];
+        for c in 0..600u32 {
+            let order = read_order(&ChunkId::of(&c.to_be_bytes()), &sources);
+            // The far holder comes after both near ones, the unusable one last.
+            assert_eq!(&order[2..], &[2, 3], "{order:?}");
+            first[order[0]] += 1;
+        }
+        // Both near holders serve a fair share (binomial, 600 draws).
+        assert!(first[0] > 200 && first[1] > 200, "{first:?}");
+        // Outside the band only the RTT counts.
+        let far = [
+            Source {
+                peer: &ids[0],
+                rtt: ms(80),
+                usable: true,
+            },
+            Source {
+                peer: &ids[1],
+                rtt: ms(30),
+                usable: true,
+            },
+            Source {
+                peer: &ids[2],
+                rtt: None,
+                usable: true,
+            },
+            Source {
+                peer: &ids[3],
+                rtt: ms(1),
+                usable: true,
+            },
+        ];
+        assert_eq!(read_order(&ChunkId::of(b"x"), &far), vec![3, 1, 0, 2]);
+        assert!(read_order(&ChunkId::of(b"x"), &[]).is_empty());
     }
 
     #[test]

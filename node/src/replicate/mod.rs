@@ -1,6 +1,7 @@
 //! Objects across the mesh: the write path (place each chunk on `rep:N` holders, or its
 //! `ec:K+M` shards on K+M holders, succeed when `W` have it durably), the read path (local
-//! chunks first, else the nearest holder, hedged, verified, with fallback; for `ec:` the
+//! chunks first, else the nearest holder (equally near ones by rendezvous hash, so reads of
+//! a large object spread over them), hedged, verified, with fallback; for `ec:` the
 //! nearest K shards, decoded), [`repair`] of what dead holders took with them, and the
 //! storage service that answers other nodes' chunk and control requests.
 //!
@@ -1114,6 +1115,32 @@ impl Mesh {
         peers
     }
 
+    /// The holders of `chunk` in the order to ask them (see [`placement::read_order`]).
+    fn read_order(&self, chunk: &ChunkId, peers: Vec<PeerId>) -> Vec<PeerId> {
+        let table = self.inner.net.peers();
+        let keys: Vec<(Vec<u8>, Option<Duration>, bool)> = peers
+            .iter()
+            .map(|p| {
+                let view = table.iter().find(|v| v.id == *p);
+                let usable =
+                    view.is_some_and(|v| v.liveness == Liveness::Alive) && !self.avoided(p);
+                (p.to_bytes(), view.and_then(|v| v.rtt), usable)
+            })
+            .collect();
+        let sources: Vec<placement::Source<'_>> = keys
+            .iter()
+            .map(|(peer, rtt, usable)| placement::Source {
+                peer,
+                rtt: *rtt,
+                usable: *usable,
+            })
+            .collect();
+        placement::read_order(chunk, &sources)
+            .into_iter()
+            .map(|i| peers[i])
+            .collect()
+    }
+
     /// The chunk from this node's store, if it is here and reads back intact.
     async fn local_chunk(&self, id: ChunkId) -> Option<Bytes> {
         let store = Arc::clone(&self.inner.store);
@@ -1160,7 +1187,7 @@ impl Mesh {
     ) -> Result<Bytes, MeshError> {
         let me = self.local_id();
         let mut order = self
-            .by_distance(holders.into_iter().filter(|p| *p != me).collect())
+            .read_order(&id, holders.into_iter().filter(|p| *p != me).collect())
             .into_iter();
         let mut attempts = FuturesUnordered::new();
         let mut last_error = String::from("no holder is known");
