@@ -596,25 +596,38 @@ impl Worker {
                 .map_err(|e| format!("processing failed: {e}"))??;
                 let mut stats = vec![read];
                 stats.extend(std::mem::take(&mut mapped.stats).into_iter().map(wire_stat));
-                let (output, partition_chunks, write) = if let Some(packed) = packed {
-                    // Shuffle outputs are read once, by the reduce tasks, and can be made again
-                    // from the input: one copy, here, is enough. If this node dies before the
-                    // reduce tasks read them, the coordinator runs the map task again.
-                    let (output, mut write) = self
-                        .write(packed.chunks, SHUFFLE_REDUNDANCY, ChunkerSpec::default())
-                        .await?;
-                    write.nanos += packed.nanos;
-                    (output, packed.counts, write)
-                } else {
-                    let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
-                        .map_err(|e| e.to_string())?;
-                    let (output, write) = self.write(cut, redundancy, spec).await?;
-                    (output, Vec::new(), write)
-                };
                 let rejected = memchr::memchr_iter(b'\n', &mapped.rejects).count() as u64;
-                let cut = cut_all(&Bytes::from(mapped.rejects), spec).map_err(|e| e.to_string())?;
-                let (rejects, write_rejects) = self.write(cut, redundancy, spec).await?;
-                stats.push(merge_write(write, write_rejects));
+                let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.rejects)), spec)
+                    .map_err(|e| e.to_string())?;
+                // The output and the rejects are stored at once: the rejects' replicated put
+                // waits on other nodes' synced writes, which need not hold up the output's.
+                // The write stage is the wall time of both, plus the packing of the shuffle.
+                let pack_nanos = packed.as_ref().map_or(0, |p| p.nanos);
+                let writing = Instant::now();
+                let output = async {
+                    if let Some(packed) = packed {
+                        // Shuffle outputs are read once, by the reduce tasks, and can be made
+                        // again from the input: one copy, here, is enough. If this node dies
+                        // before the reduce tasks read them, the coordinator runs the map task
+                        // again.
+                        let (output, write) = self
+                            .write(packed.chunks, SHUFFLE_REDUNDANCY, ChunkerSpec::default())
+                            .await?;
+                        Ok::<_, String>((output, packed.counts, write))
+                    } else {
+                        let cut = cut_all(&Bytes::from(std::mem::take(&mut mapped.output)), spec)
+                            .map_err(|e| e.to_string())?;
+                        let (output, write) = self.write(cut, redundancy, spec).await?;
+                        Ok((output, Vec::new(), write))
+                    }
+                };
+                let (stored, stored_rejects) =
+                    tokio::join!(output, self.write(cut, redundancy, spec));
+                let (output, partition_chunks, write) = stored?;
+                let (rejects, write_rejects) = stored_rejects?;
+                let mut write = merge_write(write, write_rejects);
+                write.nanos = writing.elapsed().as_nanos() as u64 + pack_nanos;
+                stats.push(write);
                 stats.push(StageStat {
                     stage: "rejected".into(),
                     records_out: rejected,
