@@ -7,13 +7,18 @@
 #
 #   scripts/bench-mesh.sh [SIZE_MIB]     (default 1024)
 #   GET_PROFILER="perf record -a -g -o get.perf --" scripts/bench-mesh.sh   (profile the get; PUT_PROFILER likewise)
+#   BIN_DIR=/tmp/old scripts/bench-mesh.sh   (prebuilt meshd, meshctl, mesh-bootstrap: A/B runs of two builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib="${1:-1024}"
 run="$(mktemp -d /tmp/mesh-bench.XXXXXX)"
-cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap >/dev/null
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+if [ -n "${BIN_DIR:-}" ]; then
+    bin="$BIN_DIR"
+else
+    cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap >/dev/null
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+fi
 
 # shellcheck source=scripts/mesh-common.sh
 source scripts/mesh-common.sh
