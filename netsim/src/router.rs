@@ -597,19 +597,29 @@ impl Ingress {
                 .fetch_add(segments, Ordering::Relaxed);
             return;
         }
-        let link_index =
-            self.endpoints[src].region * self.regions + self.endpoints[usize::from(dst)].region;
-        let model = self.links[link_index];
+        let hop = Hop {
+            src,
+            dst,
+            link: self.endpoints[src].region * self.regions
+                + self.endpoints[usize::from(dst)].region,
+        };
+        let model = &self.links[hop.link];
         if shape.segments > 1 && (model.loss > 0.0 || model.bytes_per_sec > 0) {
-            self.split(src, dst, shape, &mut read_buf[VNET_HDR..len], out);
+            self.split(hop, shape, &mut read_buf[VNET_HDR..len], out);
             return;
         }
-        self.admit(src, dst, shape, Bytes::Read(read_buf, len), out);
+        self.admit(
+            hop,
+            shape.segments,
+            shape.wire_bytes,
+            Bytes::Read(read_buf, len),
+            out,
+        );
     }
 
     /// Splits a super-packet into its segments, each with a plain virtio-net header and its
     /// checksums complete, and admits them one by one.
-    fn split(&mut self, src: usize, dst: u16, shape: Shape, ip: &mut [u8], out: &mut Vec<Packet>) {
+    fn split(&mut self, hop: Hop, shape: Shape, ip: &mut [u8], out: &mut Vec<Packet>) {
         let segments = usize::from(shape.segments);
         let segment_len = usize::from(shape.hdr.hdr_len) + usize::from(shape.hdr.gso_size);
         let mut bufs = std::mem::take(&mut self.split_bufs);
@@ -635,12 +645,7 @@ impl Ingress {
                 for (b, &size) in bufs[..n].iter_mut().zip(&sizes[..n]) {
                     // The segment is complete: no offload left for the receiving kernel.
                     let _ = VirtioNetHdr::default().encode(&mut b[..VNET_HDR]);
-                    let one = Shape {
-                        segments: 1,
-                        wire_bytes: size,
-                        hdr: VirtioNetHdr::default(),
-                    };
-                    self.admit(src, dst, one, Bytes::Copy(&b[..VNET_HDR + size]), out);
+                    self.admit(hop, 1, size, Bytes::Copy(&b[..VNET_HDR + size]), out);
                 }
             }
             Err(_) => {
@@ -652,21 +657,21 @@ impl Ingress {
         self.split_bufs = bufs;
     }
 
-    /// Runs the link model on one packet (or unsplit super-packet) and queues it for egress.
+    /// Runs the link model on one packet (or unsplit super-packet of `segments` packets,
+    /// `wire_bytes` on the wire) and queues it for egress.
     fn admit(
         &mut self,
-        src: usize,
-        dst: u16,
-        shape: Shape,
+        hop: Hop,
+        segments: u16,
+        wire_bytes: usize,
         bytes: Bytes<'_>,
         out: &mut Vec<Packet>,
     ) {
         let stats = &self.stats;
-        let segments = u64::from(shape.segments);
+        let Hop { src, dst, link } = hop;
+        let counted = u64::from(segments);
         let n = self.endpoints.len();
-        let link_index =
-            self.endpoints[src].region * self.regions + self.endpoints[usize::from(dst)].region;
-        let model = self.links[link_index];
+        let model = self.links[link];
         let dice = if model.loss > 0.0 || model.jitter_ns > 0 {
             Dice {
                 loss: self.rng.random::<f64>(),
@@ -678,11 +683,11 @@ impl Ingress {
         let now = self.clock.now();
         let verdict = link::decide(
             &model,
-            &mut self.queues[link_index],
+            &mut self.queues[link],
             &mut self.flows[src * n + usize::from(dst)],
             now,
-            shape.wire_bytes,
-            self.partitioned[link_index],
+            wire_bytes,
+            self.partitioned[link],
             dice,
         );
         let at = match verdict {
@@ -693,14 +698,12 @@ impl Ingress {
                     DropReason::Loss => &stats.dropped_loss,
                     DropReason::QueueFull => &stats.dropped_queue,
                 };
-                counter.fetch_add(segments, Ordering::Relaxed);
+                counter.fetch_add(counted, Ordering::Relaxed);
                 return;
             }
         };
         if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
-            stats
-                .dropped_overflow
-                .fetch_add(segments, Ordering::Relaxed);
+            stats.dropped_overflow.fetch_add(counted, Ordering::Relaxed);
             return;
         }
         let data: &[u8] = match &bytes {
@@ -717,9 +720,7 @@ impl Ingress {
             small
         } else {
             if self.queued_big.load(Ordering::Relaxed) >= MAX_QUEUED_BIG {
-                stats
-                    .dropped_overflow
-                    .fetch_add(segments, Ordering::Relaxed);
+                stats.dropped_overflow.fetch_add(counted, Ordering::Relaxed);
                 return;
             }
             self.queued_big.fetch_add(1, Ordering::Relaxed);
@@ -737,12 +738,21 @@ impl Ingress {
         out.push(Packet {
             at,
             dst,
-            segments: shape.segments,
-            wire_bytes: shape.wire_bytes as u32,
+            segments,
+            wire_bytes: wire_bytes as u32,
             len: len as u32,
             buf,
         });
     }
+}
+
+/// A packet's way through the router: its endpoints and the directed region link between
+/// them (`from_region * regions + to_region`), worked out once per packet read.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    src: usize,
+    dst: u16,
+    link: usize,
 }
 
 /// Where the bytes of a packet to admit are.

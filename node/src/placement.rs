@@ -302,9 +302,9 @@ fn load_bucket(load: f32) -> u32 {
 
 /// One holder a reader may fetch a chunk from.
 #[derive(Debug, Clone)]
-pub struct Source<'a> {
-    /// The peer id's bytes (the rendezvous key).
-    pub peer: &'a [u8],
+pub struct Source {
+    /// The peer id's bytes (the rendezvous key), as in [`Candidate::id`].
+    pub id: Vec<u8>,
     /// Measured RTT; `None` if unknown (ordered as far away).
     pub rtt: Option<Duration>,
     /// Alive and not avoided for bad data: a peer that is not is asked only after all that are.
@@ -317,9 +317,9 @@ pub struct Source<'a> {
 /// so the chunks of a large object are read from all of them, not all from the one whose RTT
 /// sample happens to be lowest: each holder serves its share and the reader decrypts over
 /// several connections at once.
-pub fn read_order(chunk: &ChunkId, sources: &[Source<'_>]) -> Vec<usize> {
+pub fn read_order(chunk: &ChunkId, sources: &[Source]) -> Vec<usize> {
     let far = Duration::from_secs(3600);
-    let rtt = |s: &Source<'_>| s.rtt.unwrap_or(far);
+    let rtt = |s: &Source| s.rtt.unwrap_or(far);
     let best = sources
         .iter()
         .filter(|s| s.usable)
@@ -333,7 +333,7 @@ pub fn read_order(chunk: &ChunkId, sources: &[Source<'_>]) -> Vec<usize> {
         let near = s.usable && rtt(s) <= band;
         // Within the band the RTT does not count; outside it only the RTT does.
         let (distance, score) = if near {
-            (Duration::ZERO, std::cmp::Reverse(rendezvous(chunk, s.peer)))
+            (Duration::ZERO, std::cmp::Reverse(rendezvous(chunk, &s.id)))
         } else {
             (rtt(s), std::cmp::Reverse([0u8; 32]))
         };
@@ -508,22 +508,22 @@ mod tests {
         let ms = |m| Some(Duration::from_millis(m));
         let sources = [
             Source {
-                peer: &ids[0],
+                id: ids[0].clone(),
                 rtt: ms(1),
                 usable: true,
             },
             Source {
-                peer: &ids[1],
+                id: ids[1].clone(),
                 rtt: Some(Duration::from_micros(1200)),
                 usable: true,
             },
             Source {
-                peer: &ids[2],
+                id: ids[2].clone(),
                 rtt: ms(30),
                 usable: true,
             },
             Source {
-                peer: &ids[3],
+                id: ids[3].clone(),
                 rtt: Some(Duration::from_micros(100)),
                 usable: false,
             },
@@ -540,22 +540,22 @@ mod tests {
         // Outside the band only the RTT counts.
         let far = [
             Source {
-                peer: &ids[0],
+                id: ids[0].clone(),
                 rtt: ms(80),
                 usable: true,
             },
             Source {
-                peer: &ids[1],
+                id: ids[1].clone(),
                 rtt: ms(30),
                 usable: true,
             },
             Source {
-                peer: &ids[2],
+                id: ids[2].clone(),
                 rtt: None,
                 usable: true,
             },
             Source {
-                peer: &ids[3],
+                id: ids[3].clone(),
                 rtt: ms(1),
                 usable: true,
             },

@@ -623,9 +623,9 @@ impl Worker {
                 };
                 let (stored, stored_rejects) =
                     tokio::join!(output, self.write(cut, redundancy, spec));
-                let (output, partition_chunks, write) = stored?;
+                let (output, partition_chunks, mut write) = stored?;
                 let (rejects, write_rejects) = stored_rejects?;
-                let mut write = merge_write(write, write_rejects);
+                write.bytes_in += write_rejects.bytes_in;
                 write.nanos = writing.elapsed().as_nanos() as u64 + pack_nanos;
                 stats.push(write);
                 stats.push(StageStat {
@@ -930,10 +930,4 @@ fn write_stat(started: Instant, bytes: u64) -> StageStat {
         bytes_in: bytes,
         ..Default::default()
     }
-}
-
-fn merge_write(mut a: StageStat, b: StageStat) -> StageStat {
-    a.nanos += b.nanos;
-    a.bytes_in += b.bytes_in;
-    a
 }

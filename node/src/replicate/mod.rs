@@ -1100,39 +1100,39 @@ impl Mesh {
         }
     }
 
+    /// What the peer table says of `peer` for choosing whom to ask: avoided for bad data,
+    /// alive, and its RTT.
+    fn standing(&self, table: &[PeerView], peer: &PeerId) -> (bool, bool, Option<Duration>) {
+        let view = table.iter().find(|v| v.id == *peer);
+        (
+            self.avoided(peer),
+            view.is_some_and(|v| v.liveness == Liveness::Alive),
+            view.and_then(|v| v.rtt),
+        )
+    }
+
     /// Orders peers nearest first (unmeasured and dead last, avoided peers after all others).
     fn by_distance(&self, mut peers: Vec<PeerId>) -> Vec<PeerId> {
         let table = self.inner.net.peers();
-        let key = |p: &PeerId| {
-            let view = table.iter().find(|v| v.id == *p);
-            let dead = view.is_none_or(|v| v.liveness != Liveness::Alive);
-            let rtt = view
-                .and_then(|v| v.rtt)
-                .unwrap_or(Duration::from_secs(3600));
-            (self.avoided(p), dead, rtt)
-        };
-        peers.sort_by_cached_key(key);
+        peers.sort_by_cached_key(|p| {
+            let (avoided, alive, rtt) = self.standing(&table, p);
+            (avoided, !alive, rtt.unwrap_or(Duration::from_secs(3600)))
+        });
         peers
     }
 
     /// The holders of `chunk` in the order to ask them (see [`placement::read_order`]).
     fn read_order(&self, chunk: &ChunkId, peers: Vec<PeerId>) -> Vec<PeerId> {
         let table = self.inner.net.peers();
-        let keys: Vec<(Vec<u8>, Option<Duration>, bool)> = peers
+        let sources: Vec<placement::Source> = peers
             .iter()
             .map(|p| {
-                let view = table.iter().find(|v| v.id == *p);
-                let usable =
-                    view.is_some_and(|v| v.liveness == Liveness::Alive) && !self.avoided(p);
-                (p.to_bytes(), view.and_then(|v| v.rtt), usable)
-            })
-            .collect();
-        let sources: Vec<placement::Source<'_>> = keys
-            .iter()
-            .map(|(peer, rtt, usable)| placement::Source {
-                peer,
-                rtt: *rtt,
-                usable: *usable,
+                let (avoided, alive, rtt) = self.standing(&table, p);
+                placement::Source {
+                    id: p.to_bytes(),
+                    rtt,
+                    usable: alive && !avoided,
+                }
             })
             .collect();
         placement::read_order(chunk, &sources)
