@@ -383,7 +383,10 @@ const TINY_RECORDS: &str = "records=jsonl&chunker=cdc:4096:16384:65536";
 async fn shuffle_outputs_lost_with_a_node_are_made_again() {
     let mut cluster = start(4, |_, _| {}).await;
     let (input, _, _) = users();
-    let id = put(&cluster.nodes[0], TINY_RECORDS, &input).await;
+    // Node 3 writes the input, so it holds a copy of every chunk and runs map tasks from the
+    // start. Written elsewhere, it might hold none (placement is free to leave it out), and
+    // delay scheduling would then keep it waiting while the holders run the whole map phase.
+    let id = put(&cluster.nodes[3], TINY_RECORDS, &input).await;
     let spec = json!({
         "stages": [
             {"processor": "validate", "params": {"schema": USER_SCHEMA}},
@@ -419,8 +422,9 @@ async fn shuffle_outputs_lost_with_a_node_are_made_again() {
                     .map_or(0, |n| n.tasks);
                 anyhow::ensure!(
                     r.tasks.pending >= 20,
-                    "the map phase got too far before node 3 finished a task: {:?}",
-                    r.tasks
+                    "the map phase got too far before node 3 finished a task: {:?} {:?}",
+                    r.tasks,
+                    r.nodes
                 );
                 Ok(done_there >= 1)
             }

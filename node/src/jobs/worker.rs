@@ -96,6 +96,20 @@ struct Known {
     done: bool,
 }
 
+impl Known {
+    /// The coordinator announced the job as running.
+    fn heard_running(&mut self, now: Instant) {
+        self.heard = now;
+        if self.done {
+            // Running again (resubmitted after it ended and was forgotten): ask at once, not
+            // after the idle backoff the ended job built up.
+            self.done = false;
+            self.next_ask = now;
+            self.idle_backoff = POLL;
+        }
+    }
+}
+
 /// A job's spec and parsed pipeline.
 struct Prepared {
     spec: JobSpec,
@@ -225,9 +239,7 @@ impl Worker {
             heard: now,
             done: false,
         });
-        entry.heard = now;
-        // Announced as running again (resubmitted after it ended and was forgotten).
-        entry.done = false;
+        entry.heard_running(now);
     }
 
     /// The CPU load of everything on the machine but this node, over the last second or so.
@@ -929,5 +941,35 @@ fn write_stat(started: Instant, bytes: u64) -> StageStat {
         nanos: started.elapsed().as_nanos() as u64,
         bytes_in: bytes,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_announced_running_again_after_it_ended_is_asked_for_work_at_once() {
+        let now = Instant::now();
+        let mut known = Known {
+            coordinator: PeerId::random(),
+            exec: Vec::new(),
+            prepared: None,
+            next_ask: now + MAX_IDLE_BACKOFF,
+            idle_backoff: MAX_IDLE_BACKOFF,
+            heard: now,
+            done: false,
+        };
+        // Still running: the backoff of an idle job stands.
+        let later = now + Duration::from_millis(10);
+        known.heard_running(later);
+        assert_eq!(known.next_ask, now + MAX_IDLE_BACKOFF);
+        assert_eq!(known.heard, later);
+        // Ended, then announced running again: ask now, from the shortest backoff.
+        known.done = true;
+        known.heard_running(later);
+        assert!(!known.done);
+        assert_eq!(known.next_ask, later);
+        assert_eq!(known.idle_backoff, POLL);
     }
 }

@@ -6,7 +6,8 @@
 //! answer together under [`SMALL_EXCHANGE`] bytes, such as `Has`) is a round trip and counts
 //! as a sample. A large one also carries its bytes, so its time is only an upper bound on the
 //! RTT: it counts when it is below the current estimate (the path is faster than measured so
-//! far), and otherwise only shows the peer is alive.
+//! far), and otherwise only shows the peer is alive. The estimate is kept within the range
+//! of the last three samples, so that a slow start (or a stale low) is forgotten in three pings.
 //! Liveness follows from the last time the peer was heard from: `alive`, `suspect` after
 //! `suspect_after` (a few missed pings or load reports), `dead` after `dead_after`.
 
@@ -180,10 +181,21 @@ impl PeerTable {
             }
             entry.recent.push(rtt.as_secs_f64());
             let sample = median(&entry.recent);
-            entry.rtt = Some(match entry.rtt {
+            let smoothed = match entry.rtt {
                 None => sample,
                 Some(old) => old + RTT_ALPHA * (sample - old),
-            });
+            };
+            // An estimate above every recent sample, or below every one, is stale: a new
+            // connection's first pings share the peer's handshake and join work (tens of
+            // milliseconds on a busy bootstrap peer), and the EWMA alone would take a
+            // dozen pings to forget them. The path is what the last few samples say.
+            let (low, high) = entry
+                .recent
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(lo, hi), &s| {
+                    (lo.min(s), hi.max(s))
+                });
+            entry.rtt = Some(smoothed.clamp(low, high));
             entry.last_rtt = Some(rtt);
             entry.last_seen = now;
         }
@@ -355,8 +367,33 @@ mod tests {
         // ...while a path that really got slower moves the estimate.
         t.rtt_sample(&p, Duration::from_millis(30), now);
         assert!((ms(&t) - 15.0).abs() < 0.01, "{}", ms(&t));
+        // Three samples at 30 ms or more: the estimate does not stay below all of them.
         t.rtt_sample(&p, Duration::from_millis(30), now);
-        assert!((ms(&t) - 18.75).abs() < 0.01, "{}", ms(&t));
+        assert!((ms(&t) - 30.0).abs() < 0.01, "{}", ms(&t));
+    }
+
+    #[test]
+    fn a_slow_start_is_forgotten_once_three_samples_say_otherwise() {
+        let mut t = table();
+        let p = PeerId::random();
+        let now = Instant::now();
+        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.unwrap().as_secs_f64() * 1000.0;
+        // The first pings of a connection met a busy peer.
+        for slow in [80, 60, 40] {
+            t.rtt_sample(&p, Duration::from_millis(slow), now);
+        }
+        assert!(ms(&t) > 40.0, "{}", ms(&t));
+        // The EWMA alone would still be above 20 ms after a dozen 1.5 ms samples; three
+        // are enough to show that the estimate is stale.
+        for _ in 0..3 {
+            t.rtt_sample(&p, Duration::from_micros(1500), now);
+        }
+        assert!((ms(&t) - 1.5).abs() < 0.01, "{}", ms(&t));
+        // Within the range of recent samples, it is still an EWMA.
+        t.rtt_sample(&p, Duration::from_micros(2500), now);
+        t.rtt_sample(&p, Duration::from_micros(2500), now);
+        assert!((ms(&t) - 1.75).abs() < 0.01, "{}", ms(&t));
     }
 
     #[test]
