@@ -32,6 +32,7 @@
 
 pub mod codec;
 pub mod peers;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
