@@ -16,7 +16,7 @@ run="$(mktemp -d /tmp/mesh-bench.XXXXXX)"
 if [ -n "${BIN_DIR:-}" ]; then
     bin="$BIN_DIR"
 else
-    cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap >/dev/null
+    cargo build --release --bins >/dev/null
     bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
 

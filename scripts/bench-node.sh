@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
 rss_mib=${2:-4096}
 
-cargo build --release --locked -p mesh-node -p mesh-cli --bins >&2
+cargo build --release --locked --bins >&2
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 meshd="$target/release/meshd"
 meshctl="$target/release/meshctl"

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run="${JOBS_EXAMPLE_DIR:-$PWD/.jobs-example}"
-[ -n "${JOBS_EXAMPLE_NO_BUILD:-}" ] || cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap
+[ -n "${JOBS_EXAMPLE_NO_BUILD:-}" ] || cargo build --release --bins
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 # shellcheck source=scripts/mesh-common.sh

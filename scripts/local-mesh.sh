@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 size_mib="${1:-64}"
 # Not MESH_*: meshd reads every MESH_ variable as configuration and refuses unknown ones.
 run="${LOCAL_MESH_DIR:-$PWD/.local-mesh}"
-cargo build --release --bin meshd --bin meshctl --bin mesh-bootstrap
+cargo build --release --bins
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 # shellcheck source=scripts/mesh-common.sh
