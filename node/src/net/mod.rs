@@ -1,11 +1,12 @@
 //! The node's networking: one task owns the libp2p `Swarm`; everything else holds a cloneable
 //! [`Network`] handle that sends [`Command`]s carrying oneshot replies.
 //!
-//! Behaviours: QUIC transport (with DNS, and a relay client for nodes behind NAT), Kademlia
-//! under `/mesh/kad/1.0.0`, identify (carries zone, role and version), ping (RTT samples),
-//! gossipsub (signed load reports, and job announcements handed to [`Network::job_announcements`]
-//! subscribers), AutoNAT, DCUtR, an optional relay server (bootstrap
-//! peers), connection limits, and three request-response protocols with bounded frames:
+//! Behaviours: QUIC transport ([`quic`]: quinn with AES-GCM first and datagrams up to 64 KiB,
+//! with DNS, and a relay client for nodes behind NAT), Kademlia under `/mesh/kad/1.0.0`,
+//! identify (carries zone, role and version), ping (RTT samples), gossipsub (signed load
+//! reports, and job announcements handed to [`Network::job_announcements`] subscribers),
+//! AutoNAT, DCUtR, an optional relay server (bootstrap peers), connection limits, and three
+//! request-response protocols with bounded frames:
 //! `/mesh/chunk/1` (store, fetch, has, copy), `/mesh/control/1` (placement records, manifests,
 //! the job protocol's claims) and
 //! `/mesh/auth/1` (membership proof).
@@ -32,6 +33,7 @@
 
 pub mod codec;
 pub mod peers;
+pub mod quic;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -474,13 +476,11 @@ fn build_swarm(config: &Config, keypair: identity::Keypair) -> Result<Swarm<Beha
     let max_connections = config.max_connections;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic_config(|mut quic| {
-            // Room for a whole 16 MiB chunk in flight on one stream, and several streams at
-            // once, so window size does not cap throughput at WAN RTTs.
-            quic.max_stream_data = 24 << 20;
-            quic.max_connection_data = 96 << 20;
-            quic
+        .with_other_transport(|key| {
+            quic::QuicTransport::new(key, &quic::QuicConfig::default())
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
+        .map_err(|e| build(&e))?
         .with_dns()
         .map_err(|e| build(&e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)

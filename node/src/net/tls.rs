@@ -3,7 +3,7 @@
 //! libp2p-tls builds its rustls configs with ChaCha20-Poly1305 first and no way to change
 //! that, and libp2p-quic takes no config from outside. ChaCha20 is 17% of a replicated put's
 //! CPU on this project's machines, which run AES-GCM in hardware. These configs are the TLS
-//! half of a QUIC transport of our own: the same libp2p certificates (a self-signed
+//! half of our own QUIC transport ([`super::quic`]): the same libp2p certificates (a self-signed
 //! certificate carrying the host key's signature, [`libp2p::tls::certificate`]), checked the
 //! same way, with AES-128-GCM first. Our server puts its own order first, and libp2p's server
 //! follows the client's, so a peer still on libp2p's configs talks AES with us either way.
