@@ -704,12 +704,15 @@ impl QuicMuxer {
     }
 }
 
+/// Polls the pending stream open in `slot`, starting one with `open` when there is none.
+/// (Cloning a quinn `Connection` takes its lock, so it is done only when a future starts.)
 fn poll_open(
     slot: &mut Option<OpenStream>,
+    connection: &quinn::Connection,
     cx: &mut Context<'_>,
-    open: impl FnOnce() -> OpenStream,
+    open: impl FnOnce(quinn::Connection) -> OpenStream,
 ) -> Poll<Result<QuicStream, QuicError>> {
-    let pending = slot.get_or_insert_with(open);
+    let pending = slot.get_or_insert_with(|| open(connection.clone()));
     let result = ready!(pending.poll_unpin(cx));
     *slot = None;
     let (send, recv) = result?;
@@ -729,8 +732,7 @@ impl StreamMuxer for QuicMuxer {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        let connection = this.connection.clone();
-        poll_open(&mut this.inbound, cx, || {
+        poll_open(&mut this.inbound, &this.connection, cx, |connection| {
             async move { connection.accept_bi().await }.boxed()
         })
     }
@@ -740,8 +742,7 @@ impl StreamMuxer for QuicMuxer {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        let connection = this.connection.clone();
-        poll_open(&mut this.outbound, cx, || {
+        poll_open(&mut this.outbound, &this.connection, cx, |connection| {
             async move { connection.open_bi().await }.boxed()
         })
     }
