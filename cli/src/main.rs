@@ -6,12 +6,14 @@
 //! `commands` runs one subcommand through `client`, which resolves the token, talks HTTP and
 //! turns failures into `error::Error`; `put` streams a file as the request body, `get` streams
 //! the object back through `verify` (BLAKE3 of every chunk against the manifest) before any byte
-//! reaches the output; `output` formats results. This file maps errors to exit codes.
+//! reaches the output, which `outfile` writes to disk on a thread of its own; `output` formats
+//! results. This file maps errors to exit codes.
 
 mod args;
 mod client;
 mod commands;
 mod error;
+mod outfile;
 mod output;
 mod verify;
 

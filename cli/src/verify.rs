@@ -4,8 +4,9 @@
 //! short and long streams) are unit-tested here.
 //!
 //! Usage: call [`Verifier::take`] with incoming bytes until it has consumed them all; whenever
-//! [`Verifier::verified_chunk`] returns a chunk, write it out before the next `take`. At the end,
-//! [`Verifier::finish`] checks that nothing is missing. At most one chunk is buffered, and a
+//! [`Verifier::verified_chunk`] returns a chunk, write it out before the next `take` (or move it
+//! out with [`Verifier::take_verified`], and hand a spent buffer back with
+//! [`Verifier::recycle`]). At the end, [`Verifier::finish`] checks that nothing is missing. At most one chunk is buffered, and a
 //! validated manifest caps a chunk at 16 MiB.
 
 use mesh_proto::{ChunkId, ChunkRef, Manifest};
@@ -84,6 +85,30 @@ impl<'m> Verifier<'m> {
         self.complete.then_some(self.buf.as_slice())
     }
 
+    /// Moves out the chunk that the last [`Self::take`] completed, if it did, so that it can be
+    /// written elsewhere without a copy; the next chunk is assembled in a new buffer (see
+    /// [`Self::recycle`]).
+    pub fn take_verified(&mut self) -> Option<Vec<u8>> {
+        if !self.complete {
+            return None;
+        }
+        let chunk = std::mem::take(&mut self.buf);
+        self.offset += chunk.len() as u64;
+        self.index += 1;
+        self.hasher.reset();
+        self.complete = false;
+        Some(chunk)
+    }
+
+    /// Offers a spent buffer for the next chunk; taken only while no chunk is being
+    /// assembled in a buffer of its own.
+    pub fn recycle(&mut self, mut spare: Vec<u8>) {
+        if self.buf.is_empty() && self.buf.capacity() < spare.capacity() {
+            spare.clear();
+            self.buf = spare;
+        }
+    }
+
     /// Bytes verified so far.
     pub fn verified_bytes(&self) -> u64 {
         if self.complete {
@@ -99,7 +124,8 @@ impl<'m> Verifier<'m> {
         let all_chunks = if self.complete {
             self.index + 1 == self.chunks.len()
         } else {
-            self.chunks.is_empty()
+            // Every chunk moved out by `take_verified` (or none at all).
+            self.index == self.chunks.len()
         };
         if all_chunks && verified == self.size {
             Ok(verified)
@@ -166,6 +192,34 @@ mod tests {
         let stream = [a.clone(), b.clone(), c.clone()].concat();
         for frame in [1, 2, 7, 1000, 3000, 3001, 4096, 10_000] {
             let out = run(&manifest, &stream, frame).unwrap();
+            assert_eq!(out, vec![a.clone(), b.clone(), c.clone()], "frame {frame}");
+        }
+    }
+
+    #[test]
+    fn chunks_moved_out_and_recycled_buffers_give_the_same_stream() {
+        let a = vec![1u8; 3000];
+        let b = vec![2u8; 1];
+        let c = vec![3u8; 4096];
+        let manifest = manifest_of(&[&a, &b, &c]);
+        let stream = [a.clone(), b.clone(), c.clone()].concat();
+        for frame in [1, 7, 3000, 3001, 10_000] {
+            let mut verifier = Verifier::new(&manifest);
+            let mut out = Vec::new();
+            for mut data in stream.chunks(frame) {
+                while !data.is_empty() {
+                    let used = verifier.take(data).unwrap();
+                    data = &data[used..];
+                    if let Some(chunk) = verifier.take_verified() {
+                        assert_eq!(verifier.verified_chunk(), None);
+                        out.push(chunk.clone());
+                        // A dirty spare must not leak into the next chunk.
+                        verifier.recycle(vec![9u8; 5000]);
+                    }
+                }
+            }
+            assert_eq!(verifier.verified_bytes(), stream.len() as u64);
+            assert_eq!(verifier.finish().unwrap(), stream.len() as u64);
             assert_eq!(out, vec![a.clone(), b.clone(), c.clone()], "frame {frame}");
         }
     }

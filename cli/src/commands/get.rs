@@ -14,11 +14,11 @@ use indicatif::ProgressBar;
 use mesh_proto::{Manifest, ObjectId};
 use serde::Serialize;
 use tempfile::TempPath;
-use tokio::io::AsyncWriteExt;
 
 use crate::args::GetArgs;
 use crate::client::Client;
 use crate::error::Error;
+use crate::outfile::OutFile;
 use crate::output;
 use crate::verify::Verifier;
 
@@ -61,7 +61,7 @@ pub async fn run(client: &Client, args: GetArgs, json: bool) -> Result<(), Error
         }
     };
 
-    let mut sink = Sink::open(&target)?;
+    let mut sink = Sink::open(&target, manifest.size)?;
     let response = client.download(&id).await?;
     if let Some(len) = response.content_length()
         && len != manifest.size
@@ -125,9 +125,7 @@ async fn copy_verified(
         while !data.is_empty() {
             let used = verifier.take(data)?;
             data = &data[used..];
-            if let Some(chunk) = verifier.verified_chunk() {
-                sink.write(chunk).await?;
-            }
+            sink.write_verified(&mut verifier).await?;
         }
     }
     Ok(verifier.finish()?)
@@ -145,16 +143,18 @@ enum Sink {
     /// Written synchronously: the single-threaded runtime has nothing else to do meanwhile,
     /// and a slow reader of the pipe should slow the download down anyway.
     Stdout(std::io::Stdout),
-    /// `temp` deletes the temporary file when dropped, unless it was renamed into place.
+    /// Written by a thread of its own (see `outfile`). `temp` deletes the temporary file when
+    /// dropped, unless it was renamed into place.
     File {
-        file: tokio::fs::File,
+        file: OutFile,
         temp: TempPath,
         dest: PathBuf,
     },
 }
 
 impl Sink {
-    fn open(target: &Target) -> Result<Self, Error> {
+    /// `size` is the object's: large outputs are written with direct IO.
+    fn open(target: &Target, size: u64) -> Result<Self, Error> {
         let dest = match target {
             Target::Stdout => return Ok(Self::Stdout(std::io::stdout())),
             Target::File(dest) => dest,
@@ -172,22 +172,34 @@ impl Sink {
             .tempfile_in(parent_dir(dest))
             .map_err(|e| Error::local_io("writing", dest, e))?
             .into_parts();
+        let file = OutFile::start(file, size).map_err(|e| Error::local_io("writing", dest, e))?;
         Ok(Self::File {
-            file: tokio::fs::File::from_std(file),
+            file,
             temp,
             dest: dest.clone(),
         })
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+    /// Writes the chunk the verifier just completed, if it did.
+    async fn write_verified(&mut self, verifier: &mut Verifier<'_>) -> Result<(), Error> {
         match self {
-            Self::Stdout(out) => out
-                .write_all(bytes)
-                .map_err(|e| Error::local_io("writing", "standard output", e)),
-            Self::File { file, dest, .. } => file
-                .write_all(bytes)
-                .await
-                .map_err(|e| Error::local_io("writing", &*dest, e)),
+            Self::Stdout(out) => match verifier.verified_chunk() {
+                Some(chunk) => out
+                    .write_all(chunk)
+                    .map_err(|e| Error::local_io("writing", "standard output", e)),
+                None => Ok(()),
+            },
+            Self::File { file, dest, .. } => {
+                let Some(chunk) = verifier.take_verified() else {
+                    return Ok(());
+                };
+                if let Some(spare) = file.spare() {
+                    verifier.recycle(spare);
+                }
+                file.write(chunk)
+                    .await
+                    .map_err(|e| Error::local_io("writing", &*dest, e))
+            }
         }
     }
 
@@ -195,7 +207,7 @@ impl Sink {
     /// over the destination (refusing to replace a file that appeared meanwhile unless
     /// `force`).
     async fn commit(self, force: bool) -> Result<(), Error> {
-        let (mut file, temp, dest) = match self {
+        let (file, temp, dest) = match self {
             Self::Stdout(mut out) => {
                 return out
                     .flush()
@@ -203,14 +215,9 @@ impl Sink {
             }
             Self::File { file, temp, dest } => (file, temp, dest),
         };
-        let written = async {
-            file.flush().await?;
-            file.sync_all().await
-        };
-        written
+        file.finish()
             .await
             .map_err(|e| Error::local_io("writing", &dest, e))?;
-        drop(file);
         let renamed = if force {
             temp.persist(&dest)
         } else {
