@@ -1,6 +1,7 @@
 //! The request-response codec shared by the chunk, control and membership protocols: one
 //! [`Frame`] per message (see `mesh_proto::wire`), checked against the protocol's limits
-//! before anything past the length prefixes is read.
+//! before anything past the length prefixes is read. Payloads are read into buffers of
+//! [`super::bufpool`], which return there when the last reference to them is dropped.
 
 use std::io;
 use std::marker::PhantomData;
@@ -78,12 +79,12 @@ where
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let payload_len = wire::check_payload_len(u32::from_be_bytes(len), limits).map_err(invalid)?;
-    let mut payload = vec![0u8; payload_len];
-    io.read_exact(&mut payload).await?;
+    let mut payload = super::bufpool::POOL.take(payload_len);
+    io.read_exact(payload.as_mut_slice()).await?;
     let header = wire::decode_header(&header).map_err(invalid)?;
     Ok(Frame {
         header,
-        payload: Bytes::from(payload),
+        payload: payload.freeze(),
     })
 }
 

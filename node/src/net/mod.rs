@@ -31,6 +31,7 @@
 //! control requests are refused and its gossip is rejected. Kademlia and identify stay open
 //! to unproven peers, so routing works before the proof: they reveal addresses, never data.
 
+pub mod bufpool;
 pub mod codec;
 pub mod peers;
 pub mod quic;
