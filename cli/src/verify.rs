@@ -4,10 +4,10 @@
 //! short and long streams) are unit-tested here.
 //!
 //! Usage: call [`Verifier::take`] with incoming bytes until it has consumed them all; whenever
-//! [`Verifier::verified_chunk`] returns a chunk, write it out before the next `take` (or move it
-//! out with [`Verifier::take_verified`], and hand a spent buffer back with
-//! [`Verifier::recycle`]). At the end, [`Verifier::finish`] checks that nothing is missing. At most one chunk is buffered, and a
-//! validated manifest caps a chunk at 16 MiB.
+//! [`Verifier::verified_chunk`] returns a chunk, write it out before the next `take` (or move
+//! it out with [`Verifier::take_verified`], and hand a spent buffer back with
+//! [`Verifier::recycle`]). At the end, [`Verifier::finish`] checks that nothing is missing. At
+//! most one chunk is buffered, and a validated manifest caps a chunk at 16 MiB.
 
 use mesh_proto::{ChunkId, ChunkRef, Manifest};
 
@@ -43,12 +43,10 @@ impl<'m> Verifier<'m> {
     /// Consumes bytes up to the end of the current chunk and returns how many it took. When
     /// that completes the chunk, the chunk is verified and [`Self::verified_chunk`] returns it.
     pub fn take(&mut self, data: &[u8]) -> Result<usize, VerifyError> {
-        if self.complete {
-            self.offset += self.buf.len() as u64;
-            self.index += 1;
-            self.buf.clear();
-            self.hasher.reset();
-            self.complete = false;
+        // The chunk completed last time was written from `verified_chunk`: move on, keeping
+        // its buffer for the next one.
+        if let Some(done) = self.take_verified() {
+            self.recycle(done);
         }
         if data.is_empty() {
             return Ok(0);
