@@ -1611,13 +1611,13 @@ fn report_of(job: &Job) -> JobStatus {
             severity: severity(s.share).to_owned(),
         });
     // Records read are what the map side parsed; records written, what the last phase
-    // encoded (the reduce side's, when the job shuffles).
+    // wrote out (the reduce side's dedup kept, when the job shuffles).
     let records_in = stages
         .iter()
         .find(|s| s.stage == "parse")
         .map_or(0, |s| s.records_in);
     let final_encode = if job.shuffles() {
-        "reduce encode"
+        "reduce dedup"
     } else {
         "encode"
     };

@@ -10,7 +10,8 @@
 //!   side of a shuffle; [`exec`] runs a command that the node's own config registers
 //!   (`exec:NAME`), with the task's input on stdin and its output from stdout. Both are pure of
 //!   the mesh: they take bytes and return bytes, per-stage statistics and rejected records.
-//! - [`shuffle`]: the LZ4 packing of a shuffle output's chunks, which have one copy, on the
+//! - [`shuffle`]: the LZ4 packing, in blocks of lines, of a shuffle output's chunks (sorted
+//!   by key, so a reduce task merges them a block at a time), which have one copy, on the
 //!   node that ran the map task, and are lost and made again if that node dies.
 //! - [`service`]: starts all of this with the node.
 //!

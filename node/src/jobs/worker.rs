@@ -10,7 +10,7 @@
 //! that cannot read one reports the map tasks whose outputs are lost rather than failing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::coordinator::{Coordinator, parse_pipeline};
 use super::exec;
-use super::processors::{ChunkInput, Format, Kept, Pipeline};
+use super::processors::{ChunkInput, Format, Pipeline, TaskError};
 use super::shuffle;
 use crate::chunker::{ChunkSource, Chunker, PreCut, cut_all};
 use crate::config::{ExecConfig, JobsConfig};
@@ -44,6 +44,10 @@ const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(2);
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Chunks a reduce task reads at once.
 const REDUCE_READ_WINDOW: usize = 32;
+/// Bytes of kept records a reduce task's merge hands to the write at a time, and how many
+/// such buffers it may be ahead.
+const REDUCE_BUFFER: usize = 1 << 20;
+const REDUCE_BUFFERS_AHEAD: usize = 2;
 /// Copies of a map task's shuffle output.
 const SHUFFLE_REDUNDANCY: Redundancy = Redundancy::Replicas(1);
 /// Near peers a claim names.
@@ -655,65 +659,57 @@ impl Worker {
             Work::Reduce { partition, sources } => {
                 let started = Instant::now();
                 let packed = self.read_sources(partition, &sources).await?;
-                let mut read = StageStat {
+                let read = StageStat {
                     stage: "reduce read".into(),
                     nanos: started.elapsed().as_nanos() as u64,
                     bytes_in: packed.iter().map(|(_, c)| c.len() as u64).sum(),
                     ..Default::default()
                 };
+                // The merge runs on a blocking thread and hands the kept records over in
+                // buffers, a few ahead of the write: no copy of the partition, packed or not,
+                // is gathered.
+                let (tx, mut rx) = tokio::sync::mpsc::channel(REDUCE_BUFFERS_AHEAD);
                 let owned = Arc::clone(&prepared);
-                let (chunks, reduced, unpack_nanos) = tokio::task::spawn_blocking(move || {
-                    let started = Instant::now();
-                    let mut chunks = Vec::with_capacity(packed.len());
-                    for (task, bytes) in &packed {
-                        chunks.push(shuffle::unpack(bytes).map_err(|e| Failure::InputsLost {
-                            maps: vec![*task],
-                            error: format!("the shuffle output of map task {task}: {e}"),
-                        })?);
+                let merging = tokio::task::spawn_blocking(move || {
+                    merge_partition(&owned.pipeline, packed, tx)
+                });
+                let writing = Instant::now();
+                // The first buffer tells whether there is any output at all.
+                let written = match rx.recv().await {
+                    None => Ok((None, write_stat(writing, 0))),
+                    Some(first) => {
+                        let rest = futures::stream::unfold(rx, |mut rx| async move {
+                            rx.recv().await.map(|buffer| (buffer, rx))
+                        });
+                        let buffers = futures::stream::once(async { first }).chain(rest);
+                        let reader = tokio_util::io::StreamReader::new(Box::pin(buffers));
+                        let spec = ChunkerSpec::records(RecordFormat::Jsonl);
+                        self.write_from(Chunker::new(reader, spec), 0, redundancy, spec)
+                            .await
                     }
-                    drop(packed);
-                    let unpack_nanos = started.elapsed().as_nanos() as u64;
-                    let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-                    let reduced = owned
-                        .pipeline
-                        .run_reduce_kept(&slices)
-                        .map_err(|e| Failure::Error(e.to_string()))?;
-                    drop(slices);
-                    Ok::<_, Failure>((chunks, reduced, unpack_nanos))
-                })
-                .await
-                .map_err(|e| format!("reduce failed: {e}"))??;
-                read.nanos += unpack_nanos;
-                // The kept records stream from the shuffle lines through the chunker into
-                // storage: no copy of the whole partition's output is gathered first.
-                let spec = ChunkerSpec::records(RecordFormat::Jsonl);
-                // Its time is known only after the write, which copies the records out.
-                let mut encode = reduced.encode_stat(0);
-                let kept = KeptReader::new(chunks, reduced.kept);
-                let encode_nanos = kept.nanos();
-                let (output, mut write) = if encode.records_in == 0 {
-                    (None, write_stat(Instant::now(), 0))
-                } else {
-                    // Each record is followed by its newline.
-                    let bytes = encode.bytes_in + encode.records_in;
-                    self.write_from(Chunker::new(kept, spec), bytes, redundancy, spec)
-                        .await?
                 };
-                encode.nanos = encode_nanos.load(Ordering::Relaxed);
-                write.nanos = write.nanos.saturating_sub(encode.nanos);
+                // The merge's failure first: it is why the write stopped, if it did.
+                let merged = merging.await.map_err(|e| format!("reduce failed: {e}"))??;
+                let (output, mut write) = written?;
                 write.stage = "reduce write".into();
-                let mut stats = vec![read];
-                stats.extend(reduced.stats.into_iter().chain([encode]).map(|s| {
-                    let mut s = wire_stat(s);
-                    s.stage = format!("reduce {}", s.stage);
-                    s
-                }));
-                stats.push(write);
+                // Each record is followed by its newline.
+                write.bytes_in = merged.dedup.bytes_in + merged.dedup.records_out;
+                write.nanos = write
+                    .nanos
+                    .saturating_sub(merged.dedup.nanos + merged.unpack_nanos);
+                let unpack = StageStat {
+                    stage: "reduce unpack".into(),
+                    nanos: merged.unpack_nanos,
+                    bytes_in: read.bytes_in,
+                    ..Default::default()
+                };
+                let mut dedup = wire_stat(merged.dedup);
+                dedup.stage = "reduce dedup".into();
                 Ok(TaskOutput {
                     output,
                     partition_chunks: Vec::new(),
                     rejects: None,
-                    stats,
+                    stats: vec![read, unpack, dedup, write],
                 })
             }
         }
@@ -840,61 +836,83 @@ impl Worker {
     }
 }
 
-/// A reduce task's output as a byte stream: the kept records, each followed by `\n`, read out
-/// of the unpacked shuffle chunks they are in. It counts the time spent copying them.
-struct KeptReader {
-    chunks: Vec<Vec<u8>>,
-    kept: Vec<Kept>,
-    /// The record being read out, and how much of it (its newline is byte `len`) is out.
-    next: usize,
-    offset: usize,
-    nanos: Arc<AtomicU64>,
+/// What a reduce task's merge did.
+struct Merged {
+    /// `dedup`: lines in, records kept out, their bytes; its time leaves out unpacking and
+    /// waiting on the write.
+    dedup: super::processors::StageStat,
+    unpack_nanos: u64,
 }
 
-impl KeptReader {
-    fn new(chunks: Vec<Vec<u8>>, kept: Vec<Kept>) -> Self {
-        Self {
-            chunks,
-            kept,
-            next: 0,
-            offset: 0,
-            nanos: Arc::new(AtomicU64::new(0)),
+/// Merges a reduce partition's packed inputs (each with the map task that wrote it) and sends
+/// the kept records to `tx` in buffers of about [`REDUCE_BUFFER`] bytes. An input that does not
+/// unpack names its map task, whose output is then taken as lost; any failure is also sent down
+/// `tx`, so that the write of what came before it fails rather than storing a short output.
+fn merge_partition(
+    pipeline: &Pipeline,
+    packed: Vec<(u32, Bytes)>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) -> Result<Merged, Failure> {
+    let result = merge_into(pipeline, packed, &tx);
+    if let Err(e) = &result {
+        let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+    }
+    result
+}
+
+fn merge_into(
+    pipeline: &Pipeline,
+    packed: Vec<(u32, Bytes)>,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) -> Result<Merged, Failure> {
+    let started = Instant::now();
+    let tasks: Vec<u32> = packed.iter().map(|(task, _)| *task).collect();
+    let lost = |task: u32, error: String| Failure::InputsLost {
+        maps: vec![task],
+        error: format!("the shuffle output of map task {task}: {error}"),
+    };
+    let failed = |e: TaskError| match e {
+        TaskError::ReduceRead { input, message } => {
+            lost(tasks.get(input).copied().unwrap_or_default(), message)
         }
+        other => Failure::Error(other.to_string()),
+    };
+    let mut inputs = Vec::with_capacity(packed.len());
+    for (task, bytes) in packed {
+        inputs.push(shuffle::Blocks::new(bytes).map_err(|e| match e {
+            // Another version of meshd ran the map task: running it again may well land on
+            // that node again, so this is a failed attempt, which counts, not a lost output,
+            // which does not.
+            shuffle::UnpackError::Format(_) => {
+                Failure::Error(format!("the shuffle output of map task {task}: {e}"))
+            }
+            e => lost(task, e.to_string()),
+        })?);
     }
-
-    /// Nanoseconds spent copying records out so far.
-    fn nanos(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.nanos)
-    }
-}
-
-impl tokio::io::AsyncRead for KeptReader {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let started = Instant::now();
-        while buf.remaining() > 0 {
-            let Some(k) = this.kept.get(this.next) else {
+    let mut reducer = pipeline.reducer(inputs).map_err(failed)?;
+    let mut waited = Duration::ZERO;
+    loop {
+        let mut buffer = Vec::with_capacity(REDUCE_BUFFER + (64 << 10));
+        let more = reducer.fill(&mut buffer, REDUCE_BUFFER).map_err(failed)?;
+        if !buffer.is_empty() {
+            let sending = Instant::now();
+            let sent = tx.blocking_send(Ok(Bytes::from(buffer)));
+            waited += sending.elapsed();
+            if sent.is_err() {
+                // The write stopped reading: it failed, and says why.
                 break;
-            };
-            let record = k.of(&this.chunks);
-            if let Some(rest) = record.get(this.offset..).filter(|r| !r.is_empty()) {
-                let n = rest.len().min(buf.remaining());
-                buf.put_slice(&rest[..n]);
-                this.offset += n;
-            } else {
-                buf.put_slice(b"\n");
-                this.next += 1;
-                this.offset = 0;
             }
         }
-        this.nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        std::task::Poll::Ready(Ok(()))
+        if !more {
+            break;
+        }
     }
+    let unpack_nanos: u64 = reducer.inputs().iter().map(shuffle::Blocks::nanos).sum();
+    let busy = started.elapsed().saturating_sub(waited).as_nanos() as u64;
+    Ok(Merged {
+        dedup: reducer.stat(busy.saturating_sub(unpack_nanos)),
+        unpack_nanos,
+    })
 }
 
 /// A map task's shuffle output, cut and packed for storing.
@@ -947,6 +965,126 @@ fn write_stat(started: Instant, bytes: u64) -> StageStat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::processors::StageSpec;
+
+    fn dedup_pipeline() -> Pipeline {
+        let params: BTreeMap<String, String> = [("key", "id"), ("ts", "ts")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Pipeline::parse(&[StageSpec {
+            processor: "dedup",
+            params: &params,
+        }])
+        .unwrap()
+    }
+
+    /// The id of record `i` of map task `t`: many repeat across tasks.
+    fn key_of(t: usize, i: usize) -> usize {
+        (i * 7 + t * 13) % 20_000
+    }
+
+    /// Map outputs of partition 0 (one partition), one per map task, from `tasks` chunks of
+    /// 3,000 generated records.
+    fn map_outputs(pipeline: &Pipeline, tasks: usize) -> Vec<Vec<u8>> {
+        (0..tasks)
+            .map(|t| {
+                let mut input = Vec::new();
+                for i in 0..3000 {
+                    let id = key_of(t, i);
+                    let line = format!(
+                        "{{\"id\":\"u{id:05}\",\"ts\":{},\"pad\":\"{}\"}}\n",
+                        i % 11,
+                        "x".repeat(i % 50)
+                    );
+                    input.extend_from_slice(line.as_bytes());
+                }
+                let chunk = ChunkInput {
+                    data: &input,
+                    format: Format::Jsonl,
+                    csv_header: None,
+                    first_chunk: true,
+                };
+                let mut out = pipeline.run_map(&chunk, 1).unwrap();
+                out.partitions.remove(0)
+            })
+            .collect()
+    }
+
+    /// Runs [`merge_partition`] on a thread of its own, as the worker does, and gathers what it
+    /// sends.
+    fn merge(
+        pipeline: Pipeline,
+        packed: Vec<(u32, Bytes)>,
+    ) -> (Result<Merged, Failure>, Vec<std::io::Result<Bytes>>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(REDUCE_BUFFERS_AHEAD);
+        let merging = std::thread::spawn(move || merge_partition(&pipeline, packed, tx));
+        let mut sent = Vec::new();
+        while let Some(buffer) = rx.blocking_recv() {
+            sent.push(buffer);
+        }
+        (merging.join().unwrap(), sent)
+    }
+
+    #[test]
+    fn a_reduce_streams_what_the_in_memory_reduce_outputs() {
+        let pipeline = dedup_pipeline();
+        let outputs = map_outputs(&pipeline, 40);
+        let slices: Vec<&[u8]> = outputs.iter().map(Vec::as_slice).collect();
+        let expected = pipeline.run_reduce(&slices).unwrap();
+        let packed: Vec<(u32, Bytes)> = outputs
+            .iter()
+            .enumerate()
+            .map(|(t, o)| (t as u32, shuffle::pack(o)))
+            .collect();
+        // Every input spans several blocks.
+        assert!(outputs.iter().all(|o| o.len() > 4 * shuffle::BLOCK));
+        let (merged, sent) = merge(dedup_pipeline(), packed);
+        let merged = merged.unwrap();
+        let mut streamed = Vec::new();
+        for buffer in sent {
+            streamed.extend_from_slice(&buffer.unwrap());
+        }
+        assert!(streamed.len() > REDUCE_BUFFER, "{} bytes", streamed.len());
+        assert_eq!(streamed, expected.output);
+        assert_eq!(merged.dedup.records_in, 40 * 3000);
+        let ids: HashSet<usize> = (0..40)
+            .flat_map(|t| (0..3000).map(move |i| key_of(t, i)))
+            .collect();
+        assert_eq!(merged.dedup.records_out, ids.len() as u64);
+        assert!(merged.unpack_nanos > 0);
+    }
+
+    #[test]
+    fn a_shuffle_output_that_does_not_unpack_is_lost_and_the_stream_fails() {
+        let pipeline = dedup_pipeline();
+        let outputs = map_outputs(&pipeline, 3);
+        let mut packed: Vec<(u32, Bytes)> = outputs
+            .iter()
+            .enumerate()
+            .map(|(t, o)| (10 + t as u32, shuffle::pack(o)))
+            .collect();
+        // Map task 11's output is cut short: the merge finds out at its last block.
+        let short = packed[1].1.slice(..packed[1].1.len() - 100);
+        packed[1].1 = short;
+        let (merged, sent) = merge(dedup_pipeline(), packed.clone());
+        match merged {
+            Err(Failure::InputsLost { maps, error }) => {
+                assert_eq!(maps, [11]);
+                assert!(error.contains("map task 11"), "{error}");
+            }
+            other => panic!("{:?}", other.map(|m| m.dedup)),
+        }
+        assert!(matches!(sent.last(), Some(Err(_))), "the write must fail");
+        // Another version's format is a failed attempt, not a lost output.
+        let mut old = packed[1].1.to_vec();
+        old[0] = 1;
+        packed[1].1 = Bytes::from(old);
+        match merge(dedup_pipeline(), packed).0 {
+            Err(Failure::Error(e)) => assert!(e.contains("another version"), "{e}"),
+            other => panic!("{:?}", other.map(|m| m.dedup)),
+        }
+    }
 
     #[test]
     fn a_job_announced_running_again_after_it_ended_is_asked_for_work_at_once() {

@@ -9,9 +9,11 @@
 //!   in any order and number — and encode the records that are left. A pipeline that ends in
 //!   `dedup` shuffles: instead of one output it writes one buffer per reduce partition, each
 //!   record going to the partition of its key's hash as a shuffle line that carries the key
-//!   and the timestamp beside the record (`KEY\tTS\tRECORD`).
-//! - **reduce side** ([`Pipeline::run_reduce`]), one partition: `dedup` over the map outputs
-//!   for that partition, keeping one record per key. It splits the shuffle lines and parses
+//!   and the timestamp beside the record (`KEY\tTS\tRECORD`). Each partition's lines are
+//!   sorted by key.
+//! - **reduce side** ([`Pipeline::reducer`], or [`Pipeline::run_reduce`] in memory), one
+//!   partition: `dedup` as a merge of the map outputs for that partition, keeping one record
+//!   per key. It reads each input a block at a time, splits the shuffle lines and parses
 //!   nothing else, except the timestamps of two records with one key.
 //!
 //! Each stage handles the whole chunk before the next starts, so a stage is timed with two
@@ -57,7 +59,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use self::dedup::{Dedup, Framed, Latest};
+use self::dedup::{Dedup, Merge, MergeError};
+pub use self::dedup::{Run, Whole};
 use self::filter::Filter;
 use self::input::{Record, Rejects, Source, input_bytes};
 use self::map::MapFields;
@@ -156,11 +159,13 @@ pub enum TaskError {
     Csv(String),
     #[error("reduce input {input}, line {line}: {message}")]
     ReduceInput {
-        /// Index in the `inputs` given to [`Pipeline::run_reduce`].
+        /// Index in the inputs given to [`Pipeline::reducer`].
         input: usize,
         line: u64,
         message: String,
     },
+    #[error("reduce input {input}: {message}")]
+    ReduceRead { input: usize, message: String },
 }
 
 /// One input chunk of a map task.
@@ -194,7 +199,7 @@ pub struct MapOutput {
 pub struct ReduceOutput {
     /// JSONL records, sorted by key.
     pub output: Vec<u8>,
-    /// `parse`, `dedup`, `encode`.
+    /// `dedup`: lines in, records kept out.
     pub stats: Vec<StageStat>,
 }
 
@@ -511,9 +516,14 @@ impl Pipeline {
                 let share = (input.data.len() + keys.bytes.len() + 16 * records.len())
                     / partitions as usize;
                 out.partitions = (0..partitions).map(|_| Vec::with_capacity(share)).collect();
-                for (i, record) in records.iter().enumerate() {
-                    let target = keys.partitions.get(i).copied().unwrap_or(0);
-                    if let Some(buffer) = out.partitions.get_mut(target as usize) {
+                // Each partition's lines go out sorted by key (then in input order), so the
+                // reduce side can merge its inputs a block at a time.
+                let partition = |i: usize| keys.partitions.get(i).copied().unwrap_or(0);
+                for i in keys.order() {
+                    let Some(record) = records.get(i) else {
+                        continue;
+                    };
+                    if let Some(buffer) = out.partitions.get_mut(partition(i) as usize) {
                         // A tab between a line's tokens would break the framing: such a line
                         // is written as compact JSON instead.
                         let read = as_read(record).filter(|l| memchr::memchr(b'\t', l).is_none());
@@ -530,152 +540,92 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Runs the reduce side (dedup) over the concatenation of one partition's map outputs,
-    /// given in map-task order (the result does not depend on the order), and writes the kept
-    /// records out. See [`Pipeline::run_reduce_kept`].
+    /// Runs the reduce side (dedup) over one partition's map outputs, in memory, each sorted
+    /// by key as [`Pipeline::run_map`] writes them (the result does not depend on their
+    /// order). See [`Pipeline::reducer`], which reads its inputs a block at a time.
     pub fn run_reduce(&self, inputs: &[&[u8]]) -> Result<ReduceOutput, TaskError> {
-        let reduced = self.run_reduce_kept(inputs)?;
         let started = Instant::now();
-        let mut output = Vec::with_capacity(reduced.bytes() + reduced.kept.len());
-        for kept in &reduced.kept {
-            output.extend_from_slice(kept.of(inputs));
-            output.push(b'\n');
-        }
-        let encode = reduced.encode_stat(nanos_since(started));
-        let mut stats = reduced.stats;
-        stats.push(encode);
+        let mut reducer = self.reducer(inputs.iter().map(|i| Whole::new(i)).collect())?;
+        let mut output = Vec::new();
+        while reducer.fill(&mut output, usize::MAX)? {}
+        let stats = vec![reducer.stat(nanos_since(started))];
         Ok(ReduceOutput { output, stats })
     }
 
-    /// The reduce side without writing the output: which records of `inputs` it keeps, in
-    /// output order, so a caller can stream them to storage instead of gathering a copy of the
-    /// whole partition first. The map side wrote shuffle lines (key, timestamp, record: see
-    /// [`dedup::Framed`]), so no record is parsed here: `parse` only splits lines, and the
-    /// kept records are the bytes the map side wrote.
-    pub fn run_reduce_kept(&self, inputs: &[&[u8]]) -> Result<Reduced, TaskError> {
+    /// The reduce side (dedup) of one partition as a merge of its map outputs, each sorted by
+    /// key: [`Reducer::fill`] hands out the kept records, one per key, in key order, so that a
+    /// caller can stream them to storage. It holds one block of each input at a time, not the
+    /// partition. The map side wrote shuffle lines (key, timestamp, record: see
+    /// [`dedup::Framed`]), so no record is parsed here, only the timestamps of two records with
+    /// one key.
+    pub fn reducer<R: Run>(&self, inputs: Vec<R>) -> Result<Reducer<R>, TaskError> {
         match &self.body {
             Body::Records { dedup: Some(_), .. } => {}
             Body::Records { dedup: None, .. } => return Err(TaskError::NoReduce),
             Body::Exec(name) => return Err(TaskError::Exec(name.clone())),
         }
-        let bytes_in: u64 = inputs.iter().map(|i| i.len() as u64).sum();
-        let mut parse = StageStat {
-            stage: "parse".into(),
-            bytes_in,
-            ..StageStat::default()
-        };
-        let mut keep = StageStat {
-            stage: "dedup".into(),
-            bytes_in,
-            ..StageStat::default()
-        };
-        // About 200 bytes a line. Over-reserving costs address space only.
-        let mut latest = Latest::with_capacity((bytes_in / 256) as usize);
-        let started = Instant::now();
-        for (input, data) in inputs.iter().enumerate() {
-            for (line_no, line) in lines(data) {
-                if line.is_empty() {
-                    continue;
-                }
-                let framed = Framed::split(line).ok_or_else(|| TaskError::ReduceInput {
-                    input,
-                    line: line_no,
-                    message: "not a shuffle line (key, tab, timestamp, tab, record)".into(),
-                })?;
-                latest.offer(framed, (input, line_no));
-            }
-        }
-        parse.nanos = nanos_since(started);
-        parse.records_in = latest.len() as u64;
-        parse.records_out = parse.records_in;
-        keep.records_in = parse.records_in;
-        let started = Instant::now();
-        let kept = latest
-            .finish()
-            .map_err(|((input, line), e)| TaskError::ReduceInput {
-                input,
-                line,
-                message: format!("a shuffle line's timestamp is not JSON: {e}"),
-            })?;
-        // Each record is a slice of its input: keep where, not the slice, so the result does
-        // not borrow the inputs.
-        let kept: Vec<Kept> = kept
-            .into_iter()
-            .map(|(input, record)| {
-                let base = inputs.get(input).map_or(0, |i| i.as_ptr() as usize);
-                Kept {
-                    input,
-                    start: (record.as_ptr() as usize).saturating_sub(base),
-                    len: record.len(),
-                }
-            })
-            .collect();
-        keep.nanos = nanos_since(started);
-        keep.records_out = kept.len() as u64;
-        Ok(Reduced {
-            kept,
-            stats: vec![parse, keep],
+        Ok(Reducer {
+            merge: Merge::new(inputs).map_err(merge_error)?,
         })
     }
 }
 
-/// What the reduce side keeps of its inputs ([`Pipeline::run_reduce_kept`]).
-#[derive(Debug, Default)]
-pub struct Reduced {
-    /// The kept records in output order; each is written followed by `\n`.
-    pub kept: Vec<Kept>,
-    /// `parse` and `dedup`; the caller adds `encode` ([`Reduced::encode_stat`]).
-    pub stats: Vec<StageStat>,
+/// A reduce task's merge ([`Pipeline::reducer`]).
+#[derive(Debug)]
+pub struct Reducer<R> {
+    merge: Merge<R>,
 }
 
-impl Reduced {
-    /// Bytes of the kept records, without their newlines.
-    pub fn bytes(&self) -> usize {
-        self.kept.iter().map(|k| k.len).sum()
+impl<R: Run> Reducer<R> {
+    /// Appends kept records, each followed by `\n`, to `out` until it holds `target` bytes or
+    /// more; false when every input is used up. An input that cannot be read is
+    /// [`TaskError::ReduceRead`]; a bad line in one, [`TaskError::ReduceInput`].
+    pub fn fill(&mut self, out: &mut Vec<u8>, target: usize) -> Result<bool, TaskError> {
+        self.merge.fill(out, target).map_err(merge_error)
     }
 
-    /// The `encode` stage of writing the kept records out in `nanos`.
-    pub fn encode_stat(&self, nanos: u64) -> StageStat {
+    /// The inputs.
+    pub fn inputs(&self) -> &[R] {
+        self.merge.runs()
+    }
+
+    /// Bytes of the records kept so far, without their newlines.
+    pub fn bytes(&self) -> u64 {
+        self.merge.bytes
+    }
+
+    /// The `dedup` stage so far, taking `nanos`: lines read in, records kept out.
+    pub fn stat(&self, nanos: u64) -> StageStat {
         StageStat {
-            stage: "encode".into(),
+            stage: "dedup".into(),
             nanos,
-            records_in: self.kept.len() as u64,
-            records_out: self.kept.len() as u64,
-            bytes_in: self.bytes() as u64,
+            records_in: self.merge.lines,
+            records_out: self.merge.kept,
+            bytes_in: self.merge.bytes,
         }
     }
 }
 
-/// One kept record: `len` bytes at `start` of reduce input `input`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Kept {
-    pub input: usize,
-    pub start: usize,
-    pub len: usize,
-}
-
-impl Kept {
-    /// The record's bytes in `inputs` (empty if `inputs` are not the ones it was found in).
-    pub fn of<'a, T: AsRef<[u8]>>(&self, inputs: &'a [T]) -> &'a [u8] {
-        inputs
-            .get(self.input)
-            .and_then(|i| {
-                i.as_ref()
-                    .get(self.start..self.start.saturating_add(self.len))
-            })
-            .unwrap_or_default()
+fn merge_error<E: fmt::Display>(e: MergeError<E>) -> TaskError {
+    match e {
+        MergeError::Read { input, error } => TaskError::ReduceRead {
+            input,
+            message: error.to_string(),
+        },
+        MergeError::Line {
+            input,
+            line,
+            message,
+        } => TaskError::ReduceInput {
+            input,
+            line,
+            message,
+        },
     }
 }
 
 fn nanos_since(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The lines of `data` with their 1-based numbers, without `\n` or `\r\n`.
-fn lines(data: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
-    data.split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, line)| (i as u64 + 1, line.strip_suffix(b"\r").unwrap_or(line)))
 }
 
 #[cfg(test)]
