@@ -4,6 +4,8 @@
 #   scripts/bench-node.sh [SIZE_MIB=1024] [RSS_SIZE_MIB=4096]
 # The first size is timed for put and get; the second is a put only, to measure peak RSS on a
 # large upload. Prints a markdown table. Needs ~2x the sizes in free space under $TMPDIR.
+# The node is alone, so its puts are `rep:1`: the node's default policy (rep:3) would need
+# two other holders for its write quorum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
@@ -38,9 +40,9 @@ head -c "$((size_mib << 20))" /dev/urandom >"$work/in.bin"
 sync
 
 cpu0=$(cpu_secs); t0=$(now)
-id=$(ctl put "$work/in.bin")
+id=$(ctl put --redundancy rep:1 "$work/in.bin")
 t1=$(now); cpu1=$(cpu_secs)
-ctl get "$id" -o "$work/out.bin"
+ctl get "$id" -o "$work/out.bin" >/dev/null
 t2=$(now); cpu2=$(cpu_secs)
 cmp "$work/in.bin" "$work/out.bin"
 rm -f "$work/out.bin"
@@ -56,7 +58,7 @@ rm -f "$work/in.bin"
 rss_line=""
 if [ "$rss_mib" -gt 0 ]; then
     t3=$(now)
-    head -c "$((rss_mib << 20))" /dev/urandom | ctl put --name big - >/dev/null
+    head -c "$((rss_mib << 20))" /dev/urandom | ctl put --redundancy rep:1 --name big - >/dev/null
     t4=$(now)
     big_mbs=$(rate "$rss_mib * 1.048576" "$t3" "$t4")
     rss_line="| put $((rss_mib / 1024)) GiB from stdin | $big_mbs MB/s | | $(peak_rss_mib) MiB |"
