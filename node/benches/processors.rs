@@ -135,7 +135,7 @@ fn processors(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(lines.len() as u64));
     group.bench_function("pack", |b| b.iter(|| shuffle::pack(lines).len()));
     group.bench_function("unpack", |b| {
-        b.iter(|| shuffle::unpack(&packed).map(|u| u.len()))
+        b.iter(|| shuffle::unpack(packed.clone()).map(|u| u.len()))
     });
     group.finish();
 }

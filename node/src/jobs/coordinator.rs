@@ -43,6 +43,9 @@ use crate::replicate::compose::Composition;
 use crate::replicate::{Mesh, MeshError};
 use crate::store::{RocksStore, StoreError};
 
+/// The reduce task's stage whose records out are the job's records written.
+pub(crate) const REDUCE_KEPT_STAGE: &str = "reduce dedup";
+
 /// How long a task another node holds the input of waits for that node before anyone may
 /// take it.
 pub const LOCALITY_WAIT: Duration = Duration::from_secs(3);
@@ -1617,7 +1620,7 @@ fn report_of(job: &Job) -> JobStatus {
         .find(|s| s.stage == "parse")
         .map_or(0, |s| s.records_in);
     let final_encode = if job.shuffles() {
-        "reduce dedup"
+        REDUCE_KEPT_STAGE
     } else {
         "encode"
     };

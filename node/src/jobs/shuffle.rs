@@ -69,10 +69,31 @@ pub fn pack(chunk: &[u8]) -> Bytes {
             None => rest.len(),
         };
         let (block, tail) = rest.split_at(end);
-        let packed = lz4_flex::block::compress(block);
+        // The block is compressed straight into `out`, after its header; the packed length
+        // is filled in once known.
+        let header = out.len();
         out.extend_from_slice(&len_u32(block.len()).to_le_bytes());
-        out.extend_from_slice(&len_u32(packed.len()).to_le_bytes());
-        out.extend_from_slice(&packed);
+        out.extend_from_slice(&[0; 4]);
+        let start = out.len();
+        out.resize(
+            start + lz4_flex::block::get_maximum_output_size(block.len()),
+            0,
+        );
+        let packed = match lz4_flex::block::compress_into(block, &mut out[start..]) {
+            Ok(packed) => {
+                out.truncate(start + packed);
+                packed
+            }
+            // The room is the crate's own bound, so this does not happen; if it did, the
+            // allocating form gives the same bytes.
+            Err(_) => {
+                out.truncate(start);
+                let packed = lz4_flex::block::compress(block);
+                out.extend_from_slice(&packed);
+                packed.len()
+            }
+        };
+        out[header + 4..start].copy_from_slice(&len_u32(packed).to_le_bytes());
         rest = tail;
     }
     Bytes::from(out)
@@ -83,8 +104,8 @@ fn len_u32(len: usize) -> u32 {
 }
 
 /// Decompresses a whole chunk [`pack`] made.
-pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, UnpackError> {
-    let mut blocks = Blocks::new(Bytes::copy_from_slice(packed))?;
+pub fn unpack(packed: Bytes) -> Result<Vec<u8>, UnpackError> {
+    let mut blocks = Blocks::new(packed)?;
     let mut out = Vec::with_capacity(blocks.total);
     while blocks.advance()? {
         out.extend_from_slice(blocks.block());
@@ -218,6 +239,10 @@ impl super::processors::Run for Blocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unpack(packed: &[u8]) -> Result<Vec<u8>, UnpackError> {
+        super::unpack(Bytes::copy_from_slice(packed))
+    }
 
     fn lines(n: usize) -> Vec<u8> {
         let mut out = Vec::new();

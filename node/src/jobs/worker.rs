@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::coordinator::{Coordinator, parse_pipeline};
+use super::coordinator::{Coordinator, REDUCE_KEPT_STAGE, parse_pipeline};
 use super::exec;
 use super::processors::{ChunkInput, Format, Pipeline, TaskError};
 use super::shuffle;
@@ -704,7 +704,7 @@ impl Worker {
                     ..Default::default()
                 };
                 let mut dedup = wire_stat(merged.dedup);
-                dedup.stage = "reduce dedup".into();
+                dedup.stage = REDUCE_KEPT_STAGE.into();
                 Ok(TaskOutput {
                     output,
                     partition_chunks: Vec::new(),
