@@ -163,7 +163,10 @@ struct PartPlaced {
 }
 
 /// A sender of this node's share of a put to its local writer.
-type LocalWriter = mpsc::Sender<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>;
+/// A chunk for this node's own store, with the id the caller already hashed and where to say
+/// whether it was new.
+type LocalChunk = (ChunkId, Bytes, oneshot::Sender<Result<bool, StoreError>>);
+type LocalWriter = mpsc::Sender<LocalChunk>;
 
 /// Runs `tasks` in order with a window that starts at one and doubles with every result
 /// delivered, up to `max`; yields the results in order.
@@ -230,7 +233,7 @@ async fn send_part(
     match target {
         Target::Local => {
             let (tx, rx) = oneshot::channel();
-            match local.send((data, tx)).await {
+            match local.send((id, data, tx)).await {
                 Err(_) => Err("local writer stopped".to_owned()),
                 Ok(()) => match rx.await {
                     Ok(Ok(new)) => Ok(new),
@@ -463,10 +466,7 @@ impl Mesh {
         let width = options.redundancy.width();
         let quorum = quorum.clamp(1, width);
         let inner = &self.inner;
-        let (local_tx, local_rx) = mpsc::channel::<(
-            Bytes,
-            oneshot::Sender<Result<bool, StoreError>>,
-        )>(inner.settings.write_window);
+        let (local_tx, local_rx) = mpsc::channel(inner.settings.write_window);
         let writer = spawn_local_writer(Arc::clone(&inner.store), local_rx);
 
         let mut chunker = source;
@@ -1759,12 +1759,14 @@ impl Mesh {
 /// so pins the chunks until the commit).
 fn spawn_local_writer(
     store: Arc<RocksStore>,
-    mut rx: mpsc::Receiver<(Bytes, oneshot::Sender<Result<bool, StoreError>>)>,
+    mut rx: mpsc::Receiver<LocalChunk>,
 ) -> tokio::task::JoinHandle<Upload> {
     tokio::task::spawn_blocking(move || {
         let mut upload = store.begin_upload();
-        while let Some((data, reply)) = rx.blocking_recv() {
-            let _ = reply.send(upload.put(&data).map(|s| s.new));
+        while let Some((id, data, reply)) = rx.blocking_recv() {
+            // The id was hashed from these bytes on this node: hashing them again would be
+            // a fourth BLAKE3 pass over every byte of a rep:3 put.
+            let _ = reply.send(upload.put_hashed(id, &data));
         }
         upload
     })

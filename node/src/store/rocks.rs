@@ -67,6 +67,9 @@ const CF_PARTS: &str = "parts";
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 /// Job state kept by coordinators: free-form keys owned by [`crate::jobs`].
 const CF_JOBS: &str = "jobs";
+/// Room in a chunk's write batch beyond its bytes: the batch header, the chunk, reference
+/// and orphan-candidate entries' tags, keys and lengths, and the two counter merges.
+const BATCH_OVERHEAD: usize = 512;
 
 /// Layout version of everything this module writes; checked at open.
 const SCHEMA_VERSION: u32 = 1;
@@ -461,7 +464,9 @@ impl RocksStore {
         }
         let len = u32::try_from(data.len())
             .map_err(|_| StoreError::Db("chunk longer than 4 GiB".into()))?;
-        let mut batch = WriteBatch::default();
+        // Sized for the chunk up front: a growing batch copies the chunk once more on
+        // every doubling, each time into memory not touched before.
+        let mut batch = WriteBatch::with_capacity_bytes(data.len() + BATCH_OVERHEAD);
         batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
         batch.put_cf(
             self.cf(CF_REFS),
@@ -1405,11 +1410,18 @@ impl Upload {
     /// Stores a chunk for this upload (computing its id) and pins it.
     pub fn put(&mut self, data: &[u8]) -> Result<StoredChunk, StoreError> {
         let id = ChunkId::of(data);
+        let new = self.put_hashed(id, data)?;
+        Ok(StoredChunk { id, new })
+    }
+
+    /// [`Upload::put`] for bytes this node has just hashed itself (never bytes from a
+    /// peer): `id` must be their BLAKE3. Returns whether the chunk is new here.
+    pub(crate) fn put_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        debug_assert_eq!(id, ChunkId::of(data));
         let _guard = lock(&self.store.stripes[self.store.stripe(&id)]);
         self.store.pin(&id);
         self.pinned.push(id);
-        let new = self.store.insert_chunk(&id, data, false)?;
-        Ok(StoredChunk { id, new })
+        self.store.insert_chunk(&id, data, false)
     }
 
     /// Commits this node's part of a placed object (see [`MetaStore::commit_placed`]) and
