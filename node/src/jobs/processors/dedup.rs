@@ -21,10 +21,10 @@
 //!   the key encoding).
 
 use std::cmp::Ordering;
+use std::ops::Range;
 
 use serde_json::Value;
 
-use super::input::Record;
 use super::value::{self, FieldPath};
 
 /// A parsed `dedup` stage.
@@ -68,22 +68,32 @@ impl Dedup {
         out.push(b']');
     }
 
-    /// The keys of `records`, one after the other in one buffer (`ends[i]` is where record
-    /// `i`'s ends), and each record's reduce partition (`partitions` must be at least 1).
-    pub fn keys(&self, records: &[Record], partitions: u32) -> Keys {
-        let mut keys = Keys {
-            bytes: Vec::with_capacity(records.len() * 16),
-            ends: Vec::with_capacity(records.len()),
-            partitions: Vec::with_capacity(records.len()),
-        };
-        for r in records {
-            let start = keys.bytes.len();
-            self.append_key(&r.value, &mut keys.bytes);
-            keys.partitions
-                .push(partition_of(&keys.bytes[start..], partitions));
-            keys.ends.push(keys.bytes.len());
+    /// Adds a record to the map side's shuffle lines: its key and reduce partition
+    /// (`partitions` must be at least 1), its timestamp, and its written form, unless `read`
+    /// (where its line is in the chunk) says it is written as it was read. Nothing of `record`
+    /// is kept, so the caller can drop it.
+    pub fn add(
+        &self,
+        lines: &mut Keys,
+        record: &Value,
+        read: Option<Range<usize>>,
+        partitions: u32,
+    ) {
+        let start = lines.bytes.len();
+        self.append_key(record, &mut lines.bytes);
+        lines
+            .partitions
+            .push(partition_of(&lines.bytes[start..], partitions));
+        lines.ends.push(lines.bytes.len());
+        if let Some(ts) = self.ts(record) {
+            value::write_json(&mut lines.tails, ts);
         }
-        keys
+        lines.tails.push(b'\t');
+        if read.is_none() {
+            value::write_json(&mut lines.tails, record);
+        }
+        lines.tail_ends.push(lines.tails.len());
+        lines.read.push(read);
     }
 
     /// The timestamp of `record`.
@@ -94,12 +104,18 @@ impl Dedup {
     }
 }
 
-/// What [`Dedup::keys`] found.
+/// The map side's shuffle lines of one chunk, as [`Dedup::add`] gathers them: record `i`'s key
+/// is `bytes[ends[i - 1]..ends[i]]`, its partition `partitions[i]`, and the rest of its line
+/// (`TS \t`, then its compact JSON unless `read[i]` places its line in the chunk) is likewise
+/// in `tails`.
 #[derive(Debug, Default)]
 pub(crate) struct Keys {
     pub bytes: Vec<u8>,
     pub ends: Vec<usize>,
     pub partitions: Vec<u32>,
+    tails: Vec<u8>,
+    tail_ends: Vec<usize>,
+    read: Vec<Option<Range<usize>>>,
 }
 
 impl Keys {
@@ -136,13 +152,29 @@ impl Keys {
 
     /// Record `i`'s key.
     pub fn get(&self, i: usize) -> &[u8] {
-        let start = match i.checked_sub(1) {
-            Some(prev) => self.ends.get(prev).copied().unwrap_or(0),
-            None => 0,
-        };
-        let end = self.ends.get(i).copied().unwrap_or(start);
-        self.bytes.get(start..end).unwrap_or_default()
+        slice(&self.bytes, &self.ends, i)
     }
+
+    /// Appends record `i`'s shuffle line (without its newline) to `out`; `data` is the chunk
+    /// the records were read from.
+    pub fn write_line(&self, i: usize, data: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(self.get(i));
+        out.push(b'\t');
+        out.extend_from_slice(slice(&self.tails, &self.tail_ends, i));
+        if let Some(Some(read)) = self.read.get(i) {
+            out.extend_from_slice(data.get(read.clone()).unwrap_or_default());
+        }
+    }
+}
+
+/// Item `i` of a buffer of items laid end to end, where `ends[i]` is where item `i` ends.
+fn slice<'b>(bytes: &'b [u8], ends: &[usize], i: usize) -> &'b [u8] {
+    let start = match i.checked_sub(1) {
+        Some(prev) => ends.get(prev).copied().unwrap_or(0),
+        None => 0,
+    };
+    let end = ends.get(i).copied().unwrap_or(start);
+    bytes.get(start..end).unwrap_or_default()
 }
 
 /// The first 8 bytes of `key`, big-endian, zero-padded: ordered as the bytes are.
@@ -178,6 +210,7 @@ impl Dedup {
     /// Appends `record`'s shuffle line (without the `\n`) to `out`; `key` is its key encoding.
     /// The record goes as `read` when given (its line as read, holding no tab or newline), else
     /// as compact JSON.
+    #[cfg(test)]
     pub fn write_framed(&self, out: &mut Vec<u8>, key: &[u8], record: &Value, read: Option<&[u8]>) {
         out.extend_from_slice(key);
         out.push(b'\t');

@@ -34,7 +34,7 @@ pub(crate) fn input_bytes(records: &[Record]) -> u64 {
 pub(crate) struct Source<'a> {
     pub data: &'a [u8],
     pub format: Format,
-    pub header: Option<CsvHeader>,
+    pub header: Option<&'a CsvHeader>,
 }
 
 impl Source<'_> {
@@ -44,7 +44,7 @@ impl Source<'_> {
         let Some(bytes) = self.data.get(span.clone()) else {
             return Value::Null;
         };
-        match (self.format, &self.header) {
+        match (self.format, self.header) {
             (Format::Jsonl, _) => serde_json::from_slice(trim_line(bytes)).unwrap_or(Value::Null),
             (Format::Csv, Some(header)) => {
                 let mut reader = csv_reader(bytes);
@@ -122,23 +122,135 @@ fn trim_line(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Parses JSONL: one object per line; blank lines are skipped, other lines that are not a
-/// JSON object are rejected. Returns the number of non-blank lines.
-pub(crate) fn parse_jsonl(data: &[u8], records: &mut Vec<Record>, rejects: &mut Rejects) -> u64 {
+/// Reads a chunk's records a batch at a time, so that the stages can handle each batch and
+/// let go of its parsed values before the next is parsed: the allocator then hands the same
+/// memory, still in cache, to the next batch instead of growing by a whole chunk's values and
+/// freeing them all at the end.
+pub(crate) enum RecordReader<'a> {
+    /// One JSON object per line; blank lines are skipped, other lines that are not a JSON
+    /// object are rejected.
+    Jsonl {
+        data: &'a [u8],
+        start: usize,
+        line_no: u64,
+    },
+    /// RFC 4180 CSV (a quoted field may hold newlines). In the object's first chunk the first
+    /// row is the header: it is skipped, and read as the header when none was given.
+    Csv {
+        data: &'a [u8],
+        reader: Box<csv::Reader<&'a [u8]>>,
+        row: csv::ByteRecord,
+        header: Option<CsvHeader>,
+        skip_header: bool,
+        done: bool,
+    },
+}
+
+impl<'a> RecordReader<'a> {
+    pub fn new(
+        format: Format,
+        data: &'a [u8],
+        csv_header: Option<&[u8]>,
+        first_chunk: bool,
+    ) -> Result<Self, TaskError> {
+        match format {
+            Format::Jsonl => Ok(Self::Jsonl {
+                data,
+                start: 0,
+                line_no: 0,
+            }),
+            Format::Csv => {
+                let header = csv_header.map(CsvHeader::parse).transpose()?;
+                if header.is_none() && !first_chunk {
+                    return Err(TaskError::CsvHeader(
+                        "no header given for a chunk after the first".into(),
+                    ));
+                }
+                Ok(Self::Csv {
+                    data,
+                    reader: Box::new(csv_reader(data)),
+                    row: csv::ByteRecord::new(),
+                    header,
+                    skip_header: first_chunk,
+                    done: false,
+                })
+            }
+        }
+    }
+
+    /// The CSV header in use (none for JSONL, and for a first chunk before its first row).
+    pub fn header(&self) -> Option<&CsvHeader> {
+        match self {
+            Self::Jsonl { .. } => None,
+            Self::Csv { header, .. } => header.as_ref(),
+        }
+    }
+
+    /// True once every record has been read.
+    pub fn is_done(&self) -> bool {
+        match self {
+            Self::Jsonl { data, start, .. } => *start >= data.len(),
+            Self::Csv { done, .. } => *done,
+        }
+    }
+
+    /// Reads records into `records` until it holds `max` or the chunk ends; lines or rows that
+    /// do not parse go to `rejects`. Returns how many lines or rows were seen (blank lines and
+    /// a CSV header excluded), rejected ones included.
+    pub fn fill(
+        &mut self,
+        records: &mut Vec<Record>,
+        rejects: &mut Rejects,
+        max: usize,
+    ) -> Result<u64, TaskError> {
+        match self {
+            Self::Jsonl {
+                data,
+                start,
+                line_no,
+            } => Ok(fill_jsonl(data, start, line_no, records, rejects, max)),
+            Self::Csv {
+                data,
+                reader,
+                row,
+                header,
+                skip_header,
+                done,
+            } => {
+                let mut seen = 0;
+                while records.len() < max && !*done {
+                    if !read_csv_row(data, reader, row, header, skip_header, records, rejects)? {
+                        *done = true;
+                    } else {
+                        seen += 1;
+                    }
+                }
+                Ok(seen)
+            }
+        }
+    }
+}
+
+fn fill_jsonl(
+    data: &[u8],
+    start: &mut usize,
+    line_no: &mut u64,
+    records: &mut Vec<Record>,
+    rejects: &mut Rejects,
+    max: usize,
+) -> u64 {
     let mut seen = 0;
-    let mut start = 0;
-    let mut line_no = 0;
-    while start < data.len() {
-        let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i + 1);
-        line_no += 1;
-        let span = start..end;
+    while *start < data.len() && records.len() < max {
+        let end = memchr::memchr(b'\n', &data[*start..]).map_or(data.len(), |i| *start + i + 1);
+        *line_no += 1;
+        let span = *start..end;
         let line = trim_line(&data[span.clone()]);
-        start = end;
+        *start = end;
         match serde_json::from_slice::<Value>(line) {
             Ok(value @ Value::Object(_)) => {
                 seen += 1;
                 records.push(Record {
-                    line: line_no,
+                    line: *line_no,
                     span,
                     value,
                 });
@@ -146,13 +258,13 @@ pub(crate) fn parse_jsonl(data: &[u8], records: &mut Vec<Record>, rejects: &mut 
             Ok(other) => {
                 seen += 1;
                 let reason = format!("not a JSON object but {}", value::type_name(&other));
-                rejects.raw(line_no, line, &reason);
+                rejects.raw(*line_no, line, &reason);
             }
             // Blank lines fail to parse too; checking only then keeps the common case fast.
             Err(_) if line.iter().all(u8::is_ascii_whitespace) => {}
             Err(e) => {
                 seen += 1;
-                rejects.raw(line_no, line, &format!("invalid JSON: {e}"));
+                rejects.raw(*line_no, line, &format!("invalid JSON: {e}"));
             }
         }
     }
@@ -222,31 +334,22 @@ fn csv_reader(data: &[u8]) -> csv::Reader<&[u8]> {
         .from_reader(data)
 }
 
-/// Parses CSV rows (RFC 4180; a quoted field may hold newlines). In the object's first chunk
-/// the first row is the header: it is skipped, and read as the header when `header` is none.
-/// Returns the header used (none only for a first chunk without rows) and the number of rows
-/// (header excluded).
-pub(crate) fn parse_csv(
+/// Reads the next CSV row that is a record (skipping the header row of a first chunk, and
+/// taking the header from it when none was given) into `records`, or into `rejects` when its
+/// fields do not match the header. False at the end of the chunk.
+fn read_csv_row(
     data: &[u8],
-    header: Option<&[u8]>,
-    first_chunk: bool,
+    reader: &mut csv::Reader<&[u8]>,
+    row: &mut csv::ByteRecord,
+    header: &mut Option<CsvHeader>,
+    skip_header: &mut bool,
     records: &mut Vec<Record>,
     rejects: &mut Rejects,
-) -> Result<(Option<CsvHeader>, u64), TaskError> {
-    let mut header = header.map(CsvHeader::parse).transpose()?;
-    if header.is_none() && !first_chunk {
-        return Err(TaskError::CsvHeader(
-            "no header given for a chunk after the first".into(),
-        ));
-    }
-    let mut reader = csv_reader(data);
-    let mut row = csv::ByteRecord::new();
-    let mut skip_header = first_chunk;
-    let mut seen = 0;
+) -> Result<bool, TaskError> {
     loop {
-        match reader.read_byte_record(&mut row) {
+        match reader.read_byte_record(row) {
             Ok(true) => {}
-            Ok(false) => break,
+            Ok(false) => return Ok(false),
             Err(e) => return Err(TaskError::Csv(e.to_string())),
         }
         let (mut line, start) = row
@@ -260,18 +363,17 @@ pub(crate) fn parse_csv(
         }
         let end = (reader.position().byte() as usize).clamp(start, data.len());
         let text = data.get(start..end).unwrap_or_default();
-        if skip_header {
-            skip_header = false;
+        if *skip_header {
+            *skip_header = false;
             if header.is_none() {
-                header = Some(CsvHeader::from_row(&row)?);
+                *header = Some(CsvHeader::from_row(row)?);
             }
             continue;
         }
-        let Some(columns) = &header else {
+        let Some(columns) = header.as_ref() else {
             continue;
         };
-        seen += 1;
-        match columns.object(&row) {
+        match columns.object(row) {
             Ok(value) => records.push(Record {
                 line,
                 span: start..end,
@@ -279,6 +381,6 @@ pub(crate) fn parse_csv(
             }),
             Err(reason) => rejects.raw(line, text, &reason),
         }
+        return Ok(true);
     }
-    Ok((header, seen))
 }

@@ -16,9 +16,11 @@
 //!   per key. It reads each input a block at a time, splits the shuffle lines and parses
 //!   nothing else, except the timestamps of two records with one key.
 //!
-//! Each stage handles the whole chunk before the next starts, so a stage is timed with two
-//! clock reads per chunk, not per record, and a [`StageStat`] per stage (plus `parse` and
-//! `encode`) tells a job report where the time went.
+//! The map side takes a chunk's records a batch at a time ([`MAP_BATCH`]): each stage handles
+//! the whole batch before the next starts, so a stage is timed with two clock reads per batch,
+//! not per record, and a [`StageStat`] per stage (plus `parse` and `encode`) tells a job report
+//! where the time went. A batch's parsed values are dropped before the next batch is parsed,
+//! so a task holds one batch of them, not the chunk's.
 //!
 //! Records that cannot go on are rejects, not task failures: a line that is not a JSON
 //! object, a CSV row with the wrong number of fields, a record the schema refuses, a value
@@ -54,19 +56,23 @@ mod value;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use self::dedup::{Dedup, Merge, MergeError};
+use self::dedup::{Dedup, Keys, Merge, MergeError};
 pub use self::dedup::{Run, Whole};
 use self::filter::Filter;
-use self::input::{Record, Rejects, Source, input_bytes};
+use self::input::{Record, RecordReader, Rejects, Source, input_bytes};
 use self::map::MapFields;
 use self::validate::Validate;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+/// Records a map task parses and takes through its stages at a time (about 200 KiB of
+/// 200-byte records).
+const MAP_BATCH: usize = 1024;
 
 /// How an input object's records are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -417,6 +423,17 @@ impl Pipeline {
     /// `partitions` buffers by their key's hash (`partitions` must then be at least 1);
     /// otherwise it is ignored.
     pub fn run_map(&self, input: &ChunkInput<'_>, partitions: u32) -> Result<MapOutput, TaskError> {
+        self.run_map_batched(input, partitions, MAP_BATCH)
+    }
+
+    /// [`Pipeline::run_map`], `batch` records at a time (at least one).
+    fn run_map_batched(
+        &self,
+        input: &ChunkInput<'_>,
+        partitions: u32,
+        batch: usize,
+    ) -> Result<MapOutput, TaskError> {
+        let batch = batch.max(1);
         let (stages, dedup) = match &self.body {
             Body::Records { stages, dedup } => (stages, dedup),
             Body::Exec(name) => return Err(TaskError::Exec(name.clone())),
@@ -424,67 +441,14 @@ impl Pipeline {
         if dedup.is_some() && partitions == 0 {
             return Err(TaskError::NoPartitions);
         }
-        let mut stats = Vec::with_capacity(stages.len() + 3);
         let mut rejects = Rejects::default();
-        let mut records: Vec<Record> = Vec::with_capacity(input.data.len() / 128);
-
-        let started = Instant::now();
         // A byte order mark may open an object; it is not part of the first record.
         let data = match input.data.strip_prefix(UTF8_BOM) {
             Some(rest) if input.first_chunk => rest,
             _ => input.data,
         };
-        let (header, seen) = match input.format {
-            Format::Jsonl => (None, input::parse_jsonl(data, &mut records, &mut rejects)),
-            Format::Csv => input::parse_csv(
-                data,
-                input.csv_header,
-                input.first_chunk,
-                &mut records,
-                &mut rejects,
-            )?,
-        };
-        stats.push(StageStat {
-            stage: "parse".into(),
-            nanos: nanos_since(started),
-            records_in: seen,
-            records_out: records.len() as u64,
-            bytes_in: input.data.len() as u64,
-        });
-        let source = Source {
-            data,
-            format: input.format,
-            header,
-        };
-
-        for named in stages {
-            let records_in = records.len() as u64;
-            let bytes_in = input_bytes(&records);
-            let started = Instant::now();
-            match &named.stage {
-                Stage::Validate(v) => v.run(&mut records, &source, &mut rejects),
-                Stage::Map(m) => m.run(&mut records, &source, &mut rejects),
-                Stage::Filter(f) => f.run(&mut records),
-            }
-            stats.push(StageStat {
-                stage: named.name.clone(),
-                nanos: nanos_since(started),
-                records_in,
-                records_out: records.len() as u64,
-                bytes_in,
-            });
-        }
-
-        let mut out = MapOutput::default();
-        let bytes_in = input_bytes(&records);
-        let count = records.len() as u64;
-        let stat = |stage: &str, started: Instant| StageStat {
-            stage: stage.into(),
-            nanos: nanos_since(started),
-            records_in: count,
-            records_out: count,
-            bytes_in,
-        };
+        let mut reader =
+            RecordReader::new(input.format, data, input.csv_header, input.first_chunk)?;
         // A JSONL record no stage changed is written as it was read (see the module doc).
         let verbatim = input.format == Format::Jsonl
             && !stages.iter().any(|s| matches!(s.stage, Stage::Map(_)));
@@ -493,48 +457,110 @@ impl Pipeline {
                 .then(|| data.get(record.span.clone()).map(<[u8]>::trim_ascii))
                 .flatten()
         };
-        match dedup {
-            None => {
+
+        let named = |stage: &str| StageStat {
+            stage: stage.into(),
+            ..Default::default()
+        };
+        let mut parse = StageStat {
+            bytes_in: input.data.len() as u64,
+            ..named("parse")
+        };
+        let mut stage_stats: Vec<StageStat> = stages.iter().map(|s| named(&s.name)).collect();
+        let mut encode = named("encode");
+        let mut keyed = named("dedup");
+        let mut out = MapOutput::default();
+        let mut lines = Keys::default();
+        if dedup.is_none() {
+            out.output.reserve(input.data.len());
+        }
+        let mut records: Vec<Record> = Vec::with_capacity(batch.min(MAP_BATCH));
+        // A batch at a time: parse, every stage, then encode (or key) the records left and
+        // drop their parsed values. Each stage is timed with two clock reads per batch.
+        loop {
+            let started = Instant::now();
+            parse.records_in += reader.fill(&mut records, &mut rejects, batch)?;
+            parse.records_out += records.len() as u64;
+            parse.nanos += nanos_since(started);
+            let source = Source {
+                data,
+                format: input.format,
+                header: reader.header(),
+            };
+            for (named, stat) in stages.iter().zip(&mut stage_stats) {
+                stat.records_in += records.len() as u64;
+                stat.bytes_in += input_bytes(&records);
                 let started = Instant::now();
-                out.output.reserve(input.data.len());
-                for record in &records {
-                    match as_read(record) {
-                        Some(line) => out.output.extend_from_slice(line),
-                        None => value::write_json(&mut out.output, &record.value),
-                    }
-                    out.output.push(b'\n');
+                match &named.stage {
+                    Stage::Validate(v) => v.run(&mut records, &source, &mut rejects),
+                    Stage::Map(m) => m.run(&mut records, &source, &mut rejects),
+                    Stage::Filter(f) => f.run(&mut records),
                 }
-                drop(records);
-                stats.push(stat("encode", started));
+                stat.nanos += nanos_since(started);
+                stat.records_out += records.len() as u64;
             }
-            Some(dedup) => {
-                let started = Instant::now();
-                let keys = dedup.keys(&records, partitions);
-                stats.push(stat("dedup", started));
-                let started = Instant::now();
-                // A shuffle line is the record plus its key and timestamp.
-                let share = (input.data.len() + keys.bytes.len() + 16 * records.len())
-                    / partitions as usize;
-                out.partitions = (0..partitions).map(|_| Vec::with_capacity(share)).collect();
-                // Each partition's lines go out sorted by key (then in input order), so the
-                // reduce side can merge its inputs a block at a time.
-                let partition = |i: usize| keys.partitions.get(i).copied().unwrap_or(0);
-                for i in keys.order() {
-                    let Some(record) = records.get(i) else {
-                        continue;
-                    };
-                    if let Some(buffer) = out.partitions.get_mut(partition(i) as usize) {
-                        // A tab between a line's tokens would break the framing: such a line
-                        // is written as compact JSON instead.
-                        let read = as_read(record).filter(|l| memchr::memchr(b'\t', l).is_none());
-                        dedup.write_framed(buffer, keys.get(i), &record.value, read);
-                        buffer.push(b'\n');
+            let count = records.len() as u64;
+            let bytes = input_bytes(&records);
+            let started = Instant::now();
+            let stat = match dedup {
+                None => {
+                    for record in &records {
+                        match as_read(record) {
+                            Some(line) => out.output.extend_from_slice(line),
+                            None => value::write_json(&mut out.output, &record.value),
+                        }
+                        out.output.push(b'\n');
                     }
+                    &mut encode
                 }
-                drop(records);
-                stats.push(stat("encode", started));
+                Some(dedup) => {
+                    for record in &records {
+                        // A tab between a line's tokens would break the shuffle line's
+                        // framing: such a line is written as compact JSON instead.
+                        let read = verbatim.then(|| trimmed(data, &record.span)).filter(|r| {
+                            data.get(r.clone())
+                                .is_some_and(|l| memchr::memchr(b'\t', l).is_none())
+                        });
+                        dedup.add(&mut lines, &record.value, read, partitions);
+                    }
+                    &mut keyed
+                }
+            };
+            records.clear();
+            stat.nanos += nanos_since(started);
+            stat.records_in += count;
+            stat.records_out += count;
+            stat.bytes_in += bytes;
+            if reader.is_done() {
+                break;
             }
         }
+
+        let mut stats = Vec::with_capacity(stages.len() + 3);
+        stats.push(parse);
+        stats.extend(stage_stats);
+        if dedup.is_some() {
+            let started = Instant::now();
+            // A shuffle line is the record plus its key and timestamp.
+            let share =
+                (data.len() + lines.bytes.len() + 16 * lines.ends.len()) / partitions as usize;
+            out.partitions = (0..partitions).map(|_| Vec::with_capacity(share)).collect();
+            // Each partition's lines go out sorted by key (then in input order), so the
+            // reduce side can merge its inputs a block at a time.
+            for i in lines.order() {
+                let partition = lines.partitions.get(i).copied().unwrap_or(0);
+                if let Some(buffer) = out.partitions.get_mut(partition as usize) {
+                    lines.write_line(i, data, buffer);
+                    buffer.push(b'\n');
+                }
+            }
+            encode.nanos += nanos_since(started);
+            encode.records_in = keyed.records_out;
+            encode.records_out = keyed.records_out;
+            encode.bytes_in = keyed.bytes_in;
+            stats.push(keyed);
+        }
+        stats.push(encode);
         out.rejects = rejects.into_bytes();
         out.stats = stats;
         Ok(out)
@@ -622,6 +648,14 @@ fn merge_error<E: fmt::Display>(e: MergeError<E>) -> TaskError {
             message,
         },
     }
+}
+
+/// `span` of `data` without the ASCII whitespace around it.
+fn trimmed(data: &[u8], span: &Range<usize>) -> Range<usize> {
+    let bytes = data.get(span.clone()).unwrap_or_default();
+    let start = span.start + (bytes.len() - bytes.trim_ascii_start().len());
+    let end = span.start + bytes.trim_ascii_end().len();
+    start..end.max(start)
 }
 
 fn nanos_since(started: Instant) -> u64 {

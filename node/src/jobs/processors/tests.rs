@@ -886,3 +886,72 @@ fn the_map_side_writes_each_partition_sorted_by_key() {
         "{err}"
     );
 }
+
+/// The map side's batches do not show in what it writes: batches of 1, 7 and 1024 records
+/// give the output, shuffle buffers, rejects and record counts of the whole chunk at once,
+/// for JSONL and CSV, with rejects from parsing and from stages, and with records a `map`
+/// stage rewrites.
+#[test]
+fn map_batches_do_not_change_the_output() {
+    let mut lines = Vec::new();
+    for (i, r) in generate(2500, 300, 11).iter().enumerate() {
+        match i % 211 {
+            5 => lines.extend_from_slice(b"not json\n"),
+            9 => lines.extend_from_slice(b"\n"),
+            17 => lines.extend_from_slice(b"[1,2]\n"),
+            _ => {}
+        }
+        let mut line = serde_json::to_vec(r).unwrap();
+        if i % 13 == 0 {
+            // A tab between tokens: written as compact JSON in a shuffle line.
+            line.insert(1, b'\t');
+        }
+        lines.extend(line);
+        lines.push(b'\n');
+    }
+    let schema = r#"{"type":"object","required":["ts"]}"#;
+    let mut csv_data = b"id,region,n\n".to_vec();
+    for i in 0..2300 {
+        if i % 97 == 3 {
+            csv_data.extend_from_slice(b"short\n");
+        }
+        csv_data.extend_from_slice(format!("u{},\"r\n{}\",{}\n", i % 50, i % 3, i).as_bytes());
+    }
+    let pipelines = [
+        pipeline(&[("validate", &[("schema", schema)])]).unwrap(),
+        pipeline(&[
+            ("validate", &[("schema", schema)]),
+            ("dedup", &[("key", "id"), ("ts", "ts")]),
+        ])
+        .unwrap(),
+        pipeline(&[
+            (
+                "map",
+                &[("spec", r#"{"rename":{"seq":"n"},"cast":{"n":"int"}}"#)],
+            ),
+            ("filter", &[("where", "n > 100")]),
+            ("dedup", &[("key", "region,id")]),
+        ])
+        .unwrap(),
+    ];
+    let inputs = [jsonl(&lines), csv(&csv_data, None, true)];
+    for p in &pipelines {
+        for input in &inputs {
+            let whole = p.run_map_batched(input, 3, usize::MAX).unwrap();
+            assert!(whole.stats[0].records_in > 2000);
+            for batch in [1, 7, MAP_BATCH] {
+                let out = p.run_map_batched(input, 3, batch).unwrap();
+                assert_eq!(text(&out.output), text(&whole.output), "batch {batch}");
+                assert_eq!(out.partitions, whole.partitions, "batch {batch}");
+                assert_eq!(text(&out.rejects), text(&whole.rejects), "batch {batch}");
+                let counts = |o: &MapOutput| {
+                    o.stats
+                        .iter()
+                        .map(|s| (s.stage.clone(), s.records_in, s.records_out, s.bytes_in))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(counts(&out), counts(&whole), "batch {batch}");
+            }
+        }
+    }
+}
