@@ -273,7 +273,8 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Control protocol request. `PutObject` carries the manifest's bytes as the frame payload.
+/// Control protocol request. `PutObject` and `KeepObject` carry the manifest's bytes as the
+/// frame payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
     /// Keep this object's manifest and placement record (the receiver is a holder).
@@ -286,6 +287,12 @@ pub enum ControlRequest {
     DeleteObject { record: PlacementRecord },
     /// The job protocol: claiming, renewing and finishing tasks (see [`crate::job`]).
     Job(crate::job::JobRequest),
+    /// As `PutObject`, but the holder does not announce the object in the DHT: a job task's
+    /// output, which its coordinator finds through the task's result and which becomes part
+    /// of the job's composed objects, which are announced. (Last, so that the variants
+    /// before it keep their wire tags; a node that predates it refuses it, and the writer
+    /// then delivers a `PutObject` from its durable queue.)
+    KeepObject { record: PlacementRecord },
 }
 
 /// Control protocol response. `Object` carries the manifest's bytes as the frame payload.
@@ -686,6 +693,26 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn keep_object_is_a_new_tag_after_the_old_ones() {
+        let put = encode_frame(&ControlRequest::PutObject { record: record() }, b"m");
+        let keep = encode_frame(&ControlRequest::KeepObject { record: record() }, b"m");
+        let (decoded, payload): (ControlRequest, &[u8]) =
+            decode_frame(&keep, Limits::CONTROL).unwrap();
+        assert_eq!(decoded, ControlRequest::KeepObject { record: record() });
+        assert_eq!(payload, b"m");
+        // The two differ only in their variant tag: PutObject keeps 0, KeepObject is 4, after
+        // Job, so nodes that predate it decode everything else as before.
+        let differ: Vec<(u8, u8)> = put
+            .iter()
+            .zip(&keep)
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        assert_eq!(differ, vec![(0, 4)]);
+        assert_eq!(put.len(), keep.len());
     }
 
     #[test]

@@ -764,3 +764,68 @@ async fn a_peer_flooding_requests_is_limited_and_the_node_stays_responsive() {
     assert_eq!(response.status(), 200);
     cluster.stop().await;
 }
+
+/// A job's task outputs are put unannounced (`Announce::Never`): neither the writer nor the
+/// holders, which get `KeepObject` instead of `PutObject`, tell the DHT. A user's put is
+/// announced by every holder. Thousands of task outputs per job used to start a DHT query
+/// on each holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn task_outputs_are_not_announced_by_their_holders() {
+    use mesh_node::chunker::PreCut;
+    use mesh_node::objects::PutOptions;
+    use mesh_node::replicate::Announce;
+    use mesh_proto::{ChunkerSpec, Redundancy};
+
+    let cluster = Cluster::start(4, |_, _| {}).await.unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer = &cluster.nodes[0];
+    let quiet = writer
+        .node()
+        .mesh()
+        .put_chunks(
+            PreCut(vec![bytes::Bytes::from(random_bytes(100 * 1024, 21))].into()),
+            PutOptions {
+                name: None,
+                redundancy: Redundancy::Replicas(3),
+                chunker: ChunkerSpec::default(),
+                created_ms: Some(0),
+            },
+            2,
+            Announce::Never,
+        )
+        .await
+        .unwrap()
+        .response
+        .id;
+    assert_eq!(holders(&record_on(writer, &quiet).unwrap())[0].len(), 3);
+    let loud: PutResponse = put(writer, "redundancy=rep:3", random_bytes(100 * 1024, 22))
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Once the user's object is found through all three of its holders, the holders'
+    // announcements (which the task output's holders would have made first) are in.
+    let reader = &cluster.nodes[3];
+    wait_until(
+        JOIN,
+        "the announced object's three holders are providers",
+        || async {
+            Ok(reader
+                .node()
+                .network()
+                .find_providers(loud.id)
+                .await
+                .is_ok_and(|p| p.len() >= 3))
+        },
+    )
+    .await
+    .unwrap();
+    let providers = reader.node().network().find_providers(quiet).await.unwrap();
+    assert!(
+        providers.is_empty(),
+        "the task output is announced by {providers:?}"
+    );
+    // It is still stored and readable where its record says.
+    assert_eq!(get(writer, &quiet).await.status(), 200);
+    cluster.stop().await;
+}

@@ -42,8 +42,9 @@ use crate::net::{Frame, Network};
 use crate::objects::IngestError;
 use crate::store::MetaStore;
 
-/// Format version of a queued [`Delivery`].
-const DELIVERY_VERSION: u8 = 1;
+/// Format version of a queued [`Delivery`]. Version 1 had no `announce` (its holders
+/// announced); such entries are still read.
+const DELIVERY_VERSION: u8 = 2;
 /// Largest queued entry decoded (a manifest of a very large object plus its record).
 const MAX_ENTRY: usize = 512 << 20;
 /// First retry delay after a failed attempt; it doubles up to [`MAX_BACKOFF`].
@@ -91,6 +92,20 @@ pub(crate) struct Delivery {
     /// The manifest's canonical bytes.
     manifest: Vec<u8>,
     pub(crate) owed: Vec<Owed>,
+    /// Whether the holders announce the object (`PutObject`) or only keep it (`KeepObject`).
+    announce: bool,
+}
+
+/// A [`Delivery`] as version 1 wrote it.
+#[derive(Debug, Deserialize)]
+struct DeliveryV1 {
+    _version: u8,
+    attempts: u32,
+    next_ms: u64,
+    created_ms: u64,
+    record: Vec<u8>,
+    manifest: Vec<u8>,
+    owed: Vec<Owed>,
 }
 
 /// The leading fields of an encoded [`Delivery`]: all the queue scan needs.
@@ -105,7 +120,9 @@ impl Schedule {
     /// Whether the entry is due at `now`; an unreadable entry is, so the worker drops it.
     fn due(bytes: &[u8], now: u64) -> bool {
         match bincode::serde::decode_from_slice::<Schedule, _>(bytes, codec()) {
-            Ok((schedule, _)) => schedule.version != DELIVERY_VERSION || schedule.next_ms <= now,
+            Ok((schedule, _)) => {
+                !matches!(schedule.version, 1 | DELIVERY_VERSION) || schedule.next_ms <= now
+            }
             Err(_) => true,
         }
     }
@@ -143,6 +160,16 @@ impl Delivery {
             attempts: 0,
             next_ms: now_ms,
             created_ms: now_ms,
+            announce: true,
+        }
+    }
+
+    /// The same delivery for an object its holders keep without announcing it (a job task's
+    /// output: see `ControlRequest::KeepObject`).
+    pub(crate) fn unannounced(self) -> Self {
+        Self {
+            announce: false,
+            ..self
         }
     }
 
@@ -152,6 +179,9 @@ impl Delivery {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.first() == Some(&1) {
+            return Self::decode_v1(bytes);
+        }
         let (delivery, used): (Self, usize) =
             bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
         if used != bytes.len() {
@@ -161,6 +191,25 @@ impl Delivery {
             return Err(format!("unknown version {}", delivery.version));
         }
         Ok(delivery)
+    }
+
+    /// An entry queued by a node that predates `announce`: its holders announce.
+    fn decode_v1(bytes: &[u8]) -> Result<Self, String> {
+        let (old, used): (DeliveryV1, usize) =
+            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
+        if used != bytes.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(Self {
+            version: DELIVERY_VERSION,
+            attempts: old.attempts,
+            next_ms: old.next_ms,
+            created_ms: old.created_ms,
+            record: old.record,
+            manifest: old.manifest,
+            owed: old.owed,
+            announce: true,
+        })
     }
 
     /// Whether a queued entry still owes some holder parts (not only the record), and the
@@ -366,7 +415,8 @@ impl Mesh {
             async move {
                 let result = match PeerId::from_bytes(&owed.peer) {
                     Ok(peer) => {
-                        self.deliver(peer, record, manifest, manifest_bytes, &owed.chunks)
+                        let how = (manifest_bytes, delivery.announce);
+                        self.deliver(peer, record, manifest, how, &owed.chunks)
                             .await
                     }
                     Err(e) => Err(format!("bad peer id in the queue: {e}")),
@@ -435,7 +485,7 @@ impl Mesh {
         peer: PeerId,
         record: &PlacementRecord,
         manifest: &Manifest,
-        manifest_bytes: Bytes,
+        (manifest_bytes, announce): (Bytes, bool),
         indices: &[u32],
     ) -> Result<usize, String> {
         let net = &self.inner.net;
@@ -520,9 +570,12 @@ impl Mesh {
             self.inner.metrics.delivered_chunks().increment(1);
         }
         drop(sends);
+        let record = record.clone();
         let request = Frame::with_payload(
-            ControlRequest::PutObject {
-                record: record.clone(),
+            if announce {
+                ControlRequest::PutObject { record }
+            } else {
+                ControlRequest::KeepObject { record }
             },
             manifest_bytes,
         );
@@ -557,6 +610,7 @@ mod tests {
                 peer: vec![9; 38],
                 chunks: vec![0, 5, 7],
             }],
+            announce: false,
         };
         let bytes = d.encode();
         assert_eq!(Delivery::decode(&bytes).unwrap(), d);
@@ -567,5 +621,26 @@ mod tests {
         let mut other = d.clone();
         other.version = 9;
         assert!(Delivery::decode(&other.encode()).is_err());
+
+        // An entry a version-1 node queued (no `announce`) is read, and announces.
+        let v1 = (
+            1u8,
+            d.attempts,
+            d.next_ms,
+            d.created_ms,
+            d.record.clone(),
+            d.manifest.clone(),
+            d.owed.clone(),
+        );
+        let v1 = bincode::serde::encode_to_vec(&v1, codec()).unwrap();
+        assert!(Schedule::due(&v1, 42) && !Schedule::due(&v1, 41));
+        assert_eq!(
+            Delivery::decode(&v1).unwrap(),
+            Delivery {
+                announce: true,
+                ..d.clone()
+            }
+        );
+        assert!(Delivery::decode(&v1[..v1.len() - 1]).is_err());
     }
 }

@@ -13,7 +13,9 @@
 //! holder syncs a chunk before acknowledging it); sends still running then finish on their
 //! own. Once every chunk counts, the manifest and the placement record go to every holder
 //! that acknowledged something, over `/mesh/control/1`; each commits its part, keeps the record
-//! and announces the object in the DHT. Holders still owed chunks (or the record) are written
+//! and announces the object in the DHT (`PutObject`), except for a job task's output, which
+//! nobody announces (`KeepObject`: its coordinator learns where it is from the task's result,
+//! and the job's composed objects are announced). Holders still owed chunks (or the record) are written
 //! to a durable queue before the put returns; [`complete`] finishes them in the background,
 //! after a restart too. A replica the sender does not hold itself is not relayed: the holder
 //! to be fetches it from a holder that has it (`ChunkRequest::Copy`, served by
@@ -639,23 +641,27 @@ impl Mesh {
         // gets them with its last chunk.
         let sends = acked_peers.iter().map(|peer| {
             let net = inner.net.clone();
+            let record = record.clone();
             let request = Frame::with_payload(
-                ControlRequest::PutObject {
-                    record: record.clone(),
+                match announce {
+                    Announce::Wait => ControlRequest::PutObject { record },
+                    // Thousands of a job's task outputs, each announced by every holder,
+                    // kept the DHT busy for nothing (see `ControlRequest::KeepObject`).
+                    Announce::Never => ControlRequest::KeepObject { record },
                 },
                 manifest_bytes.clone(),
             );
             let peer = *peer;
             async move { (peer, complete::send_record(&net, peer, request).await) }
         });
-        let announce = async {
+        let announcing = async {
             match announce {
                 _ if !is_holder => {}
                 Announce::Wait => self.announce(object).await,
                 Announce::Never => {}
             }
         };
-        let ((), results) = tokio::join!(announce, futures::future::join_all(sends));
+        let ((), results) = tokio::join!(announcing, futures::future::join_all(sends));
         for (peer, result) in results {
             if let Err(e) = result {
                 warn!(%peer, %object, error = %e, "placement record not delivered; retrying in the background");
@@ -663,7 +669,10 @@ impl Mesh {
             }
         }
         if !owed.is_empty() {
-            let delivery = Delivery::new(&record, &manifest_bytes, owed, now_ms());
+            let mut delivery = Delivery::new(&record, &manifest_bytes, owed, now_ms());
+            if announce == Announce::Never {
+                delivery = delivery.unannounced();
+            }
             let owed_holders = delivery.owed.len();
             self.enqueue_delivery(object, delivery, stragglers).await?;
             debug!(%object, owed_holders, "holders beyond the quorum finish in the background");
@@ -1666,6 +1675,51 @@ impl Mesh {
         }
     }
 
+    /// `PutObject` and `KeepObject`: keeps an object's manifest (`payload`) and placement
+    /// record here, as one of its holders, and announces the object unless told not to.
+    async fn answer_put_object(
+        &self,
+        peer: PeerId,
+        record: PlacementRecord,
+        payload: Bytes,
+        announce: bool,
+    ) -> Frame<ControlResponse> {
+        use mesh_proto::wire::Refusal;
+        let refused =
+            |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
+        let store = Arc::clone(&self.inner.store);
+        let me = NodeId(self.local_id().to_bytes());
+        let object = record.object;
+        let manifest = match Manifest::decode_verified(&object, &payload) {
+            Ok(m) => m,
+            Err(e) => return refused(Refusal::BadRequest, format!("bad manifest: {e}")),
+        };
+        if let Err(e) = record.validate(manifest.chunks.len()) {
+            return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
+        }
+        let result =
+            tokio::task::spawn_blocking(move || keep_record(&store, &me, &manifest, &record)).await;
+        match result {
+            // Older than the record kept here (a tombstone, say): nothing to announce.
+            Ok(Ok(None)) => Frame::new(ControlResponse::Stored),
+            Ok(Ok(Some(missing))) => {
+                if !missing.is_empty() {
+                    // Expected while the writer's background completion is still
+                    // sending them; it sends the record again after the last one.
+                    debug!(%peer, %object, missing = missing.len(), "placement record names chunks not here yet");
+                }
+                // The writer waits for its own announcement; a holder's only adds
+                // providers, so the writer is not kept waiting for it.
+                if announce {
+                    self.inner.net.provide(object).await;
+                }
+                Frame::new(ControlResponse::Stored)
+            }
+            Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
+            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+        }
+    }
+
     async fn answer_control(
         &self,
         peer: PeerId,
@@ -1675,7 +1729,6 @@ impl Mesh {
         let refused =
             |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
         let store = Arc::clone(&self.inner.store);
-        let me = NodeId(self.local_id().to_bytes());
         match request.header {
             ControlRequest::Job(request) => {
                 let Some(jobs) = self.inner.jobs.get() else {
@@ -1696,35 +1749,12 @@ impl Mesh {
                 }
             }
             ControlRequest::PutObject { record } => {
-                let object = record.object;
-                let manifest = match Manifest::decode_verified(&object, &request.payload) {
-                    Ok(m) => m,
-                    Err(e) => return refused(Refusal::BadRequest, format!("bad manifest: {e}")),
-                };
-                if let Err(e) = record.validate(manifest.chunks.len()) {
-                    return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
-                }
-                let result = tokio::task::spawn_blocking(move || {
-                    keep_record(&store, &me, &manifest, &record)
-                })
-                .await;
-                match result {
-                    // Older than the record kept here (a tombstone, say): nothing to announce.
-                    Ok(Ok(None)) => Frame::new(ControlResponse::Stored),
-                    Ok(Ok(Some(missing))) => {
-                        if !missing.is_empty() {
-                            // Expected while the writer's background completion is still
-                            // sending them; it sends the record again after the last one.
-                            debug!(%peer, %object, missing = missing.len(), "placement record names chunks not here yet");
-                        }
-                        // The writer waits for its own announcement; a holder's only adds
-                        // providers, so the writer is not kept waiting for it.
-                        self.inner.net.provide(object).await;
-                        Frame::new(ControlResponse::Stored)
-                    }
-                    Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
-                    Err(_) => refused(Refusal::Internal, "worker failed".into()),
-                }
+                self.answer_put_object(peer, record, request.payload, true)
+                    .await
+            }
+            ControlRequest::KeepObject { record } => {
+                self.answer_put_object(peer, record, request.payload, false)
+                    .await
             }
             ControlRequest::DeleteObject { record } => self.answer_delete(peer, record).await,
             ControlRequest::GetObject { id } => {
