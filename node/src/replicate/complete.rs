@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Mesh, MeshError, lock, now_ms, store_remote, stored_answer};
+use super::{Mesh, MeshError, lock, now_ms, record_request, store_remote, stored_answer};
 use crate::net::{Frame, Network};
 use crate::objects::IngestError;
 use crate::store::MetaStore;
@@ -164,13 +164,10 @@ impl Delivery {
         }
     }
 
-    /// The same delivery for an object its holders keep without announcing it (a job task's
-    /// output: see `ControlRequest::KeepObject`).
-    pub(crate) fn unannounced(self) -> Self {
-        Self {
-            announce: false,
-            ..self
-        }
+    /// The same delivery, whose holders announce the object or (a job task's output: see
+    /// `ControlRequest::KeepObject`) only keep it.
+    pub(crate) fn with_announce(self, announce: bool) -> Self {
+        Self { announce, ..self }
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -415,8 +412,11 @@ impl Mesh {
             async move {
                 let result = match PeerId::from_bytes(&owed.peer) {
                     Ok(peer) => {
-                        let how = (manifest_bytes, delivery.announce);
-                        self.deliver(peer, record, manifest, how, &owed.chunks)
+                        let request = Frame::with_payload(
+                            record_request(record.clone(), delivery.announce),
+                            manifest_bytes,
+                        );
+                        self.deliver(peer, record, manifest, request, &owed.chunks)
                             .await
                     }
                     Err(e) => Err(format!("bad peer id in the queue: {e}")),
@@ -478,14 +478,14 @@ impl Mesh {
         }
     }
 
-    /// Brings one holder up to date: the chunks it lacks, then the record. Returns how many
-    /// chunks were sent.
+    /// Brings one holder up to date: the chunks it lacks, then `request` (the record, as
+    /// `PutObject` or `KeepObject`). Returns how many chunks were sent.
     async fn deliver(
         &self,
         peer: PeerId,
         record: &PlacementRecord,
         manifest: &Manifest,
-        (manifest_bytes, announce): (Bytes, bool),
+        request: Frame<ControlRequest>,
         indices: &[u32],
     ) -> Result<usize, String> {
         let net = &self.inner.net;
@@ -570,15 +570,6 @@ impl Mesh {
             self.inner.metrics.delivered_chunks().increment(1);
         }
         drop(sends);
-        let record = record.clone();
-        let request = Frame::with_payload(
-            if announce {
-                ControlRequest::PutObject { record }
-            } else {
-                ControlRequest::KeepObject { record }
-            },
-            manifest_bytes,
-        );
         send_record(net, peer, request).await?;
         Ok(sent)
     }

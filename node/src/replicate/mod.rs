@@ -165,6 +165,16 @@ struct PartPlaced {
 }
 
 /// A sender of this node's share of a put to its local writer.
+/// The request that gives a holder an object's placement record: it announces the object
+/// (`PutObject`) or only keeps it (`KeepObject`).
+pub(crate) fn record_request(record: PlacementRecord, announce: bool) -> ControlRequest {
+    if announce {
+        ControlRequest::PutObject { record }
+    } else {
+        ControlRequest::KeepObject { record }
+    }
+}
+
 /// A chunk for this node's own store, with the id the caller already hashed and where to say
 /// whether it was new.
 type LocalChunk = (ChunkId, Bytes, oneshot::Sender<Result<bool, StoreError>>);
@@ -639,16 +649,13 @@ impl Mesh {
         // Every holder that stored something gets the manifest and the record now, in
         // parallel, while this node's announcement goes out; one that is only owed chunks
         // gets them with its last chunk.
+        // Thousands of a job's task outputs, each announced by every holder, kept the DHT
+        // busy for nothing: their holders only keep them (see `ControlRequest::KeepObject`).
+        let holders_announce = announce == Announce::Wait;
         let sends = acked_peers.iter().map(|peer| {
             let net = inner.net.clone();
-            let record = record.clone();
             let request = Frame::with_payload(
-                match announce {
-                    Announce::Wait => ControlRequest::PutObject { record },
-                    // Thousands of a job's task outputs, each announced by every holder,
-                    // kept the DHT busy for nothing (see `ControlRequest::KeepObject`).
-                    Announce::Never => ControlRequest::KeepObject { record },
-                },
+                record_request(record.clone(), holders_announce),
                 manifest_bytes.clone(),
             );
             let peer = *peer;
@@ -669,10 +676,8 @@ impl Mesh {
             }
         }
         if !owed.is_empty() {
-            let mut delivery = Delivery::new(&record, &manifest_bytes, owed, now_ms());
-            if announce == Announce::Never {
-                delivery = delivery.unannounced();
-            }
+            let delivery = Delivery::new(&record, &manifest_bytes, owed, now_ms())
+                .with_announce(holders_announce);
             let owed_holders = delivery.owed.len();
             self.enqueue_delivery(object, delivery, stragglers).await?;
             debug!(%object, owed_holders, "holders beyond the quorum finish in the background");

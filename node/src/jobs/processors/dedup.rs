@@ -206,25 +206,6 @@ pub(crate) struct Framed<'a> {
     pub record: &'a [u8],
 }
 
-impl Dedup {
-    /// Appends `record`'s shuffle line (without the `\n`) to `out`; `key` is its key encoding.
-    /// The record goes as `read` when given (its line as read, holding no tab or newline), else
-    /// as compact JSON.
-    #[cfg(test)]
-    pub fn write_framed(&self, out: &mut Vec<u8>, key: &[u8], record: &Value, read: Option<&[u8]>) {
-        out.extend_from_slice(key);
-        out.push(b'\t');
-        if let Some(ts) = self.ts(record) {
-            value::write_json(out, ts);
-        }
-        out.push(b'\t');
-        match read {
-            Some(line) => out.extend_from_slice(line),
-            None => value::write_json(out, record),
-        }
-    }
-}
-
 impl<'a> Framed<'a> {
     /// Splits a shuffle line; `None` if it does not have the three fields.
     pub fn split(line: &'a [u8]) -> Option<Self> {
@@ -736,10 +717,10 @@ mod tests {
             .iter()
             .map(|r| {
                 let v: Value = serde_json::from_slice(&value::encode(r)).unwrap();
-                let mut key = Vec::new();
-                d.write_key(&v, &mut key);
+                let mut lines = Keys::default();
+                d.add(&mut lines, &v, None, 1);
                 let mut out = Vec::new();
-                d.write_framed(&mut out, &key, &v, None);
+                lines.write_line(0, &[], &mut out);
                 out
             })
             .collect()

@@ -452,11 +452,8 @@ impl Pipeline {
         // A JSONL record no stage changed is written as it was read (see the module doc).
         let verbatim = input.format == Format::Jsonl
             && !stages.iter().any(|s| matches!(s.stage, Stage::Map(_)));
-        let as_read = |record: &Record| {
-            verbatim
-                .then(|| data.get(record.span.clone()).map(<[u8]>::trim_ascii))
-                .flatten()
-        };
+        // Where such a record's line is in the chunk, without the whitespace around it.
+        let as_read = |record: &Record| verbatim.then(|| trimmed(data, &record.span));
 
         let named = |stage: &str| StageStat {
             stage: stage.into(),
@@ -505,7 +502,7 @@ impl Pipeline {
             let stat = match dedup {
                 None => {
                     for record in &records {
-                        match as_read(record) {
+                        match as_read(record).and_then(|r| data.get(r)) {
                             Some(line) => out.output.extend_from_slice(line),
                             None => value::write_json(&mut out.output, &record.value),
                         }
@@ -517,7 +514,7 @@ impl Pipeline {
                     for record in &records {
                         // A tab between a line's tokens would break the shuffle line's
                         // framing: such a line is written as compact JSON instead.
-                        let read = verbatim.then(|| trimmed(data, &record.span)).filter(|r| {
+                        let read = as_read(record).filter(|r| {
                             data.get(r.clone())
                                 .is_some_and(|l| memchr::memchr(b'\t', l).is_none())
                         });
