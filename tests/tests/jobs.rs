@@ -379,6 +379,10 @@ const TINY_RECORDS: &str = "records=jsonl&chunker=cdc:4096:16384:65536";
 /// its map tasks are done and before any reduce task reads them: the reduce tasks find them
 /// gone, the coordinator runs those map tasks again, and the output is the same as an
 /// undisturbed run's.
+///
+/// The disturbed run comes first. Map outputs are deterministic, so a run before it would
+/// leave the same shuffle chunks on whichever nodes ran those map tasks then; a reduce task
+/// on such a node reads its own copy first, and the loss would go unseen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shuffle_outputs_lost_with_a_node_are_made_again() {
     let mut cluster = start(4, |_, _| {}).await;
@@ -396,16 +400,10 @@ async fn shuffle_outputs_lost_with_a_node_are_made_again() {
         "partitions": 3,
         "lease": "2s"
     });
-    let job = submit_ok(&cluster.nodes[0], &spec).await;
-    let clean = wait_ended(&cluster.nodes[0], &job).await;
-    assert_eq!(clean.state, JobState::Succeeded, "{clean:?}");
-    assert_eq!(clean.lost_outputs, 0);
-    let output = clean.output.unwrap();
-    forget(&cluster.nodes[0], &job).await;
 
-    // Again; stop the coordinator while node 3 has map outputs and the map phase is far
-    // from over, so no reduce task has started.
-    assert_eq!(submit_ok(&cluster.nodes[0], &spec).await, job);
+    // Stop the coordinator while node 3 has map outputs and the map phase is far from
+    // over, so no reduce task has started; node 3 is gone when the coordinator is back.
+    let job = submit_ok(&cluster.nodes[0], &spec).await;
     let victim = cluster.nodes[3].node().peer_id().to_string();
     wait_until(
         JOB,
@@ -433,22 +431,30 @@ async fn shuffle_outputs_lost_with_a_node_are_made_again() {
     .await
     .unwrap();
     let coordinator = cluster.nodes.remove(0).park().await;
-    let before = {
+    let coordinator = {
         // The coordinator's store says what node 3 had done; nothing ran a reduce task.
         drop(cluster.nodes.remove(2));
         coordinator.start().await.unwrap()
     };
-    let disturbed = wait_ended(&before, &job).await;
+    let disturbed = wait_ended(&coordinator, &job).await;
     assert_eq!(disturbed.state, JobState::Succeeded, "{disturbed:?}");
     assert!(
         disturbed.lost_outputs >= 1,
         "no map output was found lost: {disturbed:?}"
     );
-    assert_eq!(disturbed.output, Some(output));
+    let output = disturbed.output.unwrap();
     let mut got = lines(&get(&cluster.nodes[0], &output).await);
     got.sort_by_key(|v| v.to_string());
     assert_eq!(got, expected_dedup(&input));
-    cluster.nodes.insert(0, before);
+
+    // The same job on the nodes left, undisturbed: the same output.
+    forget(&coordinator, &job).await;
+    assert_eq!(submit_ok(&coordinator, &spec).await, job);
+    let clean = wait_ended(&coordinator, &job).await;
+    assert_eq!(clean.state, JobState::Succeeded, "{clean:?}");
+    assert_eq!(clean.lost_outputs, 0);
+    assert_eq!(clean.output, Some(output));
+    cluster.nodes.insert(0, coordinator);
     cluster.stop().await;
 }
 
