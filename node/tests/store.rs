@@ -883,3 +883,41 @@ fn scrub_throughput() {
         (bytes >> 20) as f64 / secs
     );
 }
+
+/// Every chunk passes through the write-ahead log, and writing into page-cache pages a log
+/// already used is several times cheaper than filling new ones (README, "Fresh pages"). A
+/// long write must therefore reuse obsolete log files after a short first stretch of new
+/// ones. RocksDB turns `recycle_log_file_num` off, without an error, when other options
+/// conflict with it, so this counts in its info log which logs were new and which reused.
+#[test]
+fn a_long_write_reuses_obsolete_log_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Eight chunk memtables' worth (64 MiB each by default), in objects of eight 1 MiB chunks,
+    // so the small column families (references, manifests) are written all along too.
+    let mut chunk = vec![0x5au8; 1 << 20];
+    for object in 0..64u64 {
+        let chunks: Vec<Vec<u8>> = (0..8u64)
+            .map(|i| {
+                chunk[..8].copy_from_slice(&(object * 8 + i).to_le_bytes());
+                chunk.clone()
+            })
+            .collect();
+        let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        put_object(&*store, &slices, object);
+    }
+    drop(store);
+    let log = std::fs::read_to_string(dir.path().join("LOG")).unwrap();
+    let logs: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter_map(|line| line.split("New memtable created with log file: #").nth(1))
+        .filter_map(|rest| rest.split('.').next())
+        .collect();
+    let reused = log.matches("from recycle list").count();
+    let new = logs.len().saturating_sub(reused);
+    assert!(
+        reused >= 3 && new <= 4,
+        "{} logs written: {new} new, {reused} reused",
+        logs.len()
+    );
+}

@@ -240,10 +240,14 @@ impl RocksStore {
         // Every stored chunk passes through the write-ahead log. Reusing obsolete log files
         // overwrites pages still in the page cache instead of filling new ones; on the VMs we
         // measured, filling fresh pages ran at 0.5-0.9 GB/s and overwriting cached ones at
-        // 8 GB/s, and the log was the largest single cost of a put. The total size bound
-        // (four chunk memtables) makes logs obsolete, and so reusable, early in a long write.
+        // 8 GB/s, and the log was the largest single cost of a put. Only obsolete logs are
+        // reused, and a log stays live until every column family with data in it has flushed;
+        // the small ones flush when the logs' total passes this bound, so until then every log
+        // is new. Two chunk memtables (one filling, one flushing) keep that first stretch to
+        // three new logs (a 1 GiB put on a new node: six with four memtables); one would cut
+        // chunk memtables short, into small blob files.
         let memtable = config.write_buffer_size.as_u64();
-        db_opts.set_max_total_wal_size(memtable.saturating_mul(4).max(64 << 20));
+        db_opts.set_max_total_wal_size(memtable.saturating_mul(2).max(64 << 20));
         db_opts.set_recycle_log_file_num(6);
         db_opts.set_keep_log_file_num(4);
         if config.direct_io {
