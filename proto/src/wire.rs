@@ -290,8 +290,9 @@ pub enum ControlRequest {
     /// As `PutObject`, but the holder does not announce the object in the DHT: a job task's
     /// output, which its coordinator finds through the task's result and which becomes part
     /// of the job's composed objects, which are announced. (Last, so that the variants
-    /// before it keep their wire tags; a node that predates it refuses it, and the writer
-    /// then delivers a `PutObject` from its durable queue.)
+    /// before it keep their wire tags. A node that predates it refuses it; the writer queues
+    /// the delivery, which stays a `KeepObject`, so such a holder gets the record once it is
+    /// upgraded, or repair replaces it when the delivery gives up.)
     KeepObject { record: PlacementRecord },
 }
 

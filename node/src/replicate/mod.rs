@@ -164,7 +164,6 @@ struct PartPlaced {
     owed: Vec<Target>,
 }
 
-/// A sender of this node's share of a put to its local writer.
 /// The request that gives a holder an object's placement record: it announces the object
 /// (`PutObject`) or only keeps it (`KeepObject`).
 pub(crate) fn record_request(record: PlacementRecord, announce: bool) -> ControlRequest {
@@ -178,6 +177,7 @@ pub(crate) fn record_request(record: PlacementRecord, announce: bool) -> Control
 /// A chunk for this node's own store, with the id the caller already hashed and where to say
 /// whether it was new.
 type LocalChunk = (ChunkId, Bytes, oneshot::Sender<Result<bool, StoreError>>);
+/// A sender of this node's share of a put to its local writer.
 type LocalWriter = mpsc::Sender<LocalChunk>;
 
 /// Runs `tasks` in order with a window that starts at one and doubles with every result
