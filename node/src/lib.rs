@@ -35,7 +35,7 @@
 //! the nearest peers and the DHT's providers at once for the manifest and placement record
 //! (and, when neither has it, the peer table's nearest peers), then fetches the rest from the
 //! nearest holders, each chunk verified against its BLAKE3 (for `ec:`, the K nearest shards,
-//! decoded). When a holder dies, the lowest live holder of each object it held re-creates the
+//! decoded). When a holder dies, the lowest holder not dead of each object it held re-creates the
 //! lost parts elsewhere ([`replicate::repair`]). A delete writes a tombstone version of the
 //! placement record that every holder applies (durably queued until each has it,
 //! [`replicate::delete`]); chunks left unreferenced are deleted by [`gc`] after `gc_grace`.

@@ -312,7 +312,7 @@ pub struct ErrorBody {
 pub struct RepairStatus {
     /// Objects kept here that have fewer live holders than their policy wants.
     pub below_target: u64,
-    /// Of those, the ones this node repairs (it is their lowest live holder).
+    /// Of those, the ones this node repairs (it is their lowest holder that is not dead).
     pub backlog: u64,
     /// Parts (replicas or shards) repair has queued for new holders since the node started.
     pub parts_queued: u64,

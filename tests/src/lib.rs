@@ -2,7 +2,9 @@
 //!
 //! A [`TestNode`] is a real node started through `mesh_node::Node::start` in this process, with
 //! its own temporary data directory and its control API on an OS-assigned port. Tests wait on
-//! conditions with [`wait_until`], never on fixed sleeps.
+//! conditions with [`wait_until`], never on fixed sleeps. The nodes' logs (level from
+//! `MESH_LOG`, default `info`) go through libtest's capture, so a failing test prints what its
+//! nodes said and a passing one prints nothing.
 //!
 //! [`netsim::NetsimRun`] is the other kind of cluster: real `meshd` processes in network
 //! namespaces behind netsim's emulated WAN, for the latency tests.
@@ -32,6 +34,7 @@ impl TestNode {
 
     /// Starts a node after `configure` adjusts the config (data dir and API address are preset).
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        init_logging();
         let dir = tempfile::tempdir().context("creating a temporary data directory")?;
         let mut config = Config::for_tests(dir.path().join("data"));
         configure(&mut config);
@@ -68,6 +71,16 @@ impl TestNode {
     /// The node itself.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// What this node's peer table says of `peer`, if it knows it.
+    pub fn view_of(&self, peer: libp2p::PeerId) -> Option<mesh_node::net::PeerView> {
+        self.node
+            .network()
+            .peers()
+            .iter()
+            .find(|p| p.id == peer)
+            .cloned()
     }
 
     /// Base URL of the control API, e.g. `http://127.0.0.1:41234`.
@@ -113,6 +126,23 @@ impl Parked {
             .context("starting the parked node")?;
         Ok(TestNode { node, dir })
     }
+}
+
+/// Sends this process's logs to libtest's output capture, once. Threads a test starts (its
+/// tokio runtime's workers) inherit the test's capture, so each test's failure output holds
+/// the logs of its own nodes.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Fails only if another subscriber is already set, which then gets the logs instead.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// Polls `check` until it returns `Ok(true)` or `timeout` passes; fails naming `what`.
@@ -240,6 +270,7 @@ impl Cluster {
     /// Starts the bootstrap peer, then `n` nodes bootstrapping from it; `configure` sees each
     /// node's index and config. Does not wait for discovery (see [`Cluster::wait_joined`]).
     pub async fn start(n: usize, configure: impl Fn(usize, &mut Config)) -> anyhow::Result<Self> {
+        init_logging();
         let dir = tempfile::tempdir().context("creating the bootstrap data directory")?;
         // The bootstrap peer gets the cluster key the nodes are configured with.
         let mut probe = Config::for_tests(dir.path().join("probe"));

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use mesh_node::config::Config;
-use mesh_node::net::{NetStatus, PeerView, is_circuit};
+use mesh_node::net::{NetStatus, is_circuit};
 use mesh_proto::api::PutResponse;
 use mesh_tests::{
     Cluster, TestNode, api_get, api_put, metric, random_bytes, record_on, wait_until,
@@ -47,17 +47,6 @@ async fn two_behind_relay(direct_socket: bool) -> Cluster {
     .unwrap();
     cluster.wait_joined(JOIN).await.unwrap();
     cluster
-}
-
-/// How `node` sees `peer`.
-fn view_of(node: &TestNode, peer: PeerId) -> PeerView {
-    node.node()
-        .network()
-        .peers()
-        .iter()
-        .find(|p| p.id == peer)
-        .cloned()
-        .unwrap()
 }
 
 fn net(node: &TestNode) -> NetStatus {
@@ -97,7 +86,7 @@ async fn a_node_reachable_only_through_the_relay_serves_its_objects_through_it()
     let (holder_id, reader_id) = (holder.node().peer_id(), reader.node().peer_id());
     // Each knows the other by its circuit only, and is connected to it only through the relay.
     for (node, peer) in [(holder, reader_id), (reader, holder_id)] {
-        let view = view_of(node, peer);
+        let view = node.view_of(peer).unwrap();
         assert!(view.connected && view.relayed, "{view:?}");
         assert!(view.addrs.iter().all(is_circuit), "{view:?}");
         let status = net(node);
@@ -125,7 +114,7 @@ async fn a_node_reachable_only_through_the_relay_serves_its_objects_through_it()
     .unwrap();
     for (node, peer) in [(holder, reader_id), (reader, holder_id)] {
         assert_eq!(net(node).hole_punches_succeeded, 0);
-        let view = view_of(node, peer);
+        let view = node.view_of(peer).unwrap();
         assert!(view.connected && view.relayed, "{view:?}");
     }
     cluster.stop().await;
@@ -148,7 +137,7 @@ async fn a_relayed_connection_is_upgraded_to_a_direct_one_by_hole_punching() {
         let direct = [(holder, reader_id), (reader, holder_id)]
             .iter()
             .all(|(node, peer)| {
-                let view = view_of(node, *peer);
+                let view = node.view_of(*peer).unwrap();
                 view.connected && !view.relayed
             });
         async move { Ok(direct) }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
+use mesh_node::placement::Liveness;
 use mesh_node::store::ChunkStore;
 use mesh_proto::api::PutResponse;
 use mesh_proto::wire::PlacementRecord;
@@ -40,6 +41,34 @@ fn holders(record: &PlacementRecord, part: usize) -> Vec<PeerId> {
         .holders_of(part)
         .map(|n| PeerId::from_bytes(&n.0).unwrap())
         .collect()
+}
+
+/// Puts `data` on the first node, waits until every holder has its parts and record, and
+/// returns the put, the record and the part ids.
+async fn put_settled(
+    cluster: &Cluster,
+    query: &str,
+    data: &[u8],
+) -> (PutResponse, PlacementRecord, Vec<ChunkId>) {
+    let writer = &cluster.nodes[0];
+    let put = put(writer, query, data).await;
+    cluster.wait_settled(JOIN).await.unwrap();
+    let record = mesh_tests::record_on(writer, &put.id).unwrap().unwrap();
+    let parts = part_ids(writer, &put.id, &record);
+    (put, record, parts)
+}
+
+/// Stops the node with id `victim` and returns the others.
+async fn stop_peer(nodes: Vec<TestNode>, victim: PeerId) -> Vec<TestNode> {
+    let mut alive = Vec::new();
+    for node in nodes {
+        if node.node().peer_id() == victim {
+            node.stop().await;
+        } else {
+            alive.push(node);
+        }
+    }
+    alive
 }
 
 fn part_ids(node: &TestNode, id: &ObjectId, record: &PlacementRecord) -> Vec<ChunkId> {
@@ -96,17 +125,8 @@ async fn a_killed_rep3_holder_is_repaired_and_a_returning_one_keeps_no_surplus()
     let cluster = start(5).await;
     let writer_id = cluster.nodes[0].node().peer_id();
     let data = random_bytes(1024 * 1024, 5);
-    let put = put(
-        &cluster.nodes[0],
-        "redundancy=rep:3&chunker=fixed:256KiB",
-        &data,
-    )
-    .await;
-    cluster.wait_settled(JOIN).await.unwrap();
-    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
-        .unwrap()
-        .unwrap();
-    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let (put, record, parts) =
+        put_settled(&cluster, "redundancy=rep:3&chunker=fixed:256KiB", &data).await;
 
     // Kill a holder other than the writer.
     let victim = holders(&record, 0)
@@ -190,17 +210,8 @@ async fn ec_4_2_rebuilds_the_shards_of_two_killed_holders() {
     let cluster = start(7).await;
     let writer_id = cluster.nodes[0].node().peer_id();
     let data = random_bytes(2 * 1024 * 1024 + 99, 9);
-    let put = put(
-        &cluster.nodes[0],
-        "redundancy=ec:4%2B2&chunker=fixed:1MiB",
-        &data,
-    )
-    .await;
-    cluster.wait_settled(JOIN).await.unwrap();
-    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
-        .unwrap()
-        .unwrap();
-    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let (put, record, parts) =
+        put_settled(&cluster, "redundancy=ec:4%2B2&chunker=fixed:1MiB", &data).await;
     let victims: Vec<PeerId> = (0..6)
         .flat_map(|s| holders(&record, s))
         .filter(|p| *p != writer_id)
@@ -242,9 +253,10 @@ async fn ec_4_2_rebuilds_the_shards_of_two_killed_holders() {
 async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
     use mesh_node::store::MetaStore;
     // Slow repair (256 KiB/s after a one-second burst), so the restart lands mid-repair.
+    // `dead_after` leaves room for the repairer to stay down through the others' walks.
     let cluster = Cluster::start(5, |_, config| {
         config.net.suspect_after = Duration::from_secs(2);
-        config.net.dead_after = Duration::from_secs(4);
+        config.net.dead_after = Duration::from_secs(10);
         config.durability.repair_rate = bytesize::ByteSize::kib(256);
     })
     .await
@@ -252,24 +264,15 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
     cluster.wait_joined(JOIN).await.unwrap();
     let writer_id = cluster.nodes[0].node().peer_id();
     let data = random_bytes(4 * 1024 * 1024, 11);
-    let put = put(
-        &cluster.nodes[0],
-        "redundancy=rep:3&chunker=fixed:256KiB",
-        &data,
-    )
-    .await;
-    cluster.wait_settled(JOIN).await.unwrap();
-    let record = mesh_tests::record_on(&cluster.nodes[0], &put.id)
-        .unwrap()
-        .unwrap();
-    let parts = part_ids(&cluster.nodes[0], &put.id, &record);
+    let (put, record, parts) =
+        put_settled(&cluster, "redundancy=rep:3&chunker=fixed:256KiB", &data).await;
     let victim = record
         .nodes
         .iter()
         .map(|n| PeerId::from_bytes(&n.0).unwrap())
         .find(|p| *p != writer_id)
         .unwrap();
-    // The repairer is the live holder with the lowest peer id.
+    // The repairer is the holder with the lowest peer id that is not dead.
     let repairer = record
         .nodes
         .iter()
@@ -277,14 +280,7 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
         .min_by(|a, b| a.0.cmp(&b.0))
         .map(|n| PeerId::from_bytes(&n.0).unwrap())
         .unwrap();
-    let mut alive = Vec::new();
-    for node in cluster.nodes {
-        if node.node().peer_id() == victim {
-            node.stop().await;
-        } else {
-            alive.push(node);
-        }
-    }
+    let mut alive = stop_peer(cluster.nodes, victim).await;
     let at = alive
         .iter()
         .position(|n| n.node().peer_id() == repairer)
@@ -302,9 +298,27 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
         !pending.is_empty(),
         "the repair finished before the restart"
     );
-    let node = alive.remove(at);
-    let node = node.restart().await.unwrap();
-    alive.push(node);
+    let parked = alive.remove(at).park().await;
+    // While the repairer is down (suspect, not dead), every other node walks its records
+    // at least once: none of them may take the repair over and plan it a second time.
+    walk_twice_once(&alive, "see the repairer gone", |node| {
+        !node
+            .node()
+            .network()
+            .peers()
+            .iter()
+            .any(|p| p.id == repairer && p.connected)
+    })
+    .await;
+    for node in &alive {
+        assert_eq!(
+            node.node().mesh().repair_state().parts_queued,
+            0,
+            "{} planned the repair while the repairer was only down",
+            node.node().peer_id()
+        );
+    }
+    alive.push(parked.start().await.unwrap());
 
     wait_until(
         REPAIR,
@@ -317,12 +331,123 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
     )
     .await
     .unwrap();
-    assert_eq!(copies(&alive, &parts), vec![3; parts.len()]);
-    let response = mesh_tests::api_get(&alive[0], &put.id).await.unwrap();
-    assert_eq!(response.bytes().await.unwrap().as_ref(), &data[..]);
+    repaired_once(alive, &parts, &put.id, &data).await;
+    cluster.bootstrap.shutdown().await;
+}
+
+/// Checks the end of a repair the last of `alive` (the restarted repairer) made: three copies of
+/// every part, no other node queued any, the object reads back; then stops the nodes.
+async fn repaired_once(alive: Vec<TestNode>, parts: &[ChunkId], id: &ObjectId, data: &[u8]) {
+    assert_eq!(copies(&alive, parts), vec![3; parts.len()]);
+    for node in &alive[..alive.len() - 1] {
+        assert_eq!(node.node().mesh().repair_state().parts_queued, 0);
+    }
+    let response = mesh_tests::api_get(&alive[0], id).await.unwrap();
+    assert_eq!(response.bytes().await.unwrap().as_ref(), data);
     for node in alive {
         node.stop().await;
     }
+}
+
+/// Waits until each of `nodes`, once `seen` holds for it, has finished two more walks over its
+/// records (the second began after `seen` held).
+async fn walk_twice_once(nodes: &[TestNode], what: &str, seen: impl Fn(&TestNode) -> bool) {
+    let mut walks: Vec<Option<(u64, usize)>> = vec![None; nodes.len()];
+    wait_until(
+        REPAIR,
+        &format!("every node to {what} and walk its records twice"),
+        || {
+            for (node, walked) in nodes.iter().zip(walks.iter_mut()) {
+                let scan = node.node().mesh().repair_state().last_scan_ms;
+                match walked {
+                    None if seen(node) => *walked = Some((scan, 0)),
+                    Some((last, n)) if scan != *last => *walked = Some((scan, *n + 1)),
+                    _ => {}
+                }
+            }
+            let done = walks.iter().all(|w| w.is_some_and(|(_, n)| n >= 2));
+            async move { Ok(done) }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repairer_down_but_not_dead_keeps_the_repair_to_itself() {
+    // The victim dies while the repairer is down but not yet dead: the next holder must not
+    // plan the repair, or two next versions of the record and two sets of copies would go out.
+    let dead_after = Duration::from_secs(12);
+    let cluster = Cluster::start(5, |_, config| {
+        config.net.suspect_after = Duration::from_secs(1);
+        config.net.dead_after = dead_after;
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(JOIN).await.unwrap();
+    let writer_id = cluster.nodes[0].node().peer_id();
+    let data = random_bytes(1024 * 1024, 12);
+    let (put, record, parts) =
+        put_settled(&cluster, "redundancy=rep:3&chunker=fixed:256KiB", &data).await;
+    let ids: Vec<PeerId> = record
+        .nodes
+        .iter()
+        .map(|n| PeerId::from_bytes(&n.0).unwrap())
+        .collect();
+    assert!(ids.len() >= 3, "rep:3 has at least three holders");
+    let victim = *ids.iter().find(|p| **p != writer_id).unwrap();
+    let repairer = *ids.iter().filter(|p| **p != victim).min().unwrap();
+    let mut alive = stop_peer(cluster.nodes, victim).await;
+    // Half-way to the victim's death, the repairer goes down too.
+    wait_until(
+        REPAIR,
+        "the victim to be silent for half of dead_after",
+        || {
+            let half = alive.iter().all(|n| {
+                n.view_of(victim)
+                    .is_some_and(|v| !v.connected && v.last_seen_ago >= dead_after / 2)
+            });
+            async move { Ok(half) }
+        },
+    )
+    .await
+    .unwrap();
+    let at = alive
+        .iter()
+        .position(|n| n.node().peer_id() == repairer)
+        .unwrap();
+    let parked = alive.remove(at).park().await;
+    walk_twice_once(&alive, "see the victim dead", |node| {
+        node.view_of(victim)
+            .is_some_and(|v| v.liveness == Liveness::Dead)
+    })
+    .await;
+    for node in &alive {
+        let seen = node.view_of(repairer).unwrap();
+        assert_ne!(
+            seen.liveness,
+            Liveness::Dead,
+            "the host was too slow: the repairer counted dead before the walks ended"
+        );
+        assert_eq!(
+            node.node().mesh().repair_state().parts_queued,
+            0,
+            "{} planned the repair while the repairer was down but not dead",
+            node.node().peer_id()
+        );
+    }
+
+    // The repairer comes back and repairs (once the victim has been silent for dead_after
+    // since its start).
+    alive.push(parked.start().await.unwrap());
+    wait_until(REPAIR, "every chunk to have 3 live holders", || {
+        let at = alive.len() - 1;
+        let done = repaired(&alive, &alive[at], &put.id, record.version, 3);
+        async move { Ok(done) }
+    })
+    .await
+    .unwrap();
+    repaired_once(alive, &parts, &put.id, &data).await;
     cluster.bootstrap.shutdown().await;
 }
 

@@ -8,7 +8,7 @@
 //! (not the writer) that holds the most parts, and polls the live nodes:
 //!
 //! - *queued*: some node's `GET /v1/repair` counts more queued parts than before the kill (the
-//!   lowest live holder found the dead one and queued its lost parts for new holders);
+//!   lowest holder not dead found the dead one and queued its lost parts for new holders);
 //! - *done*: every live node's `GET /v1/status` counts no object below target (its placement
 //!   record names enough live holders for every part) **and** the live nodes together store
 //!   at least the queued bytes more than at the kill. Both are needed: the repairer writes the
@@ -846,8 +846,8 @@ fn tables(r: &Result) -> Vec<Table> {
         Policy::Ec4p2 => "each rebuilt from 4 other shards of its chunk".to_string(),
     };
     t.note(format!(
-        "{} held {} of the object's {} parts ({} chunks); {} repaired them (the lowest live \
-         holder), {sources} ({:.0} MB served to fetches, {} fetches hedged); the records \
+        "{} held {} of the object's {} parts ({} chunks); {} repaired them (the lowest holder \
+         not dead), {sources} ({:.0} MB served to fetches, {} fetches hedged); the records \
          met the target {:.2} s after queued, the data was stored after {:.2} s",
         r.killed,
         r.killed_parts,

@@ -3,7 +3,10 @@
 //! Every few seconds the worker walks the placement records this node keeps. An object with a
 //! dead holder (the peer table says `dead`, or a holder has not been seen at all for
 //! `dead_after` since this node started and does not answer when asked directly) is repaired by
-//! exactly one node: the live holder with the lowest peer id, so holders never race each other.
+//! exactly one node: the holder with the lowest peer id that is not dead, so holders never race
+//! each other. A repairer that is only unreachable for a moment (restarting, a dropped
+//! connection) stays the repairer: the next holder takes over only once it is dead, because two
+//! repairers would each write a different next version of the record and each send copies.
 //! That node, for each part below its target (N live holders for `rep:N`, one per shard for
 //! `ec:K+M`), picks new holders with the placement function (never a peer that already holds
 //! that part; for shards, peers holding no shard of the chunk first), writes the next version
@@ -136,11 +139,13 @@ impl Mesh {
                     continue;
                 }
                 below += 1;
-                // The live holder with the lowest peer id repairs; the others leave it.
+                // The holder with the lowest peer id that is not dead repairs; the others
+                // leave it. Not "alive": a repairer that is suspect because it is restarting
+                // mid-repair must not be doubled by the next holder.
                 let repairer = record
                     .nodes
                     .iter()
-                    .filter(|n| is_alive(n))
+                    .filter(|n| !is_dead(n))
                     .min_by(|a, b| a.0.cmp(&b.0));
                 if repairer.is_none_or(|n| n.0 != me_bytes) {
                     continue;
