@@ -10,8 +10,10 @@
 //! sends have ended, the rest when due, and everything at once after a restart. For each owed
 //! holder it asks which chunks the holder already has (`Has`, which also samples the RTT),
 //! sends the others, and then sends the placement record again, which makes the holder take references on the
-//! chunks that arrived late. A holder that fails is retried with exponential backoff; after
-//! [`GIVE_UP_AFTER`] attempts it is left to repair, with a warning and a metric.
+//! chunks that arrived late. A holder that fails is retried with exponential backoff on its
+//! own count of failures, so a dead holder owed only the record does not hold back the retries
+//! of a live one still owed parts; after [`GIVE_UP_AFTER`] failures a holder is left to repair,
+//! with a warning and a metric.
 //!
 //! A part this node holds is read from its store and sent. A replica it does not hold is not
 //! relayed: the holder is told to fetch it from one that has it (`ChunkRequest::Copy`), so
@@ -43,14 +45,14 @@ use crate::objects::IngestError;
 use crate::store::MetaStore;
 
 /// Format version of a queued [`Delivery`]. Version 1 had no `announce` (its holders
-/// announced); such entries are still read.
-const DELIVERY_VERSION: u8 = 2;
+/// announced), version 2 one schedule for all holders; such entries are still read.
+const DELIVERY_VERSION: u8 = 3;
 /// Largest queued entry decoded (a manifest of a very large object plus its record).
 const MAX_ENTRY: usize = 512 << 20;
 /// First retry delay after a failed attempt; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Attempts before a holder is left to repair (about two hours at the longest backoff).
+/// Failed attempts before a holder is left to repair (about two hours at the longest backoff).
 pub const GIVE_UP_AFTER: u32 = 30;
 /// How often the queue is scanned for entries that are due.
 const SCAN_EVERY: Duration = Duration::from_secs(1);
@@ -84,7 +86,9 @@ impl Shared {
 pub(crate) struct Delivery {
     // The schedule comes first, so the queue scan decodes only [`Schedule`].
     version: u8,
+    /// Attempts at the entry so far.
     attempts: u32,
+    /// When the first owed holder is due (milliseconds since the epoch).
     next_ms: u64,
     created_ms: u64,
     /// The encoded placement record.
@@ -96,7 +100,8 @@ pub(crate) struct Delivery {
     announce: bool,
 }
 
-/// A [`Delivery`] as version 1 wrote it.
+/// A [`Delivery`] as version 1 wrote it: one schedule for every holder. Version 2 is this
+/// followed by `announce`.
 #[derive(Debug, Deserialize)]
 struct DeliveryV1 {
     _version: u8,
@@ -105,7 +110,7 @@ struct DeliveryV1 {
     created_ms: u64,
     record: Vec<u8>,
     manifest: Vec<u8>,
-    owed: Vec<Owed>,
+    owed: Vec<OwedV2>,
 }
 
 /// The leading fields of an encoded [`Delivery`]: all the queue scan needs.
@@ -121,7 +126,7 @@ impl Schedule {
     fn due(bytes: &[u8], now: u64) -> bool {
         match bincode::serde::decode_from_slice::<Schedule, _>(bytes, codec()) {
             Ok((schedule, _)) => {
-                !matches!(schedule.version, 1 | DELIVERY_VERSION) || schedule.next_ms <= now
+                !matches!(schedule.version, 1 | 2 | DELIVERY_VERSION) || schedule.next_ms <= now
             }
             Err(_) => true,
         }
@@ -133,10 +138,43 @@ impl Schedule {
 pub(crate) struct Owed {
     peer: Vec<u8>,
     chunks: Vec<u32>,
+    /// Failed attempts at this holder.
+    failures: u32,
+    /// When this holder is due (milliseconds since the epoch).
+    next_ms: u64,
+}
+
+/// An [`Owed`] as versions 1 and 2 wrote it (the entry held the schedule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct OwedV2 {
+    peer: Vec<u8>,
+    chunks: Vec<u32>,
+}
+
+impl OwedV2 {
+    /// The holder, on the schedule its whole entry had.
+    fn upgrade(self, failures: u32, next_ms: u64) -> Owed {
+        Owed {
+            peer: self.peer,
+            chunks: self.chunks,
+            failures,
+            next_ms,
+        }
+    }
 }
 
 fn codec() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_ENTRY>()
+}
+
+/// Decodes `bytes` as one `T`, with nothing left over.
+fn decode_whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
+    if used != bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(value)
 }
 
 impl Delivery {
@@ -155,6 +193,8 @@ impl Delivery {
                 .map(|(peer, chunks)| Owed {
                     peer: peer.to_bytes(),
                     chunks,
+                    failures: 0,
+                    next_ms: now_ms,
                 })
                 .collect(),
             attempts: 0,
@@ -176,37 +216,83 @@ impl Delivery {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.first() == Some(&1) {
-            return Self::decode_v1(bytes);
+        match bytes.first() {
+            // Version 1 predates `announce`: its holders announce.
+            Some(1) => Ok(Self::upgraded(decode_whole(bytes)?, true)),
+            Some(2) => {
+                let (old, announce) = decode_whole(bytes)?;
+                Ok(Self::upgraded(old, announce))
+            }
+            _ => {
+                let delivery: Self = decode_whole(bytes)?;
+                if delivery.version != DELIVERY_VERSION {
+                    return Err(format!("unknown version {}", delivery.version));
+                }
+                Ok(delivery)
+            }
         }
-        let (delivery, used): (Self, usize) =
-            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
-        if used != bytes.len() {
-            return Err("trailing bytes".into());
-        }
-        if delivery.version != DELIVERY_VERSION {
-            return Err(format!("unknown version {}", delivery.version));
-        }
-        Ok(delivery)
     }
 
-    /// An entry queued by a node that predates `announce`: its holders announce.
-    fn decode_v1(bytes: &[u8]) -> Result<Self, String> {
-        let (old, used): (DeliveryV1, usize) =
-            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
-        if used != bytes.len() {
-            return Err("trailing bytes".into());
-        }
-        Ok(Self {
+    /// An entry of an older version: each holder gets the schedule the entry had.
+    fn upgraded(old: DeliveryV1, announce: bool) -> Self {
+        let DeliveryV1 {
+            attempts, next_ms, ..
+        } = old;
+        Self {
             version: DELIVERY_VERSION,
-            attempts: old.attempts,
-            next_ms: old.next_ms,
+            attempts,
+            next_ms,
             created_ms: old.created_ms,
             record: old.record,
             manifest: old.manifest,
-            owed: old.owed,
-            announce: true,
-        })
+            owed: old
+                .owed
+                .into_iter()
+                .map(|o| o.upgrade(attempts, next_ms))
+                .collect(),
+            announce,
+        }
+    }
+
+    /// Splits the owed holders into those due at `now` (all of them with `all`) and the rest.
+    fn due_holders(&self, now: u64, all: bool) -> (Vec<Owed>, Vec<Owed>) {
+        self.owed
+            .iter()
+            .cloned()
+            .partition(|o| all || o.next_ms <= now)
+    }
+
+    /// The entry after an attempt at some of its holders: the ones that were sent everything
+    /// leave it; each that `failed` backs off on its own count, or is given up on (returned
+    /// second) at [`GIVE_UP_AFTER`]; the ones not tried keep their schedule. `None` when no
+    /// holder is left.
+    fn after_attempt(
+        self,
+        failed: Vec<Owed>,
+        untried: Vec<Owed>,
+        now: u64,
+    ) -> (Option<Self>, Vec<Owed>) {
+        let mut given_up = Vec::new();
+        let mut left = untried;
+        for mut owed in failed {
+            owed.failures = owed.failures.saturating_add(1);
+            if owed.failures >= GIVE_UP_AFTER {
+                given_up.push(owed);
+            } else {
+                owed.next_ms = now + backoff(owed.failures - 1).as_millis() as u64;
+                left.push(owed);
+            }
+        }
+        let Some(next_ms) = left.iter().map(|o| o.next_ms).min() else {
+            return (None, given_up);
+        };
+        let next = Self {
+            attempts: self.attempts.saturating_add(1),
+            next_ms,
+            owed: left,
+            ..self
+        };
+        (Some(next), given_up)
     }
 
     /// Whether a queued entry still owes some holder parts (not only the record), and the
@@ -325,11 +411,12 @@ impl Mesh {
                     tokio::select! {
                         biased;
                         () = stop.cancelled() => break,
-                        () = self.complete_object(object) => {}
+                        () = self.complete_object(object, false) => {}
                     }
                 }
                 _ = scan.tick() => {
-                    let due = match self.due_objects(first_scan) {
+                    let all = first_scan;
+                    let due = match self.due_objects(all) {
                         Ok(due) => due,
                         Err(e) => {
                             warn!(error = %e, "cannot read the delivery queue");
@@ -341,7 +428,7 @@ impl Mesh {
                         tokio::select! {
                             biased;
                             () = stop.cancelled() => return,
-                            () = self.complete_object(object) => {}
+                            () = self.complete_object(object, all) => {}
                         }
                     }
                 }
@@ -366,8 +453,8 @@ impl Mesh {
         Ok(due)
     }
 
-    /// One attempt at everything `object`'s entry owes.
-    async fn complete_object(&self, object: ObjectId) {
+    /// One attempt at the holders `object`'s entry owes that are due (all of them with `all`).
+    async fn complete_object(&self, object: ObjectId, all: bool) {
         let store = std::sync::Arc::clone(&self.inner.store);
         let entry = match tokio::task::spawn_blocking(move || store.delivery(&object)).await {
             Ok(Ok(Some(bytes))) => bytes,
@@ -405,7 +492,11 @@ impl Mesh {
             }
         };
         let manifest_bytes = Bytes::from(delivery.manifest.clone());
-        let attempts = delivery.owed.iter().map(|owed| {
+        let (due, untried) = delivery.due_holders(now_ms(), all);
+        if due.is_empty() {
+            return;
+        }
+        let attempts = due.iter().map(|owed| {
             let record = &record;
             let manifest = &manifest;
             let manifest_bytes = manifest_bytes.clone();
@@ -425,36 +516,27 @@ impl Mesh {
             }
         });
         let results = futures::future::join_all(attempts).await;
-        let mut left = Vec::new();
+        let mut failed = Vec::new();
         for (owed, result) in results {
+            let peer = PeerId::from_bytes(&owed.peer).ok();
             match result {
                 Ok(sent) => {
-                    debug!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), sent, "holder completed in the background");
+                    debug!(%object, ?peer, sent, "holder completed in the background");
                 }
                 Err(e) => {
-                    debug!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), error = %e, attempt = delivery.attempts + 1, "background delivery failed; will retry");
-                    left.push(owed.clone());
+                    debug!(%object, ?peer, error = %e, failures = owed.failures + 1, "background delivery failed; will retry");
+                    failed.push(owed.clone());
                 }
             }
         }
-        let next = if left.is_empty() {
+        let (next, given_up) = delivery.after_attempt(failed, untried, now_ms());
+        for owed in &given_up {
+            warn!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), failures = owed.failures, "giving up on a holder; the object stays below its target until repair");
+            self.inner.metrics.deliveries_abandoned().increment(1);
+        }
+        if next.is_none() && given_up.is_empty() {
             debug!(%object, "every holder of the object is complete");
-            None
-        } else if delivery.attempts + 1 >= GIVE_UP_AFTER {
-            for owed in &left {
-                warn!(%object, peer = ?PeerId::from_bytes(&owed.peer).ok(), attempts = delivery.attempts + 1, "giving up on a holder; the object stays below its target until repair");
-                self.inner.metrics.deliveries_abandoned().increment(1);
-            }
-            None
-        } else {
-            let attempts = delivery.attempts + 1;
-            Some(Delivery {
-                owed: left,
-                attempts,
-                next_ms: now_ms() + backoff(attempts - 1).as_millis() as u64,
-                ..delivery
-            })
-        };
+        }
         self.finish(object, &entry, next).await;
     }
 
@@ -600,6 +682,8 @@ mod tests {
             owed: vec![Owed {
                 peer: vec![9; 38],
                 chunks: vec![0, 5, 7],
+                failures: 3,
+                next_ms: 42,
             }],
             announce: false,
         };
@@ -613,25 +697,93 @@ mod tests {
         other.version = 9;
         assert!(Delivery::decode(&other.encode()).is_err());
 
-        // An entry a version-1 node queued (no `announce`) is read, and announces.
-        let v1 = (
-            1u8,
-            d.attempts,
-            d.next_ms,
-            d.created_ms,
-            d.record.clone(),
-            d.manifest.clone(),
-            d.owed.clone(),
-        );
-        let v1 = bincode::serde::encode_to_vec(&v1, codec()).unwrap();
-        assert!(Schedule::due(&v1, 42) && !Schedule::due(&v1, 41));
+        // Entries of versions 1 (no `announce`: they announce) and 2 (one schedule for the
+        // whole entry) are read, each holder on the entry's schedule.
+        let old_owed = vec![OwedV2 {
+            peer: vec![9; 38],
+            chunks: vec![0, 5, 7],
+        }];
+        let head = (d.attempts, d.next_ms, d.created_ms);
+        let body = (d.record.clone(), d.manifest.clone(), old_owed);
+        let v1 = bincode::serde::encode_to_vec((1u8, head, body.clone()), codec()).unwrap();
+        let v2 = bincode::serde::encode_to_vec((2u8, head, body, false), codec()).unwrap();
+        for (old, announce) in [(v1, true), (v2, false)] {
+            assert!(Schedule::due(&old, 42) && !Schedule::due(&old, 41));
+            assert_eq!(
+                Delivery::decode(&old).unwrap(),
+                Delivery {
+                    announce,
+                    ..d.clone()
+                }
+            );
+            assert!(Delivery::decode(&old[..old.len() - 1]).is_err());
+        }
+    }
+
+    fn holder(peer: u8, chunks: Vec<u32>, failures: u32, next_ms: u64) -> Owed {
+        Owed {
+            peer: vec![peer; 38],
+            chunks,
+            failures,
+            next_ms,
+        }
+    }
+
+    fn entry(owed: Vec<Owed>) -> Delivery {
+        Delivery {
+            version: DELIVERY_VERSION,
+            attempts: 8,
+            next_ms: 0,
+            created_ms: 0,
+            record: Vec::new(),
+            manifest: Vec::new(),
+            owed,
+            announce: true,
+        }
+    }
+
+    #[test]
+    fn each_holder_backs_off_on_its_own_failures() {
+        let now = 1_000_000;
+        // A dead holder owed only the record has failed 8 times; a live one owed parts fails
+        // for the first time; a third completes.
+        let dead = holder(1, Vec::new(), 8, now);
+        let live = holder(2, vec![0, 1], 0, now);
+        let done = holder(3, vec![2], 0, now);
+        let d = entry(vec![dead.clone(), live.clone(), done]);
+        let (due, untried) = d.due_holders(now, false);
+        assert_eq!((due.len(), untried.len()), (3, 0));
+        let (next, given_up) = d.after_attempt(vec![dead.clone(), live.clone()], untried, now);
+        assert!(given_up.is_empty());
+        let next = next.unwrap();
         assert_eq!(
-            Delivery::decode(&v1).unwrap(),
-            Delivery {
-                announce: true,
-                ..d.clone()
-            }
+            next.owed,
+            vec![
+                holder(1, Vec::new(), 9, now + 256_000),
+                holder(2, vec![0, 1], 1, now + 1_000),
+            ]
         );
-        assert!(Delivery::decode(&v1[..v1.len() - 1]).is_err());
+        // The entry is due when its first holder is, and then only that holder is tried.
+        assert_eq!(next.next_ms, now + 1_000);
+        assert_eq!(next.attempts, 9);
+        let (due, untried) = next.due_holders(now + 1_000, false);
+        assert_eq!(due, vec![holder(2, vec![0, 1], 1, now + 1_000)]);
+        assert_eq!(untried.len(), 1);
+        // The live holder completes: the dead one keeps its own schedule.
+        let (next, _) = next.after_attempt(Vec::new(), untried, now + 1_000);
+        let next = next.unwrap();
+        assert_eq!(next.owed, vec![holder(1, Vec::new(), 9, now + 256_000)]);
+        assert_eq!(next.next_ms, now + 256_000);
+        // After a restart every holder is tried at once.
+        assert_eq!(next.due_holders(now + 2_000, true).0.len(), 1);
+        // At the last allowed failure the holder is given up on and the entry ends.
+        let last = holder(1, Vec::new(), GIVE_UP_AFTER - 1, now);
+        let (next, given_up) = entry(vec![last.clone()]).after_attempt(vec![last], vec![], now);
+        assert!(next.is_none());
+        assert_eq!(given_up.len(), 1);
+        assert_eq!(given_up[0].failures, GIVE_UP_AFTER);
+        // Everyone done: no entry.
+        let (next, given_up) = entry(vec![dead]).after_attempt(vec![], vec![], now);
+        assert!(next.is_none() && given_up.is_empty());
     }
 }
