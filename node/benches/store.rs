@@ -1,4 +1,5 @@
-//! Store write and read of 1 MiB chunks, with and without RocksDB blob files.
+//! Store write and read of 1 MiB chunks, with and without RocksDB blob files, and a scrub
+//! walk (every chunk read back and hashed) with no rate limit.
 //!
 //! `cargo bench -p mesh-node --bench store`
 
@@ -68,5 +69,43 @@ fn bench_store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_store);
+/// A walk over 256 MiB of 1 MiB chunks, read back from the page cache: on a node the disk's
+/// read rate or the configured scrub rate is the bound.
+fn bench_scrub(c: &mut Criterion) {
+    const CHUNKS: u64 = 256;
+    let mut group = c.benchmark_group("scrub-walk");
+    group.throughput(Throughput::Bytes(CHUNKS * CHUNK as u64));
+    group.sample_size(10);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let store =
+        RocksStore::open(dir.path(), &Config::default()).unwrap_or_else(|e| panic!("open: {e}"));
+    for seed in 0..CHUNKS / BATCH as u64 {
+        for chunk in chunks(seed) {
+            store
+                .put_chunk(&chunk)
+                .unwrap_or_else(|e| panic!("put: {e}"));
+        }
+    }
+    store.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+    group.bench_function("256MiB", |b| {
+        b.iter(|| {
+            let (mut cursor, mut bytes) = (None, 0u64);
+            loop {
+                let batch = store
+                    .scrub_batch(cursor.as_ref(), 64 << 20, 1024)
+                    .unwrap_or_else(|e| panic!("scrub: {e}"));
+                bytes += batch.bytes;
+                cursor = batch.last.or(cursor);
+                if batch.done {
+                    break;
+                }
+            }
+            assert_eq!(bytes, CHUNKS * CHUNK as u64, "the walk read every chunk");
+            bytes
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_store, bench_scrub);
 criterion_main!(benches);

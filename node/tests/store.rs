@@ -847,43 +847,6 @@ fn the_scrub_state_survives_a_reopen() {
     assert_eq!(store.stats().unwrap().chunks, 0);
 }
 
-/// Scrub throughput with no rate limit: `cargo test -p mesh-node --test store -- --ignored
-/// --nocapture scrub_throughput` (dependencies, BLAKE3 and RocksDB included, are built
-/// optimised in the test profile). Prints MiB/s of a walk over 256 MiB of 1 MiB chunks, read
-/// back from the page cache: on a node the disk's read rate is the bound.
-#[test]
-#[ignore = "a measurement, not a check"]
-fn scrub_throughput() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let mut chunk = vec![0u8; 1 << 20];
-    for i in 0..256u32 {
-        chunk[..4].copy_from_slice(&i.to_le_bytes());
-        for (j, b) in chunk.iter_mut().enumerate().skip(4) {
-            *b = (j as u32).wrapping_mul(2_654_435_761).wrapping_add(i) as u8;
-        }
-        store.put_chunk(&chunk).unwrap();
-    }
-    store.flush().unwrap();
-    let started = std::time::Instant::now();
-    let (mut cursor, mut bytes) = (None, 0u64);
-    loop {
-        let batch = store.scrub_batch(cursor.as_ref(), 64 << 20, 1024).unwrap();
-        bytes += batch.bytes;
-        cursor = batch.last.or(cursor);
-        if batch.done {
-            break;
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    assert_eq!(bytes, 256 << 20);
-    println!(
-        "scrubbed {} MiB in {secs:.2} s: {:.0} MiB/s",
-        bytes >> 20,
-        (bytes >> 20) as f64 / secs
-    );
-}
-
 /// Every chunk passes through the write-ahead log, and writing into page-cache pages a log
 /// already used is several times cheaper than filling new ones (README, "Fresh pages"). A
 /// long write must therefore reuse obsolete log files after a short first stretch of new

@@ -236,17 +236,22 @@ impl Delivery {
     /// An entry of an older version: each holder gets the schedule the entry had.
     fn upgraded(old: DeliveryV1, announce: bool) -> Self {
         let DeliveryV1 {
-            attempts, next_ms, ..
+            attempts,
+            next_ms,
+            created_ms,
+            record,
+            manifest,
+            owed,
+            ..
         } = old;
         Self {
             version: DELIVERY_VERSION,
             attempts,
             next_ms,
-            created_ms: old.created_ms,
-            record: old.record,
-            manifest: old.manifest,
-            owed: old
-                .owed
+            created_ms,
+            record,
+            manifest,
+            owed: owed
                 .into_iter()
                 .map(|o| o.upgrade(attempts, next_ms))
                 .collect(),

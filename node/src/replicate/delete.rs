@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::complete::{backoff, send_record};
-use super::{Mesh, MeshError, lock, now_ms};
+use super::{Mesh, MeshError, control_refused, lock, now_ms};
 use crate::metrics::Metrics;
 use crate::net::Frame;
 use crate::objects::IngestError;
@@ -212,10 +212,8 @@ impl Mesh {
         peer: PeerId,
         record: PlacementRecord,
     ) -> Frame<ControlResponse> {
-        let refused =
-            |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
         if let Err(e) = record.validate_tombstone() {
-            return refused(Refusal::BadRequest, format!("bad tombstone: {e}"));
+            return control_refused(Refusal::BadRequest, format!("bad tombstone: {e}"));
         }
         let object = record.object;
         let store = Arc::clone(&self.inner.store);
@@ -239,8 +237,8 @@ impl Mesh {
                 Frame::new(ControlResponse::Stored)
             }
             Ok(Ok(None)) => Frame::new(ControlResponse::Stored),
-            Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
-            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+            Ok(Err(e)) => control_refused(Refusal::Internal, e.to_string()),
+            Err(_) => control_refused(Refusal::Internal, "worker failed".into()),
         }
     }
 

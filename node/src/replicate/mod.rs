@@ -32,7 +32,7 @@ use futures::{Stream, StreamExt};
 use libp2p::PeerId;
 use mesh_proto::api::PutResponse;
 use mesh_proto::wire::{
-    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, NodeId, PlacementRecord,
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, NodeId, PlacementRecord, Refusal,
 };
 use mesh_proto::{ChunkId, ChunkRef, Manifest, ObjectId, Redundancy};
 use tokio::io::AsyncRead;
@@ -172,6 +172,16 @@ pub(crate) fn record_request(record: PlacementRecord, announce: bool) -> Control
     } else {
         ControlRequest::KeepObject { record }
     }
+}
+
+/// A refusal on the control protocol.
+pub(super) fn control_refused(reason: Refusal, message: String) -> Frame<ControlResponse> {
+    Frame::new(ControlResponse::Refused { reason, message })
+}
+
+/// A refusal on the chunk protocol.
+fn chunk_refused(reason: Refusal, message: String) -> Frame<ChunkResponse> {
+    Frame::new(ChunkResponse::Refused { reason, message })
 }
 
 /// A chunk for this node's own store, with the id the caller already hashed and where to say
@@ -1540,9 +1550,6 @@ impl Mesh {
         peer: PeerId,
         request: Frame<ChunkRequest>,
     ) -> Frame<ChunkResponse> {
-        use mesh_proto::wire::Refusal;
-        let refused =
-            |reason, message: String| Frame::new(ChunkResponse::Refused { reason, message });
         if let ChunkRequest::Copy { id, from } = request.header {
             return self.answer_copy(peer, id, from).await;
         }
@@ -1551,11 +1558,11 @@ impl Mesh {
         let result = tokio::task::spawn_blocking(move || match request.header {
             ChunkRequest::Store { id } => {
                 if disk_free(store.path()) < min_free {
-                    return Ok(refused(Refusal::Full, "disk is full".into()));
+                    return Ok(chunk_refused(Refusal::Full, "disk is full".into()));
                 }
                 match store.put_chunk_verified(&id, &request.payload) {
                     Ok(stored) => Ok(Frame::new(ChunkResponse::Stored { new: stored.new })),
-                    Err(StoreError::HashMismatch { .. }) => Ok(refused(
+                    Err(StoreError::HashMismatch { .. }) => Ok(chunk_refused(
                         Refusal::BadRequest,
                         format!("the bytes sent do not hash to {id}"),
                     )),
@@ -1568,7 +1575,7 @@ impl Mesh {
             }),
             ChunkRequest::Has { ids } => {
                 if ids.len() > mesh_proto::wire::MAX_HAS_IDS {
-                    return Ok(refused(Refusal::BadRequest, "too many ids".into()));
+                    return Ok(chunk_refused(Refusal::BadRequest, "too many ids".into()));
                 }
                 let present = ids
                     .iter()
@@ -1576,7 +1583,7 @@ impl Mesh {
                     .collect::<Result<Vec<bool>, _>>()?;
                 Ok(Frame::new(ChunkResponse::Has { present }))
             }
-            ChunkRequest::Copy { .. } => Ok(refused(
+            ChunkRequest::Copy { .. } => Ok(chunk_refused(
                 Refusal::Internal,
                 "copy requests are answered apart".into(),
             )),
@@ -1602,9 +1609,9 @@ impl Mesh {
             }
             Ok(Err(e)) => {
                 warn!(%peer, error = %e, "chunk request failed");
-                refused(Refusal::Internal, e.to_string())
+                chunk_refused(Refusal::Internal, e.to_string())
             }
-            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+            Err(_) => chunk_refused(Refusal::Internal, "worker failed".into()),
         }
     }
 
@@ -1616,11 +1623,9 @@ impl Mesh {
         id: ChunkId,
         from: Vec<NodeId>,
     ) -> Frame<ChunkResponse> {
-        use mesh_proto::wire::{MAX_COPY_SOURCES, Refusal};
-        let refused =
-            |reason, message: String| Frame::new(ChunkResponse::Refused { reason, message });
+        use mesh_proto::wire::MAX_COPY_SOURCES;
         if from.is_empty() || from.len() > MAX_COPY_SOURCES {
-            return refused(
+            return chunk_refused(
                 Refusal::BadRequest,
                 format!(
                     "a copy names 1 to {MAX_COPY_SOURCES} holders, not {}",
@@ -1633,10 +1638,10 @@ impl Mesh {
             .map(|n| PeerId::from_bytes(&n.0))
             .collect::<Result<Vec<PeerId>, _>>()
         else {
-            return refused(Refusal::BadRequest, "a holder's peer id is invalid".into());
+            return chunk_refused(Refusal::BadRequest, "a holder's peer id is invalid".into());
         };
         let Ok(_permit) = Arc::clone(&self.inner.copies).try_acquire_owned() else {
-            return refused(Refusal::Busy, "too many copies in flight".into());
+            return chunk_refused(Refusal::Busy, "too many copies in flight".into());
         };
         let store = Arc::clone(&self.inner.store);
         let min_free = self.inner.settings.min_free_bytes;
@@ -1650,9 +1655,9 @@ impl Mesh {
         match here {
             Ok(Ok(Some(true))) => return Frame::new(ChunkResponse::Stored { new: false }),
             Ok(Ok(Some(false))) => {}
-            Ok(Ok(None)) => return refused(Refusal::Full, "disk is full".into()),
-            Ok(Err(e)) => return refused(Refusal::Internal, e.to_string()),
-            Err(_) => return refused(Refusal::Internal, "worker failed".into()),
+            Ok(Ok(None)) => return chunk_refused(Refusal::Full, "disk is full".into()),
+            Ok(Err(e)) => return chunk_refused(Refusal::Internal, e.to_string()),
+            Err(_) => return chunk_refused(Refusal::Internal, "worker failed".into()),
         }
         // The sender is no source: it asked because it does not hold the chunk.
         let sources = sources.into_iter().filter(|p| *p != peer).collect();
@@ -1674,9 +1679,9 @@ impl Mesh {
             }
             Ok(Err(e)) => {
                 warn!(%peer, chunk = %id, error = %e, "cannot store a copied chunk");
-                refused(Refusal::Internal, e.to_string())
+                chunk_refused(Refusal::Internal, e.to_string())
             }
-            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+            Err(_) => chunk_refused(Refusal::Internal, "worker failed".into()),
         }
     }
 
@@ -1689,18 +1694,15 @@ impl Mesh {
         payload: Bytes,
         announce: bool,
     ) -> Frame<ControlResponse> {
-        use mesh_proto::wire::Refusal;
-        let refused =
-            |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
         let store = Arc::clone(&self.inner.store);
         let me = NodeId(self.local_id().to_bytes());
         let object = record.object;
         let manifest = match Manifest::decode_verified(&object, &payload) {
             Ok(m) => m,
-            Err(e) => return refused(Refusal::BadRequest, format!("bad manifest: {e}")),
+            Err(e) => return control_refused(Refusal::BadRequest, format!("bad manifest: {e}")),
         };
         if let Err(e) = record.validate(manifest.chunks.len()) {
-            return refused(Refusal::BadRequest, format!("bad placement record: {e}"));
+            return control_refused(Refusal::BadRequest, format!("bad placement record: {e}"));
         }
         let result =
             tokio::task::spawn_blocking(move || keep_record(&store, &me, &manifest, &record)).await;
@@ -1720,8 +1722,8 @@ impl Mesh {
                 }
                 Frame::new(ControlResponse::Stored)
             }
-            Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
-            Err(_) => refused(Refusal::Internal, "worker failed".into()),
+            Ok(Err(e)) => control_refused(Refusal::Internal, e.to_string()),
+            Err(_) => control_refused(Refusal::Internal, "worker failed".into()),
         }
     }
 
@@ -1730,14 +1732,11 @@ impl Mesh {
         peer: PeerId,
         request: Frame<ControlRequest>,
     ) -> Frame<ControlResponse> {
-        use mesh_proto::wire::Refusal;
-        let refused =
-            |reason, message: String| Frame::new(ControlResponse::Refused { reason, message });
         let store = Arc::clone(&self.inner.store);
         match request.header {
             ControlRequest::Job(request) => {
                 let Some(jobs) = self.inner.jobs.get() else {
-                    return refused(Refusal::Busy, "jobs are not running here yet".into());
+                    return control_refused(Refusal::Busy, "jobs are not running here yet".into());
                 };
                 let (reply, answer) = oneshot::channel();
                 let call = JobCall {
@@ -1746,11 +1745,13 @@ impl Mesh {
                     reply,
                 };
                 if jobs.send(call).await.is_err() {
-                    return refused(Refusal::Busy, "jobs stopped".into());
+                    return control_refused(Refusal::Busy, "jobs stopped".into());
                 }
                 match answer.await {
                     Ok(response) => Frame::new(ControlResponse::Job(response)),
-                    Err(_) => refused(Refusal::Internal, "job service dropped the request".into()),
+                    Err(_) => {
+                        control_refused(Refusal::Internal, "job service dropped the request".into())
+                    }
                 }
             }
             ControlRequest::PutObject { record } => {
@@ -1776,14 +1777,15 @@ impl Mesh {
                                 ControlResponse::Object { record },
                                 Bytes::from(bytes),
                             ),
-                            Err(e) => {
-                                refused(Refusal::Internal, format!("stored record unreadable: {e}"))
-                            }
+                            Err(e) => control_refused(
+                                Refusal::Internal,
+                                format!("stored record unreadable: {e}"),
+                            ),
                         }
                     }
                     Ok(Ok(_)) => Frame::new(ControlResponse::NotFound),
-                    Ok(Err(e)) => refused(Refusal::Internal, e.to_string()),
-                    Err(_) => refused(Refusal::Internal, "worker failed".into()),
+                    Ok(Err(e)) => control_refused(Refusal::Internal, e.to_string()),
+                    Err(_) => control_refused(Refusal::Internal, "worker failed".into()),
                 }
             }
         }
