@@ -37,7 +37,7 @@ use mesh_proto::wire::{
 use mesh_proto::{ChunkId, ChunkRef, Manifest, ObjectId, Redundancy};
 use tokio::io::AsyncRead;
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::chunker::{ChunkSource, Chunker};
 use crate::metrics::Metrics;
@@ -694,7 +694,7 @@ impl Mesh {
         }
         inner.metrics.puts().increment(1);
         inner.metrics.put_bytes().increment(size);
-        info!(%object, size, chunks = chunk_count, holders = nodes.len(), "stored replicated object");
+        debug!(%object, size, chunks = chunk_count, holders = nodes.len(), "stored replicated object");
         Ok(Written {
             response: PutResponse {
                 id: object,
