@@ -2,9 +2,9 @@
 //!
 //! A [`TestNode`] is a real node started through `mesh_node::Node::start` in this process, with
 //! its own temporary data directory and its control API on an OS-assigned port. Tests wait on
-//! conditions with [`wait_until`], never on fixed sleeps. The nodes' logs (level from
-//! `MESH_LOG`, default `info`) go through libtest's capture, so a failing test prints what its
-//! nodes said and a passing one prints nothing.
+//! conditions with [`wait_until`] (or [`wait_for_value`] for brief states), never on fixed
+//! sleeps. The nodes' logs (level from `MESH_LOG`, default `info`) go through libtest's
+//! capture, so a failing test prints what its nodes said and a passing one prints nothing.
 //!
 //! [`netsim::NetsimRun`] is the other kind of cluster: real `meshd` processes in network
 //! namespaces behind netsim's emulated WAN, for the latency tests.
@@ -145,23 +145,67 @@ pub fn init_logging() {
     });
 }
 
-/// Polls `check` until it returns `Ok(true)` or `timeout` passes; fails naming `what`.
+/// Polls `check` until it returns `Ok(true)` or `timeout` passes; fails naming `what`. The
+/// pause between polls starts at 5 ms and doubles up to 200 ms.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<bool>>,
 {
+    let pauses = Pauses::Doubling(Duration::from_millis(5), Duration::from_millis(200));
+    poll(timeout, what, pauses, || {
+        let done = check();
+        async move { Ok(done.await?.then_some(())) }
+    })
+    .await
+}
+
+/// Polls `check` every `every` until it returns `Ok(Some(value))` or `timeout` passes, and
+/// returns the value. For a state that lasts only moments, which [`wait_until`]'s growing
+/// pauses could miss. An error from `check` ends the wait at once, as for [`wait_until`].
+pub async fn wait_for_value<T, F, Fut>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    poll(timeout, what, Pauses::Every(every), check).await
+}
+
+enum Pauses {
+    Every(Duration),
+    /// The first pause, doubled after each poll up to the second.
+    Doubling(Duration, Duration),
+}
+
+async fn poll<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    pauses: Pauses,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
+    let (mut pause, max) = match pauses {
+        Pauses::Every(every) => (every, every),
+        Pauses::Doubling(first, max) => (first, max),
+    };
     loop {
-        if check().await? {
-            return Ok(());
+        if let Some(value) = check().await? {
+            return Ok(value);
         }
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+        pause = (pause * 2).min(max);
     }
 }
 

@@ -10,7 +10,7 @@ use mesh_proto::JobId;
 use mesh_proto::ObjectId;
 use mesh_proto::api::PutResponse;
 use mesh_proto::job::{JobState, JobStatus, SubmitResponse};
-use mesh_tests::{Cluster, TestNode, api_client, wait_until};
+use mesh_tests::{Cluster, TestNode, api_client, wait_for_value, wait_until};
 
 use serde_json::{Value, json};
 
@@ -411,29 +411,30 @@ async fn shuffle_outputs_lost_with_a_node_are_made_again() {
         .iter()
         .map(|n| n.node().peer_id().to_string())
         .collect();
-    let deadline = tokio::time::Instant::now() + JOB;
-    let victim = loop {
-        let r = status(&cluster.nodes[0], &job).await;
-        let first = workers
-            .iter()
-            .position(|w| r.nodes.iter().any(|n| &n.node == w && n.tasks >= 1));
-        assert!(
-            r.tasks.pending >= 20,
-            "the map phase got too far before a worker was seen done with a task: {:?} {:?}",
-            r.tasks,
-            r.nodes
-        );
-        if let Some(i) = first {
-            break i + 1;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no worker finished a map task in {JOB:?}: {:?} {:?}",
-            r.tasks,
-            r.nodes
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let victim = wait_for_value(
+        JOB,
+        Duration::from_millis(10),
+        "a worker to finish a map task",
+        || {
+            let report = status(&cluster.nodes[0], &job);
+            let workers = &workers;
+            async move {
+                let r = report.await;
+                anyhow::ensure!(
+                    r.tasks.pending >= 20,
+                    "the map phase got too far before a worker was seen done with a task: {:?} {:?}",
+                    r.tasks,
+                    r.nodes
+                );
+                Ok(workers
+                    .iter()
+                    .position(|w| r.nodes.iter().any(|n| &n.node == w && n.tasks >= 1))
+                    .map(|i| i + 1))
+            }
+        },
+    )
+    .await
+    .unwrap();
     let coordinator = cluster.nodes.remove(0).park().await;
     let coordinator = {
         // The coordinator's store says what the victim had done; nothing ran a reduce task.
