@@ -302,12 +302,7 @@ async fn a_repairer_restarted_mid_repair_resumes_and_makes_no_extra_copies() {
     // While the repairer is down (suspect, not dead), every other node walks its records
     // at least once: none of them may take the repair over and plan it a second time.
     walk_twice_once(&alive, "see the repairer gone", |node| {
-        !node
-            .node()
-            .network()
-            .peers()
-            .iter()
-            .any(|p| p.id == repairer && p.connected)
+        !node.view_of(repairer).is_some_and(|v| v.connected)
     })
     .await;
     for node in &alive {
