@@ -196,11 +196,15 @@ pub fn wait_for<T>(
     limit: Duration,
     mut check: impl FnMut() -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
-    let deadline = Instant::now() + limit;
+    let started = Instant::now();
+    let deadline = started + limit;
     let mut last = String::from("no answer yet");
     loop {
         match check() {
-            Ok(Some(v)) => return Ok(v),
+            Ok(Some(v)) => {
+                eprintln!("waited {:.1}s for {what}", started.elapsed().as_secs_f64());
+                return Ok(v);
+            }
             Ok(None) => {}
             Err(e) => last = format!("{e:#}"),
         }
