@@ -829,3 +829,21 @@ async fn task_outputs_are_not_announced_by_their_holders() {
     assert_eq!(get(writer, &quiet).await.status(), 200);
     cluster.stop().await;
 }
+
+/// A new connection's first ping comes back before the peer has been identified and has
+/// proven the cluster key; its sample must wait for the admission instead of being dropped,
+/// or placement knows nothing of the new peer's RTT until the next ping. Pings are two minutes
+/// apart here, so only the first one can give the RTT in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_peer_has_an_rtt_from_its_first_ping() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    mesh_node::identity::create_cluster_key(&key).unwrap();
+    let cluster = Cluster::start(3, move |_, config| {
+        config.net.cluster_key_file = Some(key.clone());
+        config.net.ping_interval = Duration::from_secs(120);
+    })
+    .await
+    .unwrap();
+    cluster.wait_joined(Duration::from_secs(30)).await.unwrap();
+}

@@ -740,6 +740,7 @@ pub async fn start(
         pending_providers: HashMap::new(),
         pending_provides: HashMap::new(),
         chunk_started: HashMap::new(),
+        early_rtt: HashMap::new(),
         peers_tx,
         status_tx,
         inbound,
@@ -786,6 +787,11 @@ struct EventLoop {
     /// Start time and payload size of outbound chunk requests: their timings feed the RTT
     /// (see [`peers`]). Entries leave with the response or the failure.
     chunk_started: HashMap<OutboundRequestId, (Instant, u64)>,
+    /// The latest ping of connected peers not admitted yet. A connection's first ping is
+    /// usually back before identify and the membership proof are done; admission makes it
+    /// the peer's provisional RTT ([`PeerTable::provisional_rtt`]), so that a new peer is not
+    /// ranked as unmeasured until the next ping (`ping_interval`).
+    early_rtt: HashMap<PeerId, Duration>,
     peers_tx: watch::Sender<Arc<Vec<PeerView>>>,
     status_tx: watch::Sender<Arc<NetStatus>>,
     inbound: Option<mpsc::Sender<Inbound>>,
@@ -1224,6 +1230,7 @@ impl EventLoop {
                 if num_established == 0 {
                     self.table.set_connected(&peer_id, false);
                     self.awaiting_auth.remove(&peer_id);
+                    self.early_rtt.remove(&peer_id);
                 }
                 self.publish_peers();
             }
@@ -1316,8 +1323,12 @@ impl EventLoop {
             return;
         };
         let new = !self.table.contains(&peer);
+        let now = Instant::now();
         self.table
-            .upsert(peer, zone.clone(), role, version, addrs, Instant::now());
+            .upsert(peer, zone.clone(), role, version, addrs, now);
+        if let Some(rtt) = self.early_rtt.remove(&peer) {
+            self.table.provisional_rtt(&peer, rtt);
+        }
         if new {
             info!(%peer, %zone, role = role.as_str(), "peer joined");
         }
@@ -1352,7 +1363,11 @@ impl EventLoop {
                 result: Ok(rtt),
                 ..
             }) => {
-                self.table.rtt_sample(&peer, rtt, Instant::now());
+                if self.table.contains(&peer) {
+                    self.table.rtt_sample(&peer, rtt, Instant::now());
+                } else if self.swarm.is_connected(&peer) {
+                    self.early_rtt.insert(peer, rtt);
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,

@@ -176,14 +176,16 @@ impl PeerTable {
             // A single slow sample (the peer's or this node's scheduler, a queue) is noise;
             // the median of the last three ignores it, and follows a real change of the path
             // from its second sample on.
+            let first = entry.recent.is_empty();
             if entry.recent.len() == RTT_MEDIAN_OF {
                 entry.recent.remove(0);
             }
             entry.recent.push(rtt.as_secs_f64());
             let sample = median(&entry.recent);
             let smoothed = match entry.rtt {
-                None => sample,
-                Some(old) => old + RTT_ALPHA * (sample - old),
+                // The first sample sets the estimate, replacing a provisional one.
+                Some(old) if !first => old + RTT_ALPHA * (sample - old),
+                _ => sample,
             };
             // An estimate above every recent sample, or below every one, is stale: a new
             // connection's first pings share the peer's handshake and join work (tens of
@@ -198,6 +200,19 @@ impl PeerTable {
             entry.rtt = Some(smoothed.clamp(low, high));
             entry.last_rtt = Some(rtt);
             entry.last_seen = now;
+        }
+    }
+
+    /// A sample taken before the peer was in the table: a connection's first ping, which
+    /// shares both sides' handshake and join work and often reads several times the path's
+    /// RTT. It is the estimate until the first regular sample, which replaces it rather than
+    /// averaging with it; better than no estimate, which ranks the peer behind every other.
+    pub fn provisional_rtt(&mut self, peer: &PeerId, rtt: Duration) {
+        if let Some(entry) = self.peers.get_mut(peer)
+            && entry.rtt.is_none()
+        {
+            entry.rtt = Some(rtt.as_secs_f64());
+            entry.last_rtt = Some(rtt);
         }
     }
 
@@ -313,6 +328,15 @@ mod tests {
         })
     }
 
+    /// A table holding one storage peer, and the time it was added.
+    fn one_peer() -> (PeerTable, PeerId, Instant) {
+        let mut t = table();
+        let p = PeerId::random();
+        let now = Instant::now();
+        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        (t, p, now)
+    }
+
     #[test]
     fn liveness_follows_the_last_time_a_peer_was_heard() {
         let mut t = table();
@@ -350,10 +374,7 @@ mod tests {
 
     #[test]
     fn rtt_is_an_ewma_of_the_median_of_recent_samples_and_keeps_the_last_one() {
-        let mut t = table();
-        let p = PeerId::random();
-        let now = Instant::now();
-        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let (mut t, p, now) = one_peer();
         let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.unwrap().as_secs_f64() * 1000.0;
         t.rtt_sample(&p, Duration::from_millis(10), now);
         t.rtt_sample(&p, Duration::from_millis(10), now);
@@ -374,10 +395,7 @@ mod tests {
 
     #[test]
     fn a_slow_start_is_forgotten_once_three_samples_say_otherwise() {
-        let mut t = table();
-        let p = PeerId::random();
-        let now = Instant::now();
-        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let (mut t, p, now) = one_peer();
         let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.unwrap().as_secs_f64() * 1000.0;
         // The first pings of a connection met a busy peer.
         for slow in [80, 60, 40] {
@@ -397,11 +415,27 @@ mod tests {
     }
 
     #[test]
+    fn a_provisional_rtt_is_the_estimate_until_the_first_sample_replaces_it() {
+        let (mut t, p, now) = one_peer();
+        let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.map(|d| d.as_secs_f64() * 1000.0);
+        t.provisional_rtt(&p, Duration::from_millis(24));
+        assert_eq!(ms(&t), Some(24.0));
+        // The first regular sample takes over whole; the provisional one is not a sample.
+        t.rtt_sample(&p, Duration::from_millis(1), now);
+        assert!((ms(&t).unwrap() - 1.0).abs() < 0.01, "{:?}", ms(&t));
+        t.rtt_sample(&p, Duration::from_millis(1), now);
+        assert!((ms(&t).unwrap() - 1.0).abs() < 0.01, "{:?}", ms(&t));
+        // A peer with an estimate keeps it.
+        t.provisional_rtt(&p, Duration::from_millis(50));
+        assert!((ms(&t).unwrap() - 1.0).abs() < 0.01, "{:?}", ms(&t));
+        // Unknown peers are ignored.
+        t.provisional_rtt(&PeerId::random(), Duration::from_millis(5));
+        assert_eq!(t.snapshot(now).len(), 1);
+    }
+
+    #[test]
     fn small_exchanges_are_samples_and_large_ones_only_bound_the_rtt() {
-        let mut t = table();
-        let p = PeerId::random();
-        let now = Instant::now();
-        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let (mut t, p, now) = one_peer();
         let rtt = |t: &PeerTable| t.snapshot(now)[0].rtt.map(|d| d.as_secs_f64() * 1000.0);
         // A large transfer with no estimate yet says nothing about the RTT.
         t.transfer_sample(&p, Duration::from_millis(50), 1 << 20, now);
@@ -420,10 +454,7 @@ mod tests {
 
     #[test]
     fn addresses_are_bounded_and_deduplicated() {
-        let mut t = table();
-        let p = PeerId::random();
-        let now = Instant::now();
-        t.upsert(p, String::new(), Role::Storage, String::new(), vec![], now);
+        let (mut t, p, now) = one_peer();
         for port in 0..20u16 {
             let addr: Multiaddr = format!("/ip4/10.0.0.1/udp/{port}/quic-v1").parse().unwrap();
             t.add_addr(&p, addr.clone());
