@@ -269,13 +269,16 @@ pub fn parse_json(node: &str, args: &[&str], out: &str) -> anyhow::Result<Value>
     })
 }
 
-/// The storage peers of a `meshctl --json peers` answer that are alive and have an RTT.
+/// The storage peers of a `meshctl --json peers` answer that are alive and have an RTT from
+/// regular samples (not the provisional first ping of a peer that has just joined, which
+/// reads high).
 pub fn alive_storage_peers(peers: &Value) -> Vec<Peer> {
     peers["peers"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|p| p["role"] == "storage" && p["liveness"] == "alive")
+        .filter(|p| p["rtt_provisional"] != true)
         .filter_map(|p| {
             Some(Peer {
                 id: p["id"].as_str()?.to_string(),
@@ -315,14 +318,23 @@ mod tests {
             {"id": "b", "zone": "aws/us-east-1/b", "role": "storage", "liveness": "suspect", "rtt_ms": 1.0},
             {"id": "c", "zone": "aws/us-east-1/a", "role": "bootstrap", "liveness": "alive", "rtt_ms": 1.0},
             {"id": "d", "zone": "gcp/us-central1/a", "role": "storage", "liveness": "alive", "rtt_ms": null},
+            {"id": "e", "zone": "gcp/us-central1/b", "role": "storage", "liveness": "alive", "rtt_ms": 88.8, "rtt_provisional": true},
+            {"id": "f", "zone": "gcp/us-central1/b", "role": "storage", "liveness": "alive", "rtt_ms": 30.5, "rtt_provisional": false},
         ]});
         assert_eq!(
             alive_storage_peers(&v),
-            [Peer {
-                id: "a".into(),
-                zone: "aws/us-east-1/a".into(),
-                rtt_ms: 1.5
-            }]
+            [
+                Peer {
+                    id: "a".into(),
+                    zone: "aws/us-east-1/a".into(),
+                    rtt_ms: 1.5
+                },
+                Peer {
+                    id: "f".into(),
+                    zone: "gcp/us-central1/b".into(),
+                    rtt_ms: 30.5
+                }
+            ]
         );
         assert!(alive_storage_peers(&serde_json::json!({"error": "x"})).is_empty());
     }

@@ -924,6 +924,7 @@ async fn peers(State(state): State<ApiState>) -> Json<PeersResponse> {
                 role: p.role.as_str().to_owned(),
                 addrs: p.addrs.iter().map(ToString::to_string).collect(),
                 rtt_ms: p.rtt.map(ms),
+                rtt_provisional: p.rtt_provisional,
                 last_rtt_ms: p.last_rtt.map(ms),
                 last_seen_secs_ago: p.last_seen_ago.as_secs_f64(),
                 liveness: match p.liveness {

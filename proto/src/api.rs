@@ -262,6 +262,10 @@ pub struct PeerSummary {
     pub addrs: Vec<String>,
     /// EWMA of RTT samples, in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// `rtt_ms` is provisional: the connection's first ping, taken while the peer joined,
+    /// which reads high (it also pays for the connection's setup); the next ping replaces it.
+    #[serde(default)]
+    pub rtt_provisional: bool,
     pub last_rtt_ms: Option<f64>,
     pub last_seen_secs_ago: f64,
     /// `alive`, `suspect` or `dead`.

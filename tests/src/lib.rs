@@ -377,7 +377,8 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Waits until every node sees every other node alive, with an RTT measured.
+    /// Waits until every node sees every other node alive, with an RTT measured by regular
+    /// samples (not only the provisional first ping).
     pub async fn wait_joined(&self, timeout: Duration) -> anyhow::Result<()> {
         let ids: Vec<_> = self.nodes.iter().map(|n| n.node().peer_id()).collect();
         wait_until(timeout, "every node to see every other node alive", || {
@@ -393,6 +394,7 @@ impl Cluster {
                         peers.iter().any(|p| {
                             p.id == *id
                                 && p.rtt.is_some()
+                                && !p.rtt_provisional
                                 && p.connected
                                 && p.liveness == mesh_node::placement::Liveness::Alive
                         })

@@ -85,7 +85,7 @@ fn wait_for_ranked_mesh(run: &NetsimRun, limit: Duration) -> anyhow::Result<()> 
             for other in run.storage_nodes().filter(|o| o.name != node.name) {
                 let measured = seen
                     .iter()
-                    .filter(|p| p.liveness == "alive")
+                    .filter(|p| p.liveness == "alive" && !p.rtt_provisional)
                     .find(|p| names.get(&p.id) == Some(&other.name))
                     .and_then(|p| p.rtt_ms)
                     .ok_or_else(|| anyhow!("{} has not measured {} yet", node.name, other.name))?;

@@ -64,7 +64,12 @@ fn row(peer: &PeerSummary) -> Vec<String> {
         short_peer_id(&peer.id),
         cell(&peer.zone),
         cell(&peer.role),
-        rtt(peer.rtt_ms),
+        // A provisional RTT (the first ping, taken while the peer joined) reads high.
+        if peer.rtt_provisional && peer.rtt_ms.is_some() {
+            format!("~{}", rtt(peer.rtt_ms))
+        } else {
+            rtt(peer.rtt_ms)
+        },
         cell(&peer.liveness),
         load.map_or_else(dash, |l| format!("{:.1}", f64::from(l.cpu) * 100.0)),
         load.map_or_else(dash, |l| human_bytes(l.disk_free)),
@@ -85,6 +90,7 @@ mod tests {
             role: "storage".into(),
             addrs: vec!["/ip4/10.0.0.1/udp/4001/quic-v1".into()],
             rtt_ms,
+            rtt_provisional: false,
             last_rtt_ms: rtt_ms,
             last_seen_secs_ago: 1.5,
             liveness: "alive".into(),
@@ -129,6 +135,10 @@ mod tests {
         let response = PeersResponse {
             peers: vec![
                 peer("12D3KooWnearAAAAAAAAAAAAAAAA", Some(0.44), true),
+                PeerSummary {
+                    rtt_provisional: true,
+                    ..peer("12D3KooWjoiningAAAAAAAAAAAAA", Some(88.8), false)
+                },
                 peer("12D3KooWunmeasuredBBBBBBBBBB", None, false),
             ],
         };
@@ -152,6 +162,8 @@ mod tests {
         for value in ["0.4 ms", "alive", "12.5", "3.0 GiB", "42"] {
             assert!(near.contains(value), "{value} missing from {near}");
         }
+        let joining = lines.next().unwrap();
+        assert!(joining.contains("~88.8 ms"), "{joining}");
         let unmeasured = lines.next().unwrap();
         assert!(unmeasured.starts_with("…BBBBBBBBBB"), "{unmeasured}");
         assert!(

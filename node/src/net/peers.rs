@@ -73,6 +73,9 @@ pub struct PeerView {
     pub version: String,
     /// EWMA of RTT samples; `None` until the first sample.
     pub rtt: Option<Duration>,
+    /// `rtt` is provisional: the connection's first ping, taken while the peer joined, which
+    /// errs high; the first regular sample replaces it ([`PeerTable::provisional_rtt`]).
+    pub rtt_provisional: bool,
     pub last_rtt: Option<Duration>,
     pub last_seen_ago: Duration,
     pub load: Option<LoadReport>,
@@ -281,6 +284,7 @@ impl PeerTable {
                 role: e.role,
                 version: e.version.clone(),
                 rtt: e.rtt.map(Duration::from_secs_f64),
+                rtt_provisional: e.rtt.is_some() && e.recent.is_empty(),
                 last_rtt: e.last_rtt,
                 last_seen_ago: now.saturating_duration_since(e.last_seen),
                 load: e.load.clone(),
@@ -418,11 +422,14 @@ mod tests {
     fn a_provisional_rtt_is_the_estimate_until_the_first_sample_replaces_it() {
         let (mut t, p, now) = one_peer();
         let ms = |t: &PeerTable| t.snapshot(now)[0].rtt.map(|d| d.as_secs_f64() * 1000.0);
+        assert!(!t.snapshot(now)[0].rtt_provisional, "no estimate at all");
         t.provisional_rtt(&p, Duration::from_millis(24));
         assert_eq!(ms(&t), Some(24.0));
+        assert!(t.snapshot(now)[0].rtt_provisional);
         // The first regular sample takes over whole; the provisional one is not a sample.
         t.rtt_sample(&p, Duration::from_millis(1), now);
         assert!((ms(&t).unwrap() - 1.0).abs() < 0.01, "{:?}", ms(&t));
+        assert!(!t.snapshot(now)[0].rtt_provisional);
         t.rtt_sample(&p, Duration::from_millis(1), now);
         assert!((ms(&t).unwrap() - 1.0).abs() < 0.01, "{:?}", ms(&t));
         // A peer with an estimate keeps it.
