@@ -380,27 +380,31 @@ impl Cluster {
     /// Waits until every node sees every other node alive, with an RTT measured by regular
     /// samples (not only the provisional first ping).
     pub async fn wait_joined(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_every_view(timeout, "every node to see every other node alive", |p| {
+            p.rtt.is_some()
+                && !p.rtt_provisional
+                && p.connected
+                && p.liveness == mesh_node::placement::Liveness::Alive
+        })
+        .await
+    }
+
+    /// Waits until, on every node, the view of every other node passes `check`.
+    pub async fn wait_every_view(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&mesh_node::net::PeerView) -> bool,
+    ) -> anyhow::Result<()> {
         let ids: Vec<_> = self.nodes.iter().map(|n| n.node().peer_id()).collect();
-        wait_until(timeout, "every node to see every other node alive", || {
-            let ids = ids.clone();
-            let views: Vec<_> = self
-                .nodes
-                .iter()
-                .map(|n| n.node().network().peers())
-                .collect();
-            async move {
-                Ok(views.iter().zip(&ids).all(|(peers, me)| {
-                    ids.iter().filter(|id| *id != me).all(|id| {
-                        peers.iter().any(|p| {
-                            p.id == *id
-                                && p.rtt.is_some()
-                                && !p.rtt_provisional
-                                && p.connected
-                                && p.liveness == mesh_node::placement::Liveness::Alive
-                        })
-                    })
-                }))
-            }
+        wait_until(timeout, what, || {
+            let done = self.nodes.iter().zip(&ids).all(|(node, me)| {
+                let peers = node.node().network().peers();
+                ids.iter()
+                    .filter(|id| *id != me)
+                    .all(|id| peers.iter().any(|p| p.id == *id && check(p)))
+            });
+            async move { Ok(done) }
         })
         .await
     }

@@ -845,27 +845,13 @@ async fn a_new_peer_has_an_rtt_from_its_first_ping() {
     })
     .await
     .unwrap();
-    let ids: Vec<PeerId> = cluster.nodes.iter().map(|n| n.node().peer_id()).collect();
-    wait_until(
-        Duration::from_secs(30),
-        "every node to have an RTT of every other",
-        || {
-            let views: Vec<_> = cluster
-                .nodes
-                .iter()
-                .map(|n| n.node().network().peers())
-                .collect();
-            let ids = ids.clone();
-            async move {
-                Ok(views.iter().zip(&ids).all(|(peers, me)| {
-                    ids.iter().filter(|id| *id != me).all(|id| {
-                        // Provisional (the first ping came before the admission) or not.
-                        peers.iter().any(|p| p.id == *id && p.rtt.is_some())
-                    })
-                }))
-            }
-        },
-    )
-    .await
-    .unwrap();
+    // Provisional (the first ping came before the admission) or not.
+    cluster
+        .wait_every_view(
+            Duration::from_secs(30),
+            "every node to have an RTT of every other",
+            |p| p.rtt.is_some(),
+        )
+        .await
+        .unwrap();
 }
