@@ -1,5 +1,6 @@
-//! Store write and read of 1 MiB chunks, with and without RocksDB blob files, and a scrub
-//! walk (every chunk read back and hashed) with no rate limit.
+//! Store write and read of 1 MiB chunks in chunk files, in RocksDB blob files and as values
+//! in RocksDB's LSM tree, and a scrub walk (every chunk read back and hashed) with no rate
+//! limit.
 //!
 //! `cargo bench -p mesh-node --bench store`
 
@@ -26,9 +27,14 @@ fn bench_store(c: &mut Criterion) {
     let mut group = c.benchmark_group("store-1MiB");
     group.throughput(Throughput::Bytes((CHUNK * BATCH) as u64));
     group.sample_size(10);
-    for (name, blob_files) in [("blob-files", true), ("lsm-values", false)] {
+    for (name, chunk_files, blob_files) in [
+        ("chunk-files", true, true),
+        ("blob-files", false, true),
+        ("lsm-values", false, false),
+    ] {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let config = Config {
+            chunk_files,
             blob_files,
             ..Config::default()
         };

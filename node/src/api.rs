@@ -216,7 +216,7 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Corrupt { .. } => Self::new(
+            StoreError::Corrupt { .. } | StoreError::Lost { .. } => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::Corrupt,
                 e.to_string(),

@@ -520,6 +520,15 @@ impl Config {
                 ),
             });
         }
+        if self.store.min_file_size.as_u64() < 4096 {
+            return Err(ConfigError::Invalid {
+                key: "store.min_file_size",
+                message: format!(
+                    "{} is below 4 KiB; small chunks belong in RocksDB, not in files of their own",
+                    self.store.min_file_size
+                ),
+            });
+        }
         if self.net.fetch_window == 0 || self.net.fetch_window > 64 {
             return Err(ConfigError::Invalid {
                 key: "net.fetch_window",
@@ -632,6 +641,12 @@ mod tests {
             err.contains("min_blob_size") || err.contains("big"),
             "{err}"
         );
+        let err = load_str("[store]\nmin_file_size = \"1KiB\"\n", &[])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.min_file_size"), "{err}");
         let err = load_str("", &[("MESH_REDUNDANCY", "ec:0+1")])
             .unwrap_err()
             .to_string();

@@ -5,8 +5,9 @@
 //! another node) releases its last reference, or when an upload stores it before committing.
 //! Each pass deletes the candidates older than the grace that are still unreferenced and not
 //! pinned by an upload in progress: a put that references a chunk again within the grace keeps
-//! it, and a peer storing it again starts its grace over. Deleting a chunk only removes its key;
-//! the bytes stay in RocksDB's blob files until a compaction drops the key and the blob GC
+//! it, and a peer storing it again starts its grace over. A chunk kept in a chunk file gives its
+//! space back when it is deleted (the file goes). For one kept in RocksDB, deleting only removes
+//! its key; the bytes stay in RocksDB's blob files until a compaction drops the key and the blob GC
 //! drops or rewrites the files, so a pass that deleted something is followed by a compaction
 //! of the chunk column family ([`RocksStore::compact_chunks`]): at once when
 //! [`COMPACT_AFTER_BYTES`] are waiting for one, else at most every [`compact_every`].

@@ -4,8 +4,9 @@
 //!
 //! - [`config`]: the typed, validated configuration (defaults < file < `MESH_*` env < flags).
 //! - [`identity`]: the data directory's lock, the node's Ed25519 identity and the API token.
-//! - [`store`]: content-addressed chunks and object metadata in RocksDB, behind the narrow
-//!   [`store::ChunkStore`] / [`store::MetaStore`] traits.
+//! - [`store`]: content-addressed chunks and object metadata in RocksDB (large chunks' bytes
+//!   in chunk files beside it, named by RocksDB), behind the narrow [`store::ChunkStore`] /
+//!   [`store::MetaStore`] traits.
 //! - [`chunker`]: cuts a byte stream into chunks (FastCDC, fixed, record-aligned).
 //! - [`objects`]: ingest (stream -> chunker -> hash + store -> manifest commit) and reads
 //!   (manifest -> verified chunks -> stream).

@@ -183,7 +183,7 @@ pub fn read_stream(
                         return Err(std::io::Error::other(format!("chunk {id} is missing")));
                     }
                     Err(e) => {
-                        if matches!(e, StoreError::Corrupt { .. }) {
+                        if matches!(e, StoreError::Corrupt { .. } | StoreError::Lost { .. }) {
                             metrics.corrupt_chunks().increment(1);
                         }
                         return Err(std::io::Error::other(e.to_string()));

@@ -11,6 +11,23 @@ fn open(dir: &std::path::Path) -> Arc<RocksStore> {
     RocksStore::open(dir, &Config::default()).unwrap()
 }
 
+/// A store that keeps every chunk in RocksDB (no chunk files): what the tests of blob files
+/// and the write-ahead log need.
+fn open_inline(dir: &std::path::Path) -> Arc<RocksStore> {
+    let config = Config {
+        chunk_files: false,
+        ..Config::default()
+    };
+    RocksStore::open(dir, &config).unwrap()
+}
+
+/// Where the store keeps `id`'s chunk file (the layout `rocks::files` documents).
+fn chunk_file(dir: &std::path::Path, id: &ChunkId) -> std::path::PathBuf {
+    dir.join("chunk-files")
+        .join(format!("{:02x}", id.as_bytes()[0]))
+        .join(id.to_string())
+}
+
 fn manifest_of(chunks: &[&[u8]], created_ms: u64) -> Manifest {
     let refs = chunks
         .iter()
@@ -162,6 +179,15 @@ fn rocksdb_store_without_blob_files_meets_the_contract() {
     let store = RocksStore::open(dir.path(), &config).unwrap();
     chunk_contract(&*store);
     meta_contract(&*store);
+}
+
+#[test]
+fn rocksdb_store_without_chunk_files_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_inline(dir.path());
+    chunk_contract(&*store);
+    meta_contract(&*store);
+    missing_chunks_are_refused(&*store);
 }
 
 #[test]
@@ -493,34 +519,184 @@ fn a_tombstone_removes_the_object_keeps_the_record_and_expires() {
     assert_eq!(store.expire_tombstones(u64::MAX).unwrap(), 0);
 }
 
+/// Bytes of the files under `dir`, subdirectories included.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(Result::ok)
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some(if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            })
+        })
         .sum()
 }
 
-/// The figure the README quotes: 64 MiB deleted, collected and compacted.
+/// Copies a store directory as it is on disk: with the store still open, what a `kill -9`
+/// would leave.
+fn crash_image(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            crash_image(&entry.path(), &target);
+        } else if entry.file_name() != "LOCK" {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn random_chunk(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&seed.to_le_bytes());
+    hasher.finalize_xof().fill(&mut out);
+    out
+}
+
+#[test]
+fn large_chunks_live_in_files_and_small_ones_in_rocksdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = random_chunk(1, 1 << 20);
+    let edge = random_chunk(2, 64 << 10);
+    let small = random_chunk(3, (64 << 10) - 1);
+    let object;
+    {
+        let store = open(dir.path());
+        object = put_object(&*store, &[&big, &edge, &small], 1);
+        for (chunk, in_file) in [(&big, true), (&edge, true), (&small, false)] {
+            let id = ChunkId::of(chunk);
+            assert_eq!(
+                chunk_file(dir.path(), &id).exists(),
+                in_file,
+                "{} bytes",
+                chunk.len()
+            );
+            assert_eq!(store.get_chunk(&id).unwrap().unwrap(), *chunk);
+        }
+        let file = std::fs::metadata(chunk_file(dir.path(), &ChunkId::of(&big))).unwrap();
+        assert_eq!(file.len(), big.len() as u64);
+    }
+    // A store written with chunk files reads them whatever its configuration says now.
+    let store = open_inline(dir.path());
+    let (manifest, _) = store.manifest(&object).unwrap().unwrap();
+    for (c, want) in manifest.chunks.iter().zip([&big, &edge, &small]) {
+        assert_eq!(store.get_chunk(&c.id).unwrap().unwrap(), *want);
+    }
+    assert_eq!(
+        store.stats().unwrap().bytes,
+        (big.len() + edge.len() + small.len()) as u64
+    );
+}
+
+/// A deleted chunk's file goes when the collector deletes the chunk: no compaction needed.
+#[test]
+fn deleted_chunk_files_give_their_space_back_at_collection() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let doomed_chunks: Vec<Vec<u8>> = (0..64u64).map(|i| random_chunk(i, MIB)).collect();
+    let refs: Vec<&[u8]> = doomed_chunks.iter().map(Vec::as_slice).collect();
+    let doomed = put_object(&*store, &refs, 1);
+    let kept_chunk = random_chunk(1000, MIB);
+    let kept = put_object(&*store, &[&kept_chunk], 2);
+    // An abandoned upload's chunk goes at once (it was never referenced).
+    let abandoned = random_chunk(2000, MIB);
+    {
+        let mut upload = store.begin_upload();
+        upload.put(&abandoned).unwrap();
+    }
+    assert!(!chunk_file(dir.path(), &ChunkId::of(&abandoned)).exists());
+    let before = dir_bytes(dir.path());
+
+    store.delete_object(&doomed).unwrap().unwrap();
+    let collected = store.collect_garbage(u64::MAX).unwrap();
+    assert_eq!(collected.freed.bytes, 64 * MIB as u64);
+    let after = dir_bytes(dir.path());
+    eprintln!("64 MiB of chunk files deleted: data directory {before} -> {after} bytes");
+    assert!(before - after >= 60 * MIB as u64, "{before} -> {after}");
+    for chunk in &doomed_chunks {
+        assert!(!chunk_file(dir.path(), &ChunkId::of(chunk)).exists());
+    }
+    assert_eq!(
+        store.get_chunk(&ChunkId::of(&kept_chunk)).unwrap().unwrap(),
+        kept_chunk
+    );
+    assert!(store.manifest(&kept).unwrap().is_some());
+}
+
+/// A chunk file that disappears (deleted or damaged outside meshd) is reported as lost, not
+/// served; the scrubber quarantines the chunk and verified bytes bring the file back.
+#[test]
+fn a_lost_chunk_file_is_reported_quarantined_and_restored() {
+    use mesh_node::store::rocks::scrub::Restored;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let good = random_chunk(7, 300_000);
+    let other = random_chunk(8, 200_000);
+    put_object(&*store, &[&good, &other], 1);
+    let id = ChunkId::of(&good);
+    std::fs::remove_file(chunk_file(dir.path(), &id)).unwrap();
+
+    match store.get_chunk(&id) {
+        Err(StoreError::Lost { id: lost, .. }) => assert_eq!(lost, id),
+        other => panic!("expected a lost chunk, got {other:?}"),
+    }
+    let batch = store.scrub_batch(None, u64::MAX, 100).unwrap();
+    assert_eq!(batch.chunks, 2);
+    assert_eq!(batch.quarantined, vec![id]);
+    assert_eq!(store.quarantine_entry(&id).unwrap().unwrap().bad_len, 0);
+    assert!(store.get_chunk(&id).unwrap().is_none());
+    assert!(!store.has_chunk(&id).unwrap());
+
+    assert_eq!(store.restore_chunk(&id, &good).unwrap(), Restored::Replaced);
+    assert!(chunk_file(dir.path(), &id).exists());
+    assert_eq!(store.get_chunk(&id).unwrap().unwrap(), good);
+    assert!(store.has_chunk(&id).unwrap());
+    assert_eq!(
+        store.get_chunk(&ChunkId::of(&other)).unwrap().unwrap(),
+        other
+    );
+}
+
+/// A chunk file no entry names (a crash between the file and its batch) is removed at the
+/// next open; files of stored chunks stay.
+#[test]
+fn stray_chunk_files_are_swept_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let kept = random_chunk(1, 500_000);
+    let store = open(dir.path());
+    let object = put_object(&*store, &[&kept], 1);
+    crash_image(dir.path(), image.path());
+    drop(store);
+    let stray = random_chunk(2, 500_000);
+    let stray_id = ChunkId::of(&stray);
+    std::fs::write(chunk_file(image.path(), &stray_id), &stray).unwrap();
+
+    let store = open(image.path());
+    assert!(!chunk_file(image.path(), &stray_id).exists());
+    assert!(!store.has_chunk(&stray_id).unwrap());
+    assert_eq!(store.get_chunk(&ChunkId::of(&kept)).unwrap().unwrap(), kept);
+    assert!(store.object(&object).unwrap().is_some());
+    // The same chunk can be stored afterwards, as if the stray had never been.
+    assert!(store.put_chunk(&stray).unwrap().new);
+    assert_eq!(store.get_chunk(&stray_id).unwrap().unwrap(), stray);
+}
+
+/// The figure the README quotes: 64 MiB deleted, collected and compacted (chunks kept in
+/// RocksDB's blob files).
 #[test]
 fn deleted_chunks_give_their_disk_space_back_after_compaction() {
     const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let big: Vec<Vec<u8>> = (0..64u64)
-        .map(|i| {
-            // Incompressible, distinct chunks.
-            let mut out = Vec::with_capacity(MIB);
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(&i.to_le_bytes());
-            let mut reader = hasher.finalize_xof();
-            out.resize(MIB, 0);
-            reader.fill(&mut out);
-            out
-        })
-        .collect();
+    let store = open_inline(dir.path());
+    // Incompressible, distinct chunks.
+    let big: Vec<Vec<u8>> = (0..64u64).map(|i| random_chunk(i, MIB)).collect();
     let refs: Vec<&[u8]> = big.iter().map(Vec::as_slice).collect();
     let doomed = put_object(&*store, &refs, 1);
     let kept_chunk = vec![6u8; MIB];
@@ -560,14 +736,8 @@ fn deleted_chunks_give_their_disk_space_back_after_compaction() {
 fn space_comes_back_when_deleted_chunks_share_blob_files_with_live_ones() {
     const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let chunk = |seed: u64| {
-        let mut out = vec![0u8; MIB];
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&seed.to_le_bytes());
-        hasher.finalize_xof().fill(&mut out);
-        out
-    };
+    let store = open_inline(dir.path());
+    let chunk = |seed: u64| random_chunk(seed, MIB);
     let mut doomed = Vec::new();
     let mut kept = Vec::new();
     for round in 0..8u64 {
@@ -855,7 +1025,7 @@ fn the_scrub_state_survives_a_reopen() {
 #[test]
 fn a_long_write_reuses_obsolete_log_files() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = open_inline(dir.path());
     // Eight chunk memtables' worth (64 MiB each by default), in objects of eight 1 MiB chunks,
     // so the small column families (references, manifests) are written all along too.
     let mut chunk = vec![0x5au8; 1 << 20];

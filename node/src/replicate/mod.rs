@@ -1170,7 +1170,7 @@ impl Mesh {
         let store = Arc::clone(&self.inner.store);
         match tokio::task::spawn_blocking(move || store.get_chunk(&id)).await {
             Ok(Ok(found)) => found,
-            Ok(Err(StoreError::Corrupt { .. })) => {
+            Ok(Err(StoreError::Corrupt { .. } | StoreError::Lost { .. })) => {
                 self.inner.metrics.corrupt_chunks().increment(1);
                 None
             }
@@ -1188,7 +1188,9 @@ impl Mesh {
         match local {
             Ok(Some(bytes)) => return Ok(bytes),
             Ok(None) => {}
-            Err(StoreError::Corrupt { .. }) => self.inner.metrics.corrupt_chunks().increment(1),
+            Err(StoreError::Corrupt { .. } | StoreError::Lost { .. }) => {
+                self.inner.metrics.corrupt_chunks().increment(1)
+            }
             Err(e) => return Err(e.into()),
         }
         self.fetch_remote(id, holders).await

@@ -4,7 +4,7 @@
 //!
 //! | cf          | key                  | value                                              |
 //! |-------------|----------------------|----------------------------------------------------|
-//! | `chunks`    | ChunkId              | the chunk's bytes (blob files)                     |
+//! | `chunks`    | ChunkId              | the chunk's bytes (blob files), or a [`files`] marker |
 //! | `refs`      | ChunkId              | [`RefRecord`]: reference count and chunk length     |
 //! | `manifests` | ObjectId             | canonical manifest bytes (versioned by the manifest)|
 //! | `objects`   | ObjectId             | [`ObjectRecord`]: the summary `ls` shows            |
@@ -47,6 +47,7 @@ use super::{
     ChunkStore, Collected, Config, Freed, MetaStore, Queue, Stats, StoreError, StoredChunk,
 };
 
+pub mod files;
 pub mod scrub;
 
 const CF_CHUNKS: &str = "chunks";
@@ -71,8 +72,15 @@ const CF_JOBS: &str = "jobs";
 /// and orphan-candidate entries' tags, keys and lengths, and the two counter merges.
 const BATCH_OVERHEAD: usize = 512;
 
-/// Layout version of everything this module writes; checked at open.
-const SCHEMA_VERSION: u32 = 1;
+/// Layout version of everything this module writes; checked at open. Version 2 added chunk
+/// files ([`files`]); a version-1 store is upgraded at open (nothing to rewrite: its chunks
+/// stay inline), and a meshd that knows only version 1 refuses a version-2 store rather than
+/// reading markers as chunk bytes.
+const SCHEMA_VERSION: u32 = 2;
+const OLDEST_SCHEMA: u32 = 1;
+/// Set (synced) when the store is closed, cleared at open: without it, the last run may have
+/// left stray chunk files.
+const KEY_CLOSED: &[u8] = b"files/closed";
 const KEY_SCHEMA: &[u8] = b"schema";
 const KEY_OBJECTS: &[u8] = b"count/objects";
 const KEY_CHUNKS: &[u8] = b"count/chunks";
@@ -211,6 +219,30 @@ pub struct RocksStore {
     /// Serialize the read-decide-write of one object's record ([`RocksStore::object_lock`]).
     object_stripes: Vec<Mutex<()>>,
     pins: Mutex<HashMap<ChunkId, u32>>,
+    files: files::ChunkFiles,
+}
+
+/// A stored chunk's bytes as read: pinned in RocksDB, from a chunk file, or lost (a marker
+/// whose file is missing or unreadable).
+enum Value<'a> {
+    Inline(rocksdb::DBPinnableSlice<'a>),
+    File(Bytes),
+    Lost(String),
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        // Every chunk file written by this run has its marker, and every unlink followed its
+        // synced batch: the next open need not look for strays.
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        if let Err(e) = self
+            .db
+            .put_cf_opt(self.cf(CF_META), KEY_CLOSED, [1u8], &opts)
+        {
+            warn!(error = %e, "marking the store closed failed; the next open sweeps chunk files");
+        }
+    }
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -237,7 +269,8 @@ impl RocksStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
-        // Every stored chunk passes through the write-ahead log. Reusing obsolete log files
+        // Every chunk stored inline passes through the write-ahead log (all of them with
+        // `chunk_files` off; chunk files keep large ones out of it). Reusing obsolete log files
         // overwrites pages still in the page cache instead of filling new ones; on the VMs we
         // measured, filling fresh pages ran at 0.5-0.9 GB/s and overwriting cached ones at
         // 8 GB/s, and the log was the largest single cost of a put. Only obsolete logs are
@@ -250,9 +283,11 @@ impl RocksStore {
         db_opts.set_max_total_wal_size(memtable.saturating_mul(2).max(64 << 20));
         db_opts.set_recycle_log_file_num(6);
         db_opts.set_keep_log_file_num(4);
+        let mut direct = false;
         if config.direct_io {
             match direct_io_works(path) {
                 Ok(()) => {
+                    direct = true;
                     db_opts.set_use_direct_io_for_flush_and_compaction(true);
                     // Direct reads get no kernel readahead; compactions read ahead themselves.
                     db_opts.set_compaction_readahead_size(2 << 20);
@@ -326,8 +361,11 @@ impl RocksStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             object_stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pins: Mutex::new(HashMap::new()),
+            files: files::ChunkFiles::open(path, direct)
+                .map_err(|e| io_error("opening the chunk-file directory", e))?,
         });
         store.check_schema()?;
+        store.open_files()?;
         let swept = store.sweep_orphans()?;
         if swept.chunks > 0 {
             info!(
@@ -356,12 +394,146 @@ impl RocksStore {
                 Ok(())
             }
             Some(v) if v.as_slice() == SCHEMA_VERSION.to_le_bytes() => Ok(()),
+            Some(v) if v.as_slice() == OLDEST_SCHEMA.to_le_bytes() => {
+                info!(
+                    from = OLDEST_SCHEMA,
+                    to = SCHEMA_VERSION,
+                    "upgrading the store's schema (chunk files)"
+                );
+                let mut opts = WriteOptions::default();
+                opts.set_sync(true);
+                self.db
+                    .put_cf_opt(meta, KEY_SCHEMA, SCHEMA_VERSION.to_le_bytes(), &opts)?;
+                Ok(())
+            }
             Some(v) => Err(StoreError::BadRecord {
                 key: "meta/schema".into(),
                 reason: format!(
                     "store schema {v:?} is not {SCHEMA_VERSION}; this meshd cannot read it"
                 ),
             }),
+        }
+    }
+
+    /// Removes stray chunk files unless the last run closed the store, then marks it open.
+    fn open_files(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META);
+        if self.db.get_cf(meta, KEY_CLOSED)?.is_none() {
+            let strays = self.sweep_stray_files()?;
+            if strays > 0 {
+                info!(
+                    files = strays,
+                    "removed chunk files that no chunk entry names"
+                );
+            }
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.delete_cf_opt(meta, KEY_CLOSED, &opts)?;
+        Ok(())
+    }
+
+    /// Deletes every chunk file whose chunk has no marker in `chunks` (checked under the
+    /// chunk's stripe, so no write in progress is touched). Returns how many went.
+    pub fn sweep_stray_files(&self) -> Result<u64, StoreError> {
+        let mut strays = 0u64;
+        let mut failure = None;
+        self.files
+            .visit(&mut |id| {
+                let _guard = lock(&self.stripes[self.stripe(&id)]);
+                let named = match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
+                    Ok(value) => value.is_some_and(|v| files::is_marker(&id, &v)),
+                    Err(e) => {
+                        failure = Some(StoreError::from(e));
+                        return Err(std::io::Error::other("store read failed"));
+                    }
+                };
+                if !named {
+                    self.files.remove(&id)?;
+                    strays += 1;
+                }
+                Ok(())
+            })
+            .map_err(|e| match failure.take() {
+                Some(store) => store,
+                None => io_error("sweeping stray chunk files", e),
+            })?;
+        Ok(strays)
+    }
+
+    /// Whether chunks of this length are written to chunk files.
+    fn in_file(&self, len: usize) -> bool {
+        self.config.chunk_files && len as u64 >= self.config.min_file_size.as_u64()
+    }
+
+    /// Adds `data` as `id`'s bytes to `batch`: inline, or (for a large chunk) written to its
+    /// chunk file and synced now, with the marker in the batch. Caller holds the stripe, and
+    /// calls [`RocksStore::write_chunk_batch`] with the returned flag.
+    fn stage_bytes(
+        &self,
+        batch: &mut WriteBatch,
+        id: &ChunkId,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        if self.in_file(data.len()) {
+            self.files
+                .write(id, data)
+                .map_err(|e| io_error("writing a chunk file", e))?;
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), files::marker(id));
+            Ok(true)
+        } else {
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
+            Ok(false)
+        }
+    }
+
+    /// Writes a batch that [`RocksStore::stage_bytes`] filled; if it fails, the chunk file
+    /// it wrote goes too, so no stray is left behind by an error.
+    fn write_chunk_batch(
+        &self,
+        batch: WriteBatch,
+        sync: bool,
+        id: &ChunkId,
+        file: bool,
+    ) -> Result<(), StoreError> {
+        let written = self.write(batch, sync);
+        if written.is_err() && file {
+            let _ = self.files.remove(id);
+        }
+        written
+    }
+
+    /// The stored bytes of `id` (`None` if `chunks` has no entry for it).
+    fn value(&self, id: &ChunkId) -> Result<Option<Value<'_>>, StoreError> {
+        let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? else {
+            return Ok(None);
+        };
+        if !files::is_marker(id, &value) {
+            return Ok(Some(Value::Inline(value)));
+        }
+        drop(value);
+        Ok(match self.files.read(id) {
+            Ok(bytes) => Some(Value::File(bytes)),
+            // Readers take no lock: a collection or quarantine may have removed the chunk
+            // between the marker and the file. Then it is absent, not lost.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? {
+                    Some(v) if files::is_marker(id, &v) => Some(Value::Lost(e.to_string())),
+                    _ => None,
+                }
+            }
+            Err(e) => Some(Value::Lost(e.to_string())),
+        })
+    }
+
+    /// Deletes the chunk files of chunks whose entries a batch just removed. The batch must
+    /// be synced first: a marker that came back after a crash must find its file.
+    fn unlink(&self, ids: &[ChunkId]) {
+        for id in ids {
+            if let Err(e) = self.files.remove(id) {
+                // A stray now; the sweep at the next open takes it.
+                warn!(chunk = %id, error = %e, "removing a deleted chunk's file failed");
+            }
         }
     }
 
@@ -470,8 +642,13 @@ impl RocksStore {
             .map_err(|_| StoreError::Db("chunk longer than 4 GiB".into()))?;
         // Sized for the chunk up front: a growing batch copies the chunk once more on
         // every doubling, each time into memory not touched before.
-        let mut batch = WriteBatch::with_capacity_bytes(data.len() + BATCH_OVERHEAD);
-        batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
+        let inline = if self.in_file(data.len()) {
+            0
+        } else {
+            data.len()
+        };
+        let mut batch = WriteBatch::with_capacity_bytes(inline + BATCH_OVERHEAD);
+        let file = self.stage_bytes(&mut batch, id, data)?;
         batch.put_cf(
             self.cf(CF_REFS),
             id.as_bytes(),
@@ -489,9 +666,10 @@ impl RocksStore {
         batch.merge_cf(self.cf(CF_META), KEY_CHUNKS, 1i64.to_le_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_BYTES, i64::from(len).to_le_bytes());
         // A local upload's chunks are not synced on their own: the object commit that
-        // references them syncs the WAL, which covers every earlier write. A chunk another
-        // node sends is synced before it is acknowledged (concurrent syncs share one fsync).
-        self.write(batch, sync)?;
+        // references them syncs the WAL, which covers every earlier write (a chunk file is
+        // synced before its marker is written, either way). A chunk another node sends is
+        // synced before it is acknowledged (concurrent syncs share one fsync).
+        self.write_chunk_batch(batch, sync, id, file)?;
         Ok(true)
     }
 
@@ -502,6 +680,7 @@ impl RocksStore {
         id: &ChunkId,
         batch: &mut WriteBatch,
         freed: &mut Freed,
+        unlink: &mut Vec<ChunkId>,
     ) -> Result<(), StoreError> {
         if self.pinned(id) {
             // The upload that pins it will commit (taking a reference) or release it; the
@@ -514,7 +693,7 @@ impl RocksStore {
                     .candidate(id)?
                     .is_some_and(|c| c.origin == Origin::Released);
                 if !released {
-                    self.delete_chunk(id, rec.len, batch, freed);
+                    self.delete_chunk(id, rec.len, batch, freed, unlink);
                 }
             }
             _ => batch.delete_cf(self.cf(CF_PENDING), Self::orphan_key(id)),
@@ -522,7 +701,19 @@ impl RocksStore {
         Ok(())
     }
 
-    fn delete_chunk(&self, id: &ChunkId, len: u32, batch: &mut WriteBatch, freed: &mut Freed) {
+    /// Adds the deletion of a chunk to `batch`; a chunk with a file goes on `unlink`, for
+    /// [`RocksStore::unlink`] once the batch is synced.
+    fn delete_chunk(
+        &self,
+        id: &ChunkId,
+        len: u32,
+        batch: &mut WriteBatch,
+        freed: &mut Freed,
+        unlink: &mut Vec<ChunkId>,
+    ) {
+        if self.files.exists(id) {
+            unlink.push(*id);
+        }
         batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
         batch.delete_cf(self.cf(CF_REFS), id.as_bytes());
         batch.delete_cf(self.cf(CF_PENDING), Self::orphan_key(id));
@@ -569,6 +760,7 @@ impl RocksStore {
             start.push(0);
             let _guards = self.lock_stripes(page.iter());
             let mut batch = WriteBatch::default();
+            let mut unlink = Vec::new();
             for id in &page {
                 // Read again under the stripe: a store or a commit may have changed it.
                 let Some(candidate) = self.candidate(id)? else {
@@ -577,7 +769,7 @@ impl RocksStore {
                 match self.ref_record(id)? {
                     Some(rec) if rec.count == 0 => {
                         if !self.pinned(id) && due(candidate) {
-                            self.delete_chunk(id, rec.len, &mut batch, &mut out.freed);
+                            self.delete_chunk(id, rec.len, &mut batch, &mut out.freed, &mut unlink);
                         } else {
                             out.waiting_chunks += 1;
                             out.waiting_bytes += u64::from(rec.len);
@@ -586,7 +778,8 @@ impl RocksStore {
                     _ => batch.delete_cf(pending, Self::orphan_key(id)),
                 }
             }
-            self.write(batch, false)?;
+            self.write(batch, !unlink.is_empty())?;
+            self.unlink(&unlink);
             if page.len() < SWEEP_BATCH {
                 break;
             }
@@ -608,12 +801,14 @@ impl RocksStore {
         for group in ids.chunks(256) {
             let _guards = self.lock_stripes(group.iter());
             let mut batch = WriteBatch::default();
+            let mut unlink = Vec::new();
             for id in group {
                 if self.unpin(id) {
-                    self.remove_if_unreferenced(id, &mut batch, &mut freed)?;
+                    self.remove_if_unreferenced(id, &mut batch, &mut freed, &mut unlink)?;
                 }
             }
-            self.write(batch, false)?;
+            self.write(batch, !unlink.is_empty())?;
+            self.unlink(&unlink);
         }
         Ok(freed)
     }
@@ -690,6 +885,12 @@ impl RocksStore {
     /// Test hook: overwrites a stored chunk's bytes without verification, as disk rot would.
     #[doc(hidden)]
     pub fn overwrite_chunk_unchecked(&self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
+        if let Some(Value::File(_) | Value::Lost(_)) = self.value(id)? {
+            return self
+                .files
+                .overwrite(id, data)
+                .map_err(|e| io_error("overwriting a chunk file", e));
+        }
         self.db.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data)?;
         Ok(())
     }
@@ -1108,15 +1309,21 @@ impl ChunkStore for RocksStore {
     }
 
     fn get_chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
-        let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? else {
-            return Ok(None);
+        let bytes = match self.value(id)? {
+            None => return Ok(None),
+            Some(Value::Inline(value)) => Bytes::copy_from_slice(&value),
+            Some(Value::File(bytes)) => bytes,
+            Some(Value::Lost(reason)) => {
+                warn!(chunk = %id, %reason, "stored chunk's file is unreadable");
+                return Err(StoreError::Lost { id: *id, reason });
+            }
         };
-        let actual = ChunkId::of(&value);
+        let actual = ChunkId::of(&bytes);
         if &actual != id {
             warn!(chunk = %id, %actual, "stored chunk failed verification");
             return Err(StoreError::Corrupt { id: *id, actual });
         }
-        Ok(Some(Bytes::copy_from_slice(&value)))
+        Ok(Some(bytes))
     }
 
     fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
@@ -1304,6 +1511,15 @@ fn direct_io_works(dir: &Path) -> std::io::Result<()> {
     opened.map(drop)
 }
 
+/// A file-system error of the chunk files, as a store error (`DiskFull` for `ENOSPC`).
+fn io_error(what: &str, e: std::io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        StoreError::DiskFull(format!("{what}: {e}"))
+    } else {
+        StoreError::Db(format!("{what}: {e}"))
+    }
+}
+
 fn check_hash(id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
     let actual = ChunkId::of(data);
     if &actual != id {
@@ -1471,5 +1687,60 @@ impl Drop for Upload {
             // The chunks stay listed as GC candidates; the next sweep retries.
             Err(e) => warn!(error = %e, "releasing an abandoned upload's chunks failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_version_1_store_is_upgraded_at_open_and_its_inline_chunks_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let inline = Config {
+            chunk_files: false,
+            ..Config::default()
+        };
+        let data = vec![3u8; 200_000];
+        {
+            // What a meshd before chunk files left: schema 1, every chunk inline.
+            let store = RocksStore::open(dir.path(), &inline).unwrap();
+            store.put_chunk(&data).unwrap();
+            let manifest = Manifest::new(
+                None,
+                mesh_proto::ChunkerSpec::Fixed { size: 1 << 20 },
+                Redundancy::DEFAULT,
+                vec![mesh_proto::ChunkRef {
+                    id: ChunkId::of(&data),
+                    len: 200_000,
+                }],
+                std::collections::BTreeMap::new(),
+                1,
+            )
+            .unwrap();
+            store.commit_object(&manifest).unwrap();
+            store
+                .db
+                .put_cf(store.cf(CF_META), KEY_SCHEMA, 1u32.to_le_bytes())
+                .unwrap();
+        }
+        let store = RocksStore::open(dir.path(), &Config::default()).unwrap();
+        let schema = store.db.get_cf(store.cf(CF_META), KEY_SCHEMA).unwrap();
+        assert_eq!(schema.unwrap(), SCHEMA_VERSION.to_le_bytes());
+        let id = ChunkId::of(&data);
+        assert!(matches!(store.value(&id).unwrap(), Some(Value::Inline(_))));
+        assert_eq!(store.get_chunk(&id).unwrap().unwrap(), data);
+
+        // A schema this build does not know is refused.
+        store
+            .db
+            .put_cf(store.cf(CF_META), KEY_SCHEMA, 3u32.to_le_bytes())
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            RocksStore::open(dir.path(), &Config::default()),
+            Err(StoreError::BadRecord { .. })
+        ));
     }
 }

@@ -1,8 +1,9 @@
 //! The store's side of scrubbing: walking the `chunks` family in key order while re-hashing
-//! each value in place, moving a chunk whose bytes fail verification into quarantine, and
-//! putting verified bytes back.
+//! each value in place (or the chunk file its marker names), moving a chunk whose bytes fail
+//! verification or whose file is unreadable into quarantine, and putting verified bytes back.
 //!
-//! A quarantined chunk has no value in `chunks` (so no read can return its bad bytes, and a
+//! A quarantined chunk has no value in `chunks` and no chunk file (so no read can return its
+//! bad bytes, and a
 //! read behaves as for a chunk this node lacks and goes to other holders) but keeps its `refs`
 //! entry, so the objects that reference it stay consistent and its counts stay exact. The
 //! `quarantine` family remembers it until good bytes come back: from the scrubber's repair,
@@ -18,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::{
-    CF_CHUNKS, CF_HELD, CF_MANIFESTS, CF_META, CF_PARTS, RocksStore, check_hash, decode,
-    decode_parts, encode, lock, now_ms,
+    CF_CHUNKS, CF_HELD, CF_MANIFESTS, CF_META, CF_PARTS, RocksStore, Value, check_hash, decode,
+    decode_parts, encode, files, lock, now_ms,
 };
 use crate::store::StoreError;
 
@@ -81,8 +82,9 @@ pub struct PartUse {
 impl RocksStore {
     /// Re-hashes stored chunks in key order, starting after `after` (from the first when
     /// `None`), until at least `max_bytes` were read or `max_chunks` were visited. Values are
-    /// hashed where RocksDB holds them, never copied, so memory does not grow with the batch.
-    /// A chunk that fails verification is quarantined before this returns.
+    /// hashed where RocksDB holds them, never copied, and chunk files one at a time, so memory
+    /// does not grow with the batch. A chunk that fails verification (or whose file cannot be
+    /// read) is quarantined before this returns.
     pub fn scrub_batch(
         &self,
         after: Option<&ChunkId>,
@@ -111,12 +113,27 @@ impl RocksStore {
                 continue;
             };
             let id = ChunkId::from_bytes(raw);
-            let actual = ChunkId::of(value);
-            if actual != id {
-                bad.push(id);
+            let read = if files::is_marker(&id, value) {
+                match self.files.read(&id) {
+                    Ok(bytes) => Some((ChunkId::of(&bytes), bytes.len())),
+                    Err(e) => {
+                        warn!(chunk = %id, error = %e, "chunk file unreadable");
+                        None
+                    }
+                }
+            } else {
+                Some((ChunkId::of(value), value.len()))
+            };
+            match read {
+                Some((actual, len)) => {
+                    if actual != id {
+                        bad.push(id);
+                    }
+                    batch.bytes += len as u64;
+                }
+                None => bad.push(id),
             }
             batch.chunks += 1;
-            batch.bytes += value.len() as u64;
             batch.last = Some(id);
             iter.next();
         }
@@ -131,15 +148,18 @@ impl RocksStore {
         Ok(batch)
     }
 
-    /// Moves a chunk whose stored bytes fail verification into quarantine, atomically and
-    /// synced. Checks again under the chunk's lock, so a chunk healed or deleted since it was
+    /// Moves a chunk whose stored bytes fail verification (or whose file is unreadable: it
+    /// is recorded as zero bytes) into quarantine, atomically and synced, and removes its
+    /// file. Checks again under the chunk's lock, so a chunk healed or deleted since it was
     /// read is left alone (`None`).
     pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<Option<Quarantined>, StoreError> {
         let _guard = lock(&self.stripes[self.stripe(id)]);
-        let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? else {
-            return Ok(None);
+        let (actual, len, file) = match self.value(id)? {
+            None => return Ok(None),
+            Some(Value::Inline(value)) => (ChunkId::of(&value), value.len(), false),
+            Some(Value::File(bytes)) => (ChunkId::of(&bytes), bytes.len(), true),
+            Some(Value::Lost(_)) => (ChunkId::of(&[]), 0, true),
         };
-        let actual = ChunkId::of(&value);
         if &actual == id {
             return Ok(None);
         }
@@ -147,9 +167,8 @@ impl RocksStore {
             version: 1,
             since_ms: now_ms(),
             actual,
-            bad_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+            bad_len: u32::try_from(len).unwrap_or(u32::MAX),
         };
-        drop(value);
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_CHUNKS), id.as_bytes());
         let known = self.quarantine_entry(id)?.is_some();
@@ -158,6 +177,9 @@ impl RocksStore {
             batch.merge_cf(self.cf(CF_META), KEY_QUARANTINED, 1i64.to_le_bytes());
         }
         self.write(batch, true)?;
+        if file {
+            self.unlink(&[*id]);
+        }
         warn!(chunk = %id, %actual, "stored chunk failed verification; quarantined");
         Ok(Some(entry))
     }
@@ -173,19 +195,16 @@ impl RocksStore {
             batch.delete_cf(self.cf(CF_QUARANTINE), id.as_bytes());
             batch.merge_cf(self.cf(CF_META), KEY_QUARANTINED, (-1i64).to_le_bytes());
         }
+        let mut file = false;
         let outcome = if self.ref_record(id)?.is_none() {
             Restored::NoLongerStored
-        } else if self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?
-            .is_some_and(|v| ChunkId::of(&v) == *id)
-        {
+        } else if self.readable(id)? {
             Restored::AlreadyGood
         } else {
-            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
+            file = self.stage_bytes(&mut batch, id, data)?;
             Restored::Replaced
         };
-        self.write(batch, true)?;
+        self.write_chunk_batch(batch, true, id, file)?;
         debug!(chunk = %id, ?outcome, "restored chunk");
         Ok(outcome)
     }
@@ -199,11 +218,7 @@ impl RocksStore {
             return Ok(false);
         }
         let gone = self.ref_record(id)?.is_none();
-        let readable = !gone
-            && self
-                .db
-                .get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?
-                .is_some_and(|v| ChunkId::of(&v) == *id);
+        let readable = !gone && self.readable(id)?;
         if !gone && !readable {
             return Ok(false);
         }
@@ -227,12 +242,21 @@ impl RocksStore {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), data);
+        let file = self.stage_bytes(&mut batch, id, data)?;
         batch.delete_cf(self.cf(CF_QUARANTINE), id.as_bytes());
         batch.merge_cf(self.cf(CF_META), KEY_QUARANTINED, (-1i64).to_le_bytes());
-        self.write(batch, sync)?;
+        self.write_chunk_batch(batch, sync, id, file)?;
         debug!(chunk = %id, "a verified write replaced a quarantined chunk");
         Ok(())
+    }
+
+    /// Whether the chunk's stored bytes (inline or in its file) read back and verify.
+    fn readable(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(match self.value(id)? {
+            Some(Value::Inline(value)) => ChunkId::of(&value) == *id,
+            Some(Value::File(bytes)) => ChunkId::of(&bytes) == *id,
+            Some(Value::Lost(_)) | None => false,
+        })
     }
 
     /// The quarantine entry of a chunk, if it has one.
