@@ -29,11 +29,14 @@ use mesh_proto::ChunkId;
 /// Alignment of `O_DIRECT` buffers, offsets and lengths (the largest logical block size in
 /// use).
 const ALIGN: usize = 4096;
-/// Size of a pooled buffer: the largest content-defined chunk, rounded up. Larger chunks
-/// (fixed chunkers may make them) get a buffer of their own.
-const POOLED: usize = 4 << 20;
+/// New buffers are sized up to a multiple of this, so that one serves chunks of nearby sizes.
+const GRAIN: usize = 64 << 10;
+/// The largest buffer a pool keeps: the largest content-defined chunk. Larger chunks (fixed
+/// chunkers may make them) get a buffer of their own.
+const POOLED_MAX: usize = 4 << 20;
 /// Pooled buffers kept for writes (one per concurrent writer is enough) and for reads (a
-/// read's buffer lives as long as the `Bytes` it became, through a send).
+/// read's buffer lives as long as the `Bytes` it became, through a send). At most
+/// `POOLED_MAX` each; buffers in use beyond these are allocated to size and freed after.
 const WRITE_POOL: usize = 4;
 const READ_POOL: usize = 16;
 /// The directory under the store that holds the chunk files.
@@ -83,20 +86,32 @@ impl Aligned {
 
 type Pool = Arc<Mutex<Vec<Aligned>>>;
 
+/// The smallest pooled buffer that holds `len` bytes, or a new one: a buffer much larger than
+/// the chunk would keep memory resident for nothing while the read is in flight.
 fn take(pool: &Pool, len: usize) -> Aligned {
-    if len <= POOLED {
-        let pooled = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        pooled.unwrap_or_else(|| Aligned::new(POOLED))
-    } else {
-        Aligned::new(len)
+    let mut pooled = pool.lock().unwrap_or_else(|p| p.into_inner());
+    let fit = pooled
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.cap >= len && b.cap <= len.saturating_mul(2).max(GRAIN))
+        .min_by_key(|(_, b)| b.cap)
+        .map(|(i, _)| i);
+    match fit {
+        Some(i) => pooled.swap_remove(i),
+        None => {
+            drop(pooled);
+            Aligned::new(len.div_ceil(GRAIN).max(1) * GRAIN)
+        }
     }
 }
 
 fn give(pool: &Pool, buf: Aligned, max: usize) {
-    if buf.cap == POOLED {
-        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < max {
-            pool.push(buf);
+    if buf.cap <= POOLED_MAX {
+        let mut pooled = pool.lock().unwrap_or_else(|p| p.into_inner());
+        pooled.push(buf);
+        if pooled.len() > max {
+            // The oldest goes, so the pool follows the sizes in use.
+            pooled.remove(0);
         }
     }
 }
@@ -288,7 +303,16 @@ mod tests {
     fn files_read_back_what_was_written_at_every_length() {
         for direct in [true, false] {
             let (_dir, files) = files(direct);
-            for len in [0, 1, 4095, 4096, 4097, 65_536 + 17, POOLED, POOLED + 1] {
+            for len in [
+                0,
+                1,
+                4095,
+                4096,
+                4097,
+                65_536 + 17,
+                POOLED_MAX,
+                POOLED_MAX + 1,
+            ] {
                 let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
                 let id = ChunkId::of(&data);
                 files.write(&id, &data).unwrap();
