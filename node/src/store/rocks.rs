@@ -419,11 +419,15 @@ impl RocksStore {
     fn open_files(&self) -> Result<(), StoreError> {
         let meta = self.cf(CF_META);
         if self.db.get_cf(meta, KEY_CLOSED)?.is_none() {
+            // A new store, or one whose last run did not close it (killed, crashed).
+            debug!("store not closed cleanly (or new); looking for stray chunk files");
+            let started = std::time::Instant::now();
             let strays = self.sweep_stray_files()?;
-            if strays > 0 {
+            let seconds = started.elapsed().as_secs_f64();
+            if strays > 0 || seconds >= 1.0 {
                 info!(
-                    files = strays,
-                    "removed chunk files that no chunk entry names"
+                    removed = strays,
+                    seconds, "looked for chunk files that no chunk entry names"
                 );
             }
         }
@@ -476,9 +480,11 @@ impl RocksStore {
         data: &[u8],
     ) -> Result<bool, StoreError> {
         if self.in_file(data.len()) {
-            self.files
-                .write(id, data)
-                .map_err(|e| io_error("writing a chunk file", e))?;
+            if let Err(e) = self.files.write(id, data) {
+                // Nothing names a half-written file; do not leave it for the next sweep.
+                let _ = self.files.remove(id);
+                return Err(io_error("writing a chunk file", e));
+            }
             batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), files::marker(id));
             Ok(true)
         } else {
