@@ -11,7 +11,8 @@
 //! drops or rewrites the files, so a pass that deleted something is followed by a compaction
 //! of the chunk column family ([`RocksStore::compact_chunks`]): at once when
 //! [`COMPACT_AFTER_BYTES`] are waiting for one, else at most every [`compact_every`].
-//! Then tombstone records older than `tombstone_retention` go.
+//! Then tombstone records older than `tombstone_retention` go. The first pass after a run that
+//! did not close the store also removes stray chunk files ([`RocksStore::sweep_strays_if_pending`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -76,6 +77,8 @@ pub struct Pass {
     /// Chunk file bytes before and after a compaction, if one ran.
     pub compacted: Option<(u64, u64)>,
     pub tombstones_expired: u64,
+    /// Stray chunk files removed (the first pass after an unclean shutdown).
+    pub strays_removed: Option<u64>,
 }
 
 /// The collector of one node.
@@ -102,6 +105,7 @@ impl Collector {
 
     /// One pass; blocks (run it on the blocking pool).
     pub fn pass(&mut self) -> Result<Pass, StoreError> {
+        let strays_removed = self.store.sweep_strays_if_pending()?;
         let collected = self.store.collect_garbage(ms_ago(self.settings.grace))?;
         let freed = collected.freed;
         self.metrics.gc_pass(
@@ -113,6 +117,7 @@ impl Collector {
         let mut pass = Pass {
             deleted_chunks: freed.chunks,
             deleted_bytes: freed.bytes,
+            strays_removed,
             ..Pass::default()
         };
         let since_last = self.last_compaction.map(|t| t.elapsed());
@@ -195,6 +200,28 @@ fn log_pass(pass: &Pass) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_first_pass_after_an_unclean_shutdown_sweeps_stray_chunk_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // A new store counts as not closed cleanly: nothing to remove, but the sweep runs.
+        let store = RocksStore::open(dir.path(), &crate::store::Config::default()).unwrap();
+        let stray = dir
+            .path()
+            .join("chunk-files")
+            .join("ab")
+            .join(mesh_proto::ChunkId::from_bytes([0xab; 32]).to_string());
+        std::fs::write(&stray, b"left by a crash").unwrap();
+        let settings = Settings {
+            grace: Duration::from_secs(3600),
+            tombstone_retention: Duration::from_secs(3600),
+        };
+        let mut collector = Collector::new(Arc::clone(&store), Metrics::new(), settings);
+        assert_eq!(collector.pass().unwrap().strays_removed, Some(1));
+        assert!(!stray.exists());
+        assert_eq!(collector.pass().unwrap().strays_removed, None);
+    }
 
     #[test]
     fn passes_come_a_quarter_grace_apart_within_bounds() {

@@ -663,8 +663,9 @@ fn a_lost_chunk_file_is_reported_quarantined_and_restored() {
     );
 }
 
-/// A chunk file no entry names (a crash between the file and its batch) is removed at the
-/// next open; files of stored chunks stay.
+/// A chunk file no entry names (a crash between the file and its batch) is removed by the
+/// first sweep after the unclean shutdown (the GC worker's first pass); files of stored
+/// chunks stay.
 #[test]
 fn stray_chunk_files_are_swept_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -678,9 +679,22 @@ fn stray_chunk_files_are_swept_after_a_crash() {
     let stray_id = ChunkId::of(&stray);
     std::fs::write(chunk_file(image.path(), &stray_id), &stray).unwrap();
 
+    // A run that closes the store before its sweep leaves the sweep to the next open.
     let store = open(image.path());
-    assert!(!chunk_file(image.path(), &stray_id).exists());
+    drop(store);
+    let store = open(image.path());
     assert!(!store.has_chunk(&stray_id).unwrap());
+    assert_eq!(store.sweep_strays_if_pending().unwrap(), Some(1));
+    assert!(!chunk_file(image.path(), &stray_id).exists());
+    assert_eq!(
+        store.sweep_strays_if_pending().unwrap(),
+        None,
+        "once per open"
+    );
+    // After a sweep, a clean close means no sweep at the next open.
+    drop(store);
+    let store = open(image.path());
+    assert_eq!(store.sweep_strays_if_pending().unwrap(), None);
     assert_eq!(store.get_chunk(&ChunkId::of(&kept)).unwrap().unwrap(), kept);
     assert!(store.object(&object).unwrap().is_some());
     // The same chunk can be stored afterwards, as if the stray had never been.

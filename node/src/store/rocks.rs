@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -220,6 +221,9 @@ pub struct RocksStore {
     object_stripes: Vec<Mutex<()>>,
     pins: Mutex<HashMap<ChunkId, u32>>,
     files: files::ChunkFiles,
+    /// The last run did not close the store, and no sweep for stray chunk files has finished
+    /// since ([`RocksStore::sweep_strays_if_pending`]).
+    strays_pending: AtomicBool,
 }
 
 /// A stored chunk's bytes as read: pinned in RocksDB, from a chunk file, or lost (a marker
@@ -233,7 +237,11 @@ enum Value<'a> {
 impl Drop for RocksStore {
     fn drop(&mut self) {
         // Every chunk file written by this run has its marker, and every unlink followed its
-        // synced batch: the next open need not look for strays.
+        // synced batch: unless strays of an earlier run are still there, the next open need
+        // not look for any.
+        if self.strays_pending.load(Ordering::SeqCst) {
+            return;
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         if let Err(e) = self
@@ -363,6 +371,7 @@ impl RocksStore {
             pins: Mutex::new(HashMap::new()),
             files: files::ChunkFiles::open(path, direct)
                 .map_err(|e| io_error("opening the chunk-file directory", e))?,
+            strays_pending: AtomicBool::new(false),
         });
         store.check_schema()?;
         store.open_files()?;
@@ -415,26 +424,39 @@ impl RocksStore {
         }
     }
 
-    /// Removes stray chunk files unless the last run closed the store, then marks it open.
+    /// Notes whether the last run closed the store (if not, stray chunk files may exist),
+    /// then marks it open.
     fn open_files(&self) -> Result<(), StoreError> {
         let meta = self.cf(CF_META);
         if self.db.get_cf(meta, KEY_CLOSED)?.is_none() {
             // A new store, or one whose last run did not close it (killed, crashed).
-            debug!("store not closed cleanly (or new); looking for stray chunk files");
-            let started = std::time::Instant::now();
-            let strays = self.sweep_stray_files()?;
-            let seconds = started.elapsed().as_secs_f64();
-            if strays > 0 || seconds >= 1.0 {
-                info!(
-                    removed = strays,
-                    seconds, "looked for chunk files that no chunk entry names"
-                );
-            }
+            debug!("store not closed cleanly (or new); a sweep for stray chunk files is due");
+            self.strays_pending.store(true, Ordering::SeqCst);
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.delete_cf_opt(meta, KEY_CLOSED, &opts)?;
         Ok(())
+    }
+
+    /// Runs [`RocksStore::sweep_stray_files`] if the last run did not close the store and no
+    /// sweep has finished since; returns how many files it removed (`None`: none was due).
+    /// The node's GC worker calls it, so that a node with millions of chunk files serves at
+    /// once after a crash: a stray is only wasted space, never read. Until a sweep finishes,
+    /// closing the store does not mark it closed, so the next open sweeps instead.
+    pub fn sweep_strays_if_pending(&self) -> Result<Option<u64>, StoreError> {
+        if !self.strays_pending.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let strays = self.sweep_stray_files()?;
+        self.strays_pending.store(false, Ordering::SeqCst);
+        info!(
+            removed = strays,
+            seconds = started.elapsed().as_secs_f64(),
+            "looked for chunk files that no chunk entry names (the store was not closed cleanly)"
+        );
+        Ok(Some(strays))
     }
 
     /// Deletes every chunk file whose chunk has no marker in `chunks` (checked under the

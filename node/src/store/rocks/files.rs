@@ -13,8 +13,8 @@
 //! Files are written and read through buffers aligned for `O_DIRECT`, kept in small pools so
 //! that the memory they use stays warm (fresh pages are slow on the VMs we measured) and
 //! bounded. A file with no marker (a crash between the file and its batch, or between a
-//! delete's batch and the unlink) is a stray; [`super::RocksStore::open`] removes strays after
-//! a run that did not close the store.
+//! delete's batch and the unlink) is a stray; after a run that did not close the store, the
+//! node's GC worker removes strays ([`super::RocksStore::sweep_strays_if_pending`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
