@@ -234,6 +234,17 @@ enum Value<'a> {
     Lost(String),
 }
 
+impl Value<'_> {
+    /// What the bytes hash to, and their length (`None` for a lost file).
+    fn digest(&self) -> Option<(ChunkId, usize)> {
+        match self {
+            Value::Inline(value) => Some((ChunkId::of(value), value.len())),
+            Value::File(bytes) => Some((ChunkId::of(bytes), bytes.len())),
+            Value::Lost(_) => None,
+        }
+    }
+}
+
 impl Drop for RocksStore {
     fn drop(&mut self) {
         // Every chunk file written by this run has its marker, and every unlink followed its
@@ -461,16 +472,16 @@ impl RocksStore {
 
     /// Deletes every chunk file whose chunk has no marker in `chunks` (checked under the
     /// chunk's stripe, so no write in progress is touched). Returns how many went.
-    pub fn sweep_stray_files(&self) -> Result<u64, StoreError> {
+    fn sweep_stray_files(&self) -> Result<u64, StoreError> {
         let mut strays = 0u64;
         let mut failure = None;
         self.files
             .visit(&mut |id| {
                 let _guard = lock(&self.stripes[self.stripe(&id)]);
-                let named = match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes()) {
-                    Ok(value) => value.is_some_and(|v| files::is_marker(&id, &v)),
+                let named = match self.has_marker(&id) {
+                    Ok(named) => named,
                     Err(e) => {
-                        failure = Some(StoreError::from(e));
+                        failure = Some(e);
                         return Err(std::io::Error::other("store read failed"));
                     }
                 };
@@ -531,6 +542,12 @@ impl RocksStore {
         written
     }
 
+    /// Whether `chunks` names a chunk file for `id`.
+    fn has_marker(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        let value = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?;
+        Ok(value.is_some_and(|v| files::is_marker(id, &v)))
+    }
+
     /// The stored bytes of `id` (`None` if `chunks` has no entry for it).
     fn value(&self, id: &ChunkId) -> Result<Option<Value<'_>>, StoreError> {
         let Some(value) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? else {
@@ -545,10 +562,7 @@ impl RocksStore {
             // Readers take no lock: a collection or quarantine may have removed the chunk
             // between the marker and the file. Then it is absent, not lost.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? {
-                    Some(v) if files::is_marker(id, &v) => Some(Value::Lost(e.to_string())),
-                    _ => None,
-                }
+                self.has_marker(id)?.then(|| Value::Lost(e.to_string()))
             }
             Err(e) => Some(Value::Lost(e.to_string())),
         })
@@ -913,7 +927,7 @@ impl RocksStore {
     /// Test hook: overwrites a stored chunk's bytes without verification, as disk rot would.
     #[doc(hidden)]
     pub fn overwrite_chunk_unchecked(&self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        if let Some(Value::File(_) | Value::Lost(_)) = self.value(id)? {
+        if self.has_marker(id)? {
             return self
                 .files
                 .overwrite(id, data)

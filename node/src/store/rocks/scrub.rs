@@ -3,13 +3,13 @@
 //! verification or whose file is unreadable into quarantine, and putting verified bytes back.
 //!
 //! A quarantined chunk has no value in `chunks` and no chunk file (so no read can return its
-//! bad bytes, and a
-//! read behaves as for a chunk this node lacks and goes to other holders) but keeps its `refs`
-//! entry, so the objects that reference it stay consistent and its counts stay exact. The
-//! `quarantine` family remembers it until good bytes come back: from the scrubber's repair,
-//! or from any verified write of the same chunk (another node re-sending it, a local put).
-//! The bad bytes themselves are dropped: a content address makes them worthless, and keeping
-//! up to a few MiB per chunk outside blob files would only cost compaction.
+//! bad bytes, and a read behaves as for a chunk this node lacks and goes to other holders) but
+//! keeps its `refs` entry, so the objects that reference it stay consistent and its counts
+//! stay exact. The `quarantine` family remembers it until good bytes come back: from the
+//! scrubber's repair, or from any verified write of the same chunk (another node re-sending
+//! it, a local put). The bad bytes themselves are dropped: a content address makes them
+//! worthless, and keeping up to a few MiB per chunk outside blob files would only cost
+//! compaction.
 //!
 //! The worker that drives this, paces it and repairs, is [`crate::scrub`].
 
@@ -154,12 +154,12 @@ impl RocksStore {
     /// read is left alone (`None`).
     pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<Option<Quarantined>, StoreError> {
         let _guard = lock(&self.stripes[self.stripe(id)]);
-        let (actual, len, file) = match self.value(id)? {
-            None => return Ok(None),
-            Some(Value::Inline(value)) => (ChunkId::of(&value), value.len(), false),
-            Some(Value::File(bytes)) => (ChunkId::of(&bytes), bytes.len(), true),
-            Some(Value::Lost(_)) => (ChunkId::of(&[]), 0, true),
+        let Some(value) = self.value(id)? else {
+            return Ok(None);
         };
+        let (actual, len) = value.digest().unwrap_or((ChunkId::of(&[]), 0));
+        let file = !matches!(value, Value::Inline(_));
+        drop(value);
         if &actual == id {
             return Ok(None);
         }
@@ -252,11 +252,8 @@ impl RocksStore {
 
     /// Whether the chunk's stored bytes (inline or in its file) read back and verify.
     fn readable(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(match self.value(id)? {
-            Some(Value::Inline(value)) => ChunkId::of(&value) == *id,
-            Some(Value::File(bytes)) => ChunkId::of(&bytes) == *id,
-            Some(Value::Lost(_)) | None => false,
-        })
+        let digest = self.value(id)?.and_then(|v| v.digest());
+        Ok(digest.is_some_and(|(actual, _)| actual == *id))
     }
 
     /// The quarantine entry of a chunk, if it has one.
