@@ -221,8 +221,9 @@ pub struct RocksStore {
     object_stripes: Vec<Mutex<()>>,
     pins: Mutex<HashMap<ChunkId, u32>>,
     files: files::ChunkFiles,
-    /// The last run did not close the store, and no sweep for stray chunk files has finished
-    /// since ([`RocksStore::sweep_strays_if_pending`]).
+    /// Stray chunk files may exist: the last run did not close the store, or a file that
+    /// nothing names failed to go, and no sweep has started since
+    /// ([`RocksStore::sweep_strays_if_pending`]).
     strays_pending: AtomicBool,
 }
 
@@ -456,12 +457,14 @@ impl RocksStore {
     /// once after a crash: a stray is only wasted space, never read. Until a sweep finishes,
     /// closing the store does not mark it closed, so the next open sweeps instead.
     pub fn sweep_strays_if_pending(&self) -> Result<Option<u64>, StoreError> {
-        if !self.strays_pending.load(Ordering::SeqCst) {
+        // Cleared first: a file that fails to go during the sweep sets it again.
+        if !self.strays_pending.swap(false, Ordering::SeqCst) {
             return Ok(None);
         }
         let started = std::time::Instant::now();
-        let strays = self.sweep_stray_files()?;
-        self.strays_pending.store(false, Ordering::SeqCst);
+        let strays = self.sweep_stray_files().inspect_err(|_| {
+            self.strays_pending.store(true, Ordering::SeqCst);
+        })?;
         info!(
             removed = strays,
             seconds = started.elapsed().as_secs_f64(),
@@ -514,8 +517,8 @@ impl RocksStore {
     ) -> Result<bool, StoreError> {
         if self.in_file(data.len()) {
             if let Err(e) = self.files.write(id, data) {
-                // Nothing names a half-written file; do not leave it for the next sweep.
-                let _ = self.files.remove(id);
+                // Nothing names a half-written file.
+                self.discard_file(id);
                 return Err(io_error("writing a chunk file", e));
             }
             batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), files::marker(id));
@@ -537,7 +540,7 @@ impl RocksStore {
     ) -> Result<(), StoreError> {
         let written = self.write(batch, sync);
         if written.is_err() && file {
-            let _ = self.files.remove(id);
+            self.discard_file(id);
         }
         written
     }
@@ -572,10 +575,16 @@ impl RocksStore {
     /// be synced first: a marker that came back after a crash must find its file.
     fn unlink(&self, ids: &[ChunkId]) {
         for id in ids {
-            if let Err(e) = self.files.remove(id) {
-                // A stray now; the sweep at the next open takes it.
-                warn!(chunk = %id, error = %e, "removing a deleted chunk's file failed");
-            }
+            self.discard_file(id);
+        }
+    }
+
+    /// Removes a chunk file nothing names (any more). One that will not go is a stray: the
+    /// next GC pass sweeps for it, and the store is not marked closed until one has.
+    fn discard_file(&self, id: &ChunkId) {
+        if let Err(e) = self.files.remove(id) {
+            warn!(chunk = %id, error = %e, "removing a chunk file failed; a sweep will retry");
+            self.strays_pending.store(true, Ordering::SeqCst);
         }
     }
 
